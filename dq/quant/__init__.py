@@ -1,0 +1,66 @@
+"""The quantization core: pure ops, Weight Dilation, TPQ quantizers, quantized layers, the converter and
+the student's saved state. Imports torch only (no Lightning, Hydra or diffusers)."""
+
+from dq.quant.config import QuantConfig
+from dq.quant.convert import (
+    act_quantizers,
+    calibrate_activations,
+    is_quantized,
+    quant_config,
+    quantize_model,
+    set_quant_enabled,
+    set_step,
+    skip_split_points,
+    step_context,
+    tpq_num_steps,
+    weight_quantizers,
+)
+from dq.quant.dilation import apply_dilation, dilation_scale
+from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
+from dq.quant.ops import (
+    fake_quantize,
+    fake_quantize_per_channel,
+    fake_quantize_per_sample,
+    gather_per_sample,
+    mse_search_range,
+    percentile_range,
+    qparams_from_range,
+    round_ste,
+    step_groups,
+)
+from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
+from dq.quant.state import load_quant_state, read_quant_state, save_quant_state
+
+__all__ = [
+    "QuantAttnProcessor",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "TemporalActQuantizer",
+    "WeightQuantizer",
+    "act_quantizers",
+    "apply_dilation",
+    "calibrate_activations",
+    "dilation_scale",
+    "fake_quantize",
+    "fake_quantize_per_channel",
+    "fake_quantize_per_sample",
+    "gather_per_sample",
+    "is_quantized",
+    "load_quant_state",
+    "mse_search_range",
+    "percentile_range",
+    "qparams_from_range",
+    "quant_config",
+    "quantize_model",
+    "read_quant_state",
+    "round_ste",
+    "save_quant_state",
+    "set_quant_enabled",
+    "set_step",
+    "skip_split_points",
+    "step_context",
+    "step_groups",
+    "tpq_num_steps",
+    "weight_quantizers",
+]

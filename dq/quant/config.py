@@ -1,0 +1,104 @@
+"""QuantConfig: what a quantized student is (bits, precision policy, WD, TPQ, split). It serializes to a
+plain dict, so every saved student records how it was made, and it validates itself on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ACT_INIT_METHODS = ("minmax", "percentile", "mse")
+WEIGHT_INIT_METHODS = ("minmax", "mse")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The quantization recipe of a student model (METHOD.md §1-§3).
+
+    weight_bits, act_bits: bits of every quantized Conv2d/Linear weight (per out-channel) and input
+      activation (per tensor, one (Δ, z) per TPQ group).
+    first_layer_bits, last_layer_bits: bits of conv_in / conv_out (weights and input); None = the
+      configured weight_bits/act_bits ("standard setting": 8).
+    attn_bits: bits of the attention matmul inputs q, k, v (None = act_bits); softmax_bits: of the
+      attention probabilities.
+    include, exclude: fnmatch patterns on module names (as `named_modules` gives them); a layer is
+      quantized if it matches some include pattern and no exclude pattern.
+    weight_dilation, dilation_max_scale: Weight Dilation on/off and its optional cap (§2).
+    num_steps, num_groups: T sampling steps of the schedule the student serves and G TPQ groups (§3).
+    split_skip: separate activation quantizers for the two halves of up-path skip concatenations.
+    act_init, act_percentile, weight_init: how (Δ, z) are initialised from data.
+    lsq_grad_scale: scale the gradients of Δ and z as LSQ does.
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    first_layer_bits: int | None = 8
+    last_layer_bits: int | None = 8
+    attn_bits: int | None = None
+    softmax_bits: int = 8
+    quantize_attention: bool = True
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    weight_dilation: bool = True
+    dilation_max_scale: float | None = None
+    num_steps: int = 25
+    num_groups: int = 25
+    split_skip: bool = True
+    act_init: str = "minmax"
+    act_percentile: float = 99.99
+    weight_init: str = "minmax"
+    lsq_grad_scale: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # tuples keep the config hashable and comparable after a JSON round trip (which gives lists)
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for name in ("weight_bits", "act_bits", "softmax_bits", "first_layer_bits", "last_layer_bits", "attn_bits"):
+            value = getattr(self, name)
+            if value is None and name not in ("weight_bits", "act_bits", "softmax_bits"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
+                raise ValueError(f"QuantConfig.{name} must be an int in [2, 16], got {value!r}")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"QuantConfig.num_steps must be a positive int, got {self.num_steps!r}")
+        if not isinstance(self.num_groups, int) or not 1 <= self.num_groups <= self.num_steps:
+            raise ValueError(
+                f"QuantConfig.num_groups must be an int in [1, num_steps={self.num_steps}], got {self.num_groups!r}"
+            )
+        if self.dilation_max_scale is not None and not self.dilation_max_scale >= 1.0:
+            raise ValueError(f"QuantConfig.dilation_max_scale must be >= 1 or None, got {self.dilation_max_scale!r}")
+        if self.act_init not in ACT_INIT_METHODS:
+            raise ValueError(f"QuantConfig.act_init must be one of {ACT_INIT_METHODS}, got {self.act_init!r}")
+        if self.weight_init not in WEIGHT_INIT_METHODS:
+            raise ValueError(f"QuantConfig.weight_init must be one of {WEIGHT_INIT_METHODS}, got {self.weight_init!r}")
+        if not 50.0 < self.act_percentile <= 100.0:
+            raise ValueError(f"QuantConfig.act_percentile must be in (50, 100], got {self.act_percentile!r}")
+        if not self.include:
+            raise ValueError("QuantConfig.include must hold at least one pattern ('*' quantizes every layer)")
+        for pattern in (*self.include, *self.exclude):
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"QuantConfig include/exclude patterns must be non-empty strings, got {pattern!r}")
+
+    @property
+    def qkv_bits(self) -> int:
+        return self.attn_bits if self.attn_bits is not None else self.act_bits
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """Build from a plain mapping (JSON, YAML, OmegaConf container); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**dict(data))
+
+    def diff(self, other: QuantConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: {name: (self's, other's)}."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}

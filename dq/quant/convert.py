@@ -1,0 +1,222 @@
+"""The converter: a diffusers UNet (or any module tree of Conv2d/Linear/Attention) → its quantized student,
+and the model-level controls of a student: the sampling step index, calibration, quantization on/off.
+
+    student = quantize_model(unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=25, num_groups=25))
+    with calibrate_activations(student):
+        for batch in calibration_batches:
+            set_step(student, batch["step"])           # int64 [B]: one step index per sample
+            student(batch["x_t"], batch["timestep"])
+    set_step(student, 3)                               # sampling: one step index for the whole batch
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from dq.quant.config import QuantConfig
+from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
+from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
+
+CONFIG_ATTR = "dq_quant_config"
+FIRST_LAYER_NAMES = ("conv_in",)
+LAST_LAYER_NAMES = ("conv_out",)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return isinstance(getattr(model, CONFIG_ATTR, None), QuantConfig)
+
+
+def quant_config(model: nn.Module) -> QuantConfig:
+    """The QuantConfig a student was built with; ValueError for a model that is not a dq student."""
+    config = getattr(model, CONFIG_ATTR, None)
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"{type(model).__name__} is not a dq quantized model (no {CONFIG_ATTR})")
+    return config
+
+
+def _selected(name: str, config: QuantConfig) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
+        fnmatch.fnmatchcase(name, p) for p in config.exclude
+    )
+
+
+def skip_split_points(model: nn.Module) -> dict[str, int]:
+    """{name of an up-path ResnetBlock2D: channels of `h` in its input [h, skip]} for diffusers UNets.
+
+    The down path pushes conv_in's output and each down resnet's / downsampler's output on a stack; each
+    up resnet concatenates its input h with the popped skip (`torch.cat([h, skip], dim=1)`).
+    """
+    if not (hasattr(model, "conv_in") and hasattr(model, "down_blocks") and hasattr(model, "up_blocks")):
+        return {}
+    stack = [model.conv_in.out_channels]
+    for block in model.down_blocks:
+        stack += [resnet.out_channels for resnet in block.resnets]
+        if getattr(block, "downsamplers", None):
+            stack += [down.out_channels for down in block.downsamplers]
+    splits = {}
+    for i, block in enumerate(model.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            if not stack:
+                raise ValueError("up path consumes more skip connections than the down path produced")
+            splits[f"up_blocks.{i}.resnets.{j}"] = resnet.in_channels - stack.pop()
+    if stack:
+        raise ValueError(f"{len(stack)} skip connection(s) of the down path are not consumed by the up path")
+    return splits
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False) -> nn.Module:
+    """Turn a float diffusion model into its quantized student (METHOD.md §1-§3).
+
+    Every nn.Conv2d / nn.Linear selected by config.include/exclude becomes a QuantConv2d / QuantLinear
+    (WD applied, weight quantizer initialised from the weight); conv_in / conv_out take the first/last
+    layer bits; every diffusers `Attention` gets a QuantAttnProcessor (when config.quantize_attention);
+    up-path resnet inputs get split quantizers (when config.split_skip). Activation (TPQ) tables still
+    need calibration data: see `calibrate_activations`. Returns the student (the same object if inplace).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a dq.quant.QuantConfig, got {type(config).__name__}")
+    if is_quantized(model) or any(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules()):
+        raise ValueError("model is already quantized; convert the float model instead")
+    student = model if inplace else copy.deepcopy(model)
+
+    splits = skip_split_points(student) if config.split_skip else {}
+    targets = [
+        (name, module)
+        for name, module in student.named_modules()
+        if type(module) in (nn.Conv2d, nn.Linear) and _selected(name, config)
+    ]
+    if not targets:
+        raise ValueError(
+            f"no Conv2d/Linear layer matches include={list(config.include)} exclude={list(config.exclude)}"
+        )
+    for name, module in targets:
+        short = name.rsplit(".", 1)[-1]
+        weight_bits, act_bits = config.weight_bits, config.act_bits
+        if name in FIRST_LAYER_NAMES and config.first_layer_bits is not None:
+            weight_bits = act_bits = config.first_layer_bits
+        if name in LAST_LAYER_NAMES and config.last_layer_bits is not None:
+            weight_bits = act_bits = config.last_layer_bits
+        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+        split_at = splits.get(parent_name) if short in ("conv1", "conv_shortcut") else None
+        quant_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+        quantized = quant_cls.from_float(module, weight_bits, act_bits, config, split_at)
+        parent = student.get_submodule(parent_name) if parent_name else student
+        setattr(parent, short, quantized)
+
+    if config.quantize_attention:
+        for name, module in student.named_modules():
+            if type(module).__name__ != "Attention" or not hasattr(module, "set_processor"):
+                continue
+            if not _selected(name, config):
+                continue
+            if getattr(module, "add_k_proj", None) is not None:
+                raise ValueError(
+                    f"attention {name!r} has added key/value projections, which dq does not quantize yet; "
+                    "add it to QuantConfig.exclude"
+                )
+            device = next(module.parameters()).device
+            module.set_processor(QuantAttnProcessor(config.qkv_bits, config.softmax_bits, config).to(device))
+
+    setattr(student, CONFIG_ATTR, config)
+    return student
+
+
+# ---------------------------------------------------------------------------- model-level controls
+
+
+def act_quantizers(model: nn.Module) -> list[TemporalActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, TemporalActQuantizer)]
+
+
+def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
+    return [m for m in model.modules() if isinstance(m, WeightQuantizer)]
+
+
+def tpq_num_steps(model: nn.Module) -> int | None:
+    """T, the number of sampling steps the student's TPQ tables serve; None for a float model."""
+    quantizers = act_quantizers(model)
+    return quantizers[0].num_steps if quantizers else None
+
+
+def set_step(model: nn.Module, step: int | torch.Tensor | None) -> None:
+    """Set the sampling step index on every TPQ quantizer of `model` (eq. 13-14).
+
+    step: an int i in [0, T) for a whole batch (sampling), an int64 tensor [B] of per-sample indices
+    (parallel training), or None to clear. A no-op on a float model. ValueError if out of range.
+    """
+    quantizers = act_quantizers(model)
+    if not quantizers:
+        return
+    num_steps = quantizers[0].num_steps
+    if isinstance(step, torch.Tensor):
+        if step.ndim == 0:
+            step = int(step)
+        elif step.ndim != 1 or step.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"per-sample step indices must be an int64 tensor [B], got {step.dtype} {tuple(step.shape)}")
+        else:
+            step = step.long().to(quantizers[0].step_to_group.device)
+            if step.numel() == 0 or int(step.min()) < 0 or int(step.max()) >= num_steps:
+                raise ValueError(
+                    f"step indices must lie in [0, {num_steps}) for TPQ tables built for {num_steps} sampling "
+                    f"steps, got range [{int(step.min()) if step.numel() else '-'}, "
+                    f"{int(step.max()) if step.numel() else '-'}]"
+                )
+    if isinstance(step, bool) or (step is not None and not isinstance(step, (int, torch.Tensor))):
+        raise ValueError(f"step must be an int, an int64 tensor [B] or None, got {type(step).__name__}")
+    if isinstance(step, int) and not 0 <= step < num_steps:
+        raise ValueError(
+            f"step index {step} is out of range: this student's TPQ tables were built for {num_steps} "
+            f"sampling steps (indices 0..{num_steps - 1}); sample with the same number of steps"
+        )
+    for quantizer in quantizers:
+        quantizer.step = step
+
+
+@contextlib.contextmanager
+def step_context(model: nn.Module, step: int | torch.Tensor) -> Iterator[None]:
+    """`with step_context(model, i):` sets the step index for the block and clears it afterwards."""
+    set_step(model, step)
+    try:
+        yield
+    finally:
+        set_step(model, None)
+
+
+@contextlib.contextmanager
+def calibrate_activations(model: nn.Module, seed: int = 0) -> Iterator[list[TemporalActQuantizer]]:
+    """Observe activations of the forward passes run inside the block, then initialise every TPQ table of
+    `model` (a student or any sub-module of one) per group. Inputs pass through unquantized meanwhile,
+    so each layer sees the values it would see with quantized predecessors only if those were already
+    calibrated outside this block (BKD calibrates block by block for that reason)."""
+    quantizers = act_quantizers(model)
+    if not quantizers:
+        raise ValueError(f"{type(model).__name__} has no activation quantizers to calibrate")
+    for quantizer in quantizers:
+        quantizer.start_observing(seed)
+    completed = False
+    try:
+        yield quantizers
+        completed = True
+    finally:
+        if completed:
+            for quantizer in quantizers:
+                quantizer.finish_observing()
+        else:  # an exception inside the block: leave the tables as they were
+            for quantizer in quantizers:
+                quantizer._observer = None
+
+
+def set_quant_enabled(model: nn.Module, weights: bool = True, activations: bool = True) -> None:
+    """Switch fake quantization of weights and/or activations on or off (off = float path, WD kept)."""
+    for quantizer in weight_quantizers(model):
+        quantizer.enabled = weights
+    for quantizer in act_quantizers(model):
+        quantizer.enabled = activations

@@ -1,0 +1,219 @@
+"""Quantizer modules: they hold (Δ, z) as parameters and call the pure functions of `dq.quant.ops`.
+
+- WeightQuantizer: per-output-channel (Δ_w, z_w) [C_out] (METHOD.md §1).
+- TemporalActQuantizer: the Temporal Parallel Quantizer (§3, eqs 13-14): tables Δ_x[G], z_x[G] and a
+  step→group map [T]. The sampling step index is set from outside (`dq.quant.set_step`), never counted
+  inside forward: an int selects one row for the whole batch (sampling), an int64 tensor [B] selects one
+  row per sample (parallel training on mixed-step batches).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dq.quant import ops
+
+# per group, the most activation values an observer keeps for percentile / MSE initialisation
+MAX_OBSERVED_VALUES = 1 << 18
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel asymmetric fake quantizer of a weight [O, ...] with learnable Δ_w, z_w [O]."""
+
+    def __init__(self, out_channels: int, bits: int, lsq_grad_scale: bool = False) -> None:
+        super().__init__()
+        ops.qmax(bits)  # validates bits
+        self.bits = bits
+        self.lsq_grad_scale = lsq_grad_scale
+        self.scale = nn.Parameter(torch.ones(out_channels))
+        self.zero_point = nn.Parameter(torch.zeros(out_channels))
+        self.enabled = True
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor, method: str = "minmax") -> None:
+        """Set (Δ_w, z_w) from the weight's per-out-channel min-max range or an MSE search over it."""
+        if method == "minmax":
+            flat = weight.detach().reshape(weight.shape[0], -1)
+            lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        elif method == "mse":
+            lo, hi = ops.mse_search_range(weight, self.bits, axis=0)
+        else:
+            raise ValueError(f"weight init method must be 'minmax' or 'mse', got {method!r}")
+        scale, zero_point = ops.qparams_from_range(lo, hi, self.bits)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        scale, zero_point = self.scale, self.zero_point
+        if self.lsq_grad_scale:
+            factor = ops.lsq_grad_factor(weight[0].numel(), self.bits)
+            scale, zero_point = ops.scale_grad(scale, factor), ops.scale_grad(zero_point, factor)
+        return ops.fake_quantize_per_channel(weight, scale, zero_point, self.bits, axis=0)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channels={self.scale.numel()}"
+
+
+class _RangeObserver:
+    """Per-group running min/max and a bounded random sample of values, for initialising TPQ tables."""
+
+    def __init__(self, num_groups: int, keep_values: bool, generator_seed: int = 0) -> None:
+        self.lo: list[torch.Tensor | None] = [None] * num_groups
+        self.hi: list[torch.Tensor | None] = [None] * num_groups
+        self.values: list[torch.Tensor | None] = [None] * num_groups
+        self.keep_values = keep_values
+        self.generator = torch.Generator().manual_seed(generator_seed)
+
+    def update(self, group: int, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        lo, hi = x.min(), x.max()
+        self.lo[group] = lo if self.lo[group] is None else torch.minimum(self.lo[group], lo)
+        self.hi[group] = hi if self.hi[group] is None else torch.maximum(self.hi[group], hi)
+        if self.keep_values:
+            kept = x.cpu()
+            if self.values[group] is not None:
+                kept = torch.cat([self.values[group], kept])
+            if kept.numel() > MAX_OBSERVED_VALUES:
+                pick = torch.randperm(kept.numel(), generator=self.generator)[:MAX_OBSERVED_VALUES]
+                kept = kept[pick]
+            self.values[group] = kept
+
+
+class TemporalActQuantizer(nn.Module):
+    """Per-tensor activation quantizer with one (Δ, z) per timestep group (TPQ, eqs 13-14).
+
+    Inputs are laid out [B·k, ...] where B is the number of step indices set (1 for an int step) and k ≥ 1
+    copies per sample come sample-major (attention's batch·heads layout, the doubled CFG batch).
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        num_steps: int,
+        num_groups: int,
+        init_method: str = "minmax",
+        percentile: float = 99.99,
+        lsq_grad_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        ops.qmax(bits)
+        self.bits = bits
+        self.init_method = init_method
+        self.percentile = percentile
+        self.lsq_grad_scale = lsq_grad_scale
+        self.scale = nn.Parameter(torch.ones(num_groups))
+        self.zero_point = nn.Parameter(torch.zeros(num_groups))
+        self.register_buffer("step_to_group", ops.step_groups(num_steps, num_groups))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self.step: int | torch.Tensor | None = None
+        self.enabled = True
+        self._observer: _RangeObserver | None = None
+        self._checked_calibrated = False
+
+    @property
+    def num_steps(self) -> int:
+        return self.step_to_group.numel()
+
+    @property
+    def num_groups(self) -> int:
+        return self.scale.numel()
+
+    def group_rows(self, batch: int | None = None) -> torch.Tensor:
+        """The group index of each sample: [1] for an int step, [B] for per-sample steps."""
+        step = self.step
+        if step is None:
+            raise RuntimeError(
+                "no sampling step index is set on this activation quantizer: call "
+                "dq.quant.set_step(model, i) (or pass per-sample indices) before the forward pass"
+            )
+        if isinstance(step, int):
+            return self.step_to_group[step : step + 1]
+        return self.step_to_group.index_select(0, step)
+
+    # ------------------------------------------------------------------ calibration
+
+    def start_observing(self, seed: int = 0) -> None:
+        """Record per-group statistics of the inputs (passed through unquantized) until finish_observing."""
+        self._observer = _RangeObserver(self.num_groups, self.init_method != "minmax", seed)
+
+    @torch.no_grad()
+    def finish_observing(self) -> list[int]:
+        """Set each group's (Δ, z) from what was observed. Groups that saw no data copy the nearest group
+        that did. Returns the indices of those borrowed groups."""
+        obs = self._observer
+        if obs is None:
+            raise RuntimeError("finish_observing called without start_observing")
+        self._observer = None
+        seen = [g for g in range(self.num_groups) if obs.lo[g] is not None]
+        if not seen:
+            raise RuntimeError(
+                "this activation quantizer saw no data during calibration: is the layer reached by the "
+                "calibration forward passes, and was a step index set?"
+            )
+        lo_all, hi_all = [], []
+        for g in range(self.num_groups):
+            if obs.lo[g] is None:
+                continue
+            if self.init_method == "minmax":
+                lo, hi = obs.lo[g], obs.hi[g]
+            elif self.init_method == "percentile":
+                lo, hi = ops.percentile_range(obs.values[g], self.percentile)
+            elif self.init_method == "mse":
+                lo, hi = ops.mse_search_range(obs.values[g], self.bits)
+            else:
+                raise ValueError(f"unknown activation init method {self.init_method!r}")
+            lo_all.append(lo.reshape(()))
+            hi_all.append(hi.reshape(()))
+        scale, zero_point = ops.qparams_from_range(torch.stack(lo_all), torch.stack(hi_all), self.bits)
+        seen_t = torch.tensor(seen)
+        nearest = (torch.arange(self.num_groups)[:, None] - seen_t[None, :]).abs().argmin(dim=1)
+        self.scale.copy_(scale[nearest].to(self.scale))
+        self.zero_point.copy_(zero_point[nearest].to(self.zero_point))
+        self.calibrated.fill_(True)
+        self._checked_calibrated = False
+        return [g for g in range(self.num_groups) if obs.lo[g] is None]
+
+    def _observe(self, x: torch.Tensor) -> None:
+        rows = self.group_rows()
+        if rows.numel() == 1:
+            self._observer.update(int(rows), x)
+            return
+        if x.shape[0] % rows.numel():
+            raise ValueError(f"tensor batch {x.shape[0]} is not a multiple of {rows.numel()} step indices")
+        per_row = rows.repeat_interleave(x.shape[0] // rows.numel())
+        for g in per_row.unique().tolist():
+            self._observer.update(g, x[per_row == g])
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observer is not None:
+            self._observe(x)
+            return x
+        if not self.enabled:
+            return x
+        if not self._checked_calibrated:
+            if not bool(self.calibrated):
+                raise RuntimeError(
+                    "activation quantizer used before calibration: initialise its TPQ tables from "
+                    "calibration data (dq.quant.calibrate_activations) or load a saved quant state"
+                )
+            self._checked_calibrated = True
+        rows = self.group_rows()
+        scale, zero_point = self.scale, self.zero_point
+        if self.lsq_grad_scale:
+            factor = ops.lsq_grad_factor(x[0].numel(), self.bits)
+            scale, zero_point = ops.scale_grad(scale, factor), ops.scale_grad(zero_point, factor)
+        if rows.numel() == 1:
+            return ops.fake_quantize(x, scale[rows[0]], zero_point[rows[0]], self.bits)
+        return ops.fake_quantize_per_sample(x, scale, zero_point, rows, self.bits)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._checked_calibrated = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, groups={self.num_groups}, steps={self.num_steps}"

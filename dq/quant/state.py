@@ -1,0 +1,128 @@
+"""Save and load a student's complete quantization state as one safetensors file.
+
+The file holds every TPQ table (Δ_x, z_x, step→group map), every WD factor s, every weight quantizer's
+(Δ_w, z_w), optionally the (dilated) weights themselves, and in its metadata the QuantConfig and a format
+version. Loading checks all of them and refuses, naming the mismatch, anything that does not fit.
+Writes go to a temporary file renamed into place; loading never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dq.quant.config import QuantConfig
+from dq.quant.convert import CONFIG_ATTR, is_quantized, quant_config, quantize_model
+from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
+
+FORMAT_NAME = "dq-quant-state"
+FORMAT_VERSION = 1
+_QUANT_SUFFIXES = (".wd_scale",)
+
+
+def _is_quant_entry(name: str, model: nn.Module) -> bool:
+    owner_name, _, _ = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    return isinstance(owner, (TemporalActQuantizer, WeightQuantizer)) or name.endswith(_QUANT_SUFFIXES)
+
+
+def quant_state_dict(model: nn.Module, include_weights: bool = False) -> dict[str, torch.Tensor]:
+    """The student's quantization tensors (and, with include_weights, its whole state_dict)."""
+    quant_config(model)
+    state = model.state_dict()
+    if include_weights:
+        return dict(state)
+    return {k: v for k, v in state.items() if _is_quant_entry(k, model)}
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) then rename the temporary file onto `path` (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_quant_state(model: nn.Module, path: str | os.PathLike, include_weights: bool = True) -> Path:
+    """Write the student's quantization state (and weights, by default) to `path` (.safetensors)."""
+    config = quant_config(model)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in quant_state_dict(model, include_weights).items()}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "quant_config": json.dumps(config.to_dict(), sort_keys=True),
+        "includes_weights": json.dumps(include_weights),
+    }
+    path = Path(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def read_quant_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], QuantConfig, bool]:
+    """(tensors, config, includes_weights) of a saved state; ValueError for a file that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no quantization state file at {path}")
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from err
+    if metadata.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not a dq quantization state (format={metadata.get('format')!r})")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{path} has quant-state format version {version}, this dq reads version {FORMAT_VERSION}"
+        )
+    try:
+        config = QuantConfig.from_dict(json.loads(metadata["quant_config"]))
+        includes_weights = bool(json.loads(metadata["includes_weights"]))
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} has a malformed quant-state header: {err}") from err
+    return tensors, config, includes_weights
+
+
+def load_quant_state(model: nn.Module, path: str | os.PathLike, inplace: bool = False) -> nn.Module:
+    """Load a saved state into `model` and return the student.
+
+    A float model is first converted with the saved QuantConfig (a copy unless inplace); a student must
+    have been built with the same config. Every key and shape must match; mismatches raise ValueError.
+    """
+    tensors, config, includes_weights = read_quant_state(path)
+    if is_quantized(model):
+        differences = config.diff(quant_config(model))
+        if differences:
+            raise ValueError(f"{path} was saved with another QuantConfig; differing fields (file, model): {differences}")
+        student = model
+    else:
+        student = quantize_model(model, config, inplace=inplace)
+    expected = quant_state_dict(student, include_weights=includes_weights)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit this model: {len(missing)} missing key(s) {missing[:5]}, "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:5]}"
+        )
+    bad_shapes = {k: (tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape}
+    if bad_shapes:
+        raise ValueError(f"{path} does not fit this model; shape mismatches (file, model): {dict(list(bad_shapes.items())[:5])}")
+    student.load_state_dict(tensors, strict=includes_weights)
+    setattr(student, CONFIG_ATTR, config)
+    return student
