@@ -1,0 +1,177 @@
+"""Blocks of a diffusion UNet for Block-wise Knowledge Distillation (METHOD.md §4, eq. 15), and the capture
+of one block's inputs and output from a full-model forward pass.
+
+A block is a module called exactly once per UNet forward: each ResnetBlock2D, each attention module
+(`Attention` in UNet2DModel, `Transformer2DModel` in conditional UNets), each Downsample2D/Upsample2D, the
+TimestepEmbedding, and every quantized layer outside those (conv_in, conv_out) on its own. Blocks are
+ordered by execution, which is the order BKD trains them in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from dq.quant import QuantConv2d, QuantLinear, act_quantizers, set_step, weight_quantizers
+
+BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D", "TimestepEmbedding")
+WHOLE_MODEL = ""  # the block name of the whole model (end-to-end QAT as one block)
+
+
+def unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's output for x [B, C, H, W] at per-sample timesteps [B]; cond: class labels int64 [B] or
+    text embeddings [B, L, D] (cross-attention), or None for an unconditional model."""
+    if cond is None:
+        return unet(x, timesteps, return_dict=False)[0]
+    if not torch.is_floating_point(cond):
+        return unet(x, timesteps, class_labels=cond, return_dict=False)[0]
+    if cond.ndim != 3:
+        raise ValueError(f"float conditioning must be embeddings [B, L, D], got shape {tuple(cond.shape)}")
+    return unet(x, timesteps, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+def main_tensor(output: Any) -> torch.Tensor:
+    """The tensor a block returns (diffusers blocks return a tensor, a tuple, or an output dataclass)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(getattr(output, "sample", None), torch.Tensor):
+        return output.sample
+    raise TypeError(f"cannot find the output tensor of a block returning {type(output).__name__}")
+
+
+def _has_quantizers(module: nn.Module) -> bool:
+    return bool(act_quantizers(module) or weight_quantizers(module))
+
+
+def candidate_blocks(student: nn.Module) -> list[str]:
+    """Names of the block modules of a student, outermost first, in named_modules order."""
+    names: list[str] = []
+    for name, module in student.named_modules():
+        if not name or any(name.startswith(parent + ".") for parent in names):
+            continue
+        if type(module).__name__ in BLOCK_TYPES or isinstance(module, (QuantConv2d, QuantLinear)):
+            names.append(name)
+    return [n for n in names if _has_quantizers(student.get_submodule(n))]
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the wanted block has run."""
+
+
+def execution_order(model: nn.Module, names: Iterable[str], example: dict[str, torch.Tensor]) -> list[str]:
+    """`names` sorted by when each block first runs in a forward pass of `model` on `example` (a
+    calibration batch with x_t, timestep, step and optionally cond). Every block must run exactly once.
+    Run it on the FP teacher: the student's blocks share its module names, and its quantizers may not be
+    calibrated yet."""
+    names = list(names)
+    calls: dict[str, int] = {}
+    order: list[str] = []
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                order.append(name)
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+    try:
+        with torch.no_grad():
+            run_model(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in calls]
+    repeated = [n for n, c in calls.items() if c > 1]
+    if missing or repeated:
+        raise ValueError(f"BKD needs every block to run once per forward; never ran: {missing}, ran twice: {repeated}")
+    return order
+
+
+def run_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One UNet forward on a calibration batch, with the batch's per-sample step indices set."""
+    set_step(model, batch["step"])
+    return unet_forward(model, batch["x_t"], batch["timestep"], batch.get("cond"))
+
+
+@dataclass
+class BlockIO:
+    """The captured inputs of a block call (args/kwargs as a flattened pytree) and its output."""
+
+    leaves: list[Any]  # tensors with a leading batch dimension, or constants
+    spec: pytree.TreeSpec
+    output: torch.Tensor | None
+
+    def call(self, block: nn.Module, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Run `block` on the captured inputs (rows `index` of every batched tensor)."""
+        leaves = [leaf[index] if isinstance(leaf, torch.Tensor) and index is not None else leaf for leaf in self.leaves]
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return main_tensor(block(*args, **kwargs))
+
+
+def capture_block(
+    model: nn.Module, block_name: str, batch: dict[str, torch.Tensor], want_output: bool
+) -> BlockIO:
+    """Run `model` on `batch` up to block `block_name` and return the block's inputs, and its output when
+    want_output (then the block runs; otherwise the pass stops before it). Later blocks never run."""
+    if block_name == WHOLE_MODEL:  # the model's own inputs; its output when asked
+        args, kwargs = (batch["x_t"], batch["timestep"]), _cond_kwargs(batch.get("cond"))
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        return BlockIO(leaves, spec, run_model(model, batch) if want_output else None)
+    captured: dict[str, Any] = {}
+
+    def before(module, args, kwargs):
+        captured["inputs"] = (args, kwargs)
+        if not want_output:
+            raise _StopForward
+
+    def after(module, args, kwargs, output):
+        captured["output"] = main_tensor(output)
+        raise _StopForward
+
+    block = model.get_submodule(block_name)
+    handles = [block.register_forward_pre_hook(before, with_kwargs=True)]
+    if want_output:
+        handles.append(block.register_forward_hook(after, with_kwargs=True))
+    try:
+        run_model(model, batch)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "inputs" not in captured:
+        raise RuntimeError(f"block {block_name!r} did not run in the forward pass")
+    leaves, spec = pytree.tree_flatten(captured["inputs"])
+    return BlockIO(leaves, spec, captured.get("output"))
+
+
+def _cond_kwargs(cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if cond is None:
+        return {}
+    return {"class_labels": cond} if not torch.is_floating_point(cond) else {"encoder_hidden_states": cond}
+
+
+def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO:
+    """Join the BlockIO of consecutive calibration chunks along the batch dimension, on `device`."""
+    first = parts[0]
+    leaves = []
+    for i, leaf in enumerate(first.leaves):
+        if isinstance(leaf, torch.Tensor):
+            # contiguous: attention outputs come back channels-last, and PyTorch's CPU GroupNorm backward
+            # crashes on channels-last inputs taken from such a cache (seen with torch 2.13)
+            leaves.append(torch.cat([p.leaves[i].detach().to(device) for p in parts]).contiguous())
+        else:
+            if any(p.leaves[i] != leaf for p in parts):
+                raise ValueError(f"a non-tensor input of the block changes between batches: {leaf!r}")
+            leaves.append(leaf)
+    output = None if first.output is None else torch.cat([p.output.detach().to(device) for p in parts]).contiguous()
+    return BlockIO(leaves, first.spec, output)

@@ -1,0 +1,90 @@
+"""The two callbacks that drive DilateQuant training.
+
+- BlockScheduleCallback (BKD): one epoch per block. At the start of block k it builds the block's cached
+  inputs (student path) and targets (teacher path), initialises its quantizers (WD was applied when the
+  student was built; the TPQ tables come from the cached inputs, per group) and its optimizer; at the end it
+  freezes the block and records its final loss.
+- TemporalGroupCallback (TPQ): owns the timestep groups. It checks the step→group map against the sampler
+  schedule, sets each training batch's per-sample step indices on the student, logs the per-group
+  activation ranges of each finished block, and leaves the student in per-step scalar mode (no step set)
+  at the end, ready for sampling with `set_step(student, i)`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from dq.bkd.distiller import BlockDistiller
+from dq.quant import TemporalActQuantizer, act_quantizers, set_step
+
+
+class BlockScheduleCallback(L.Callback):
+    """Advance the BKD block cursor: one epoch per block, prepared at its start, frozen at its end."""
+
+    def __init__(self) -> None:
+        self.seconds_preparing: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        if trainer.max_epochs != len(pl_module.blocks):
+            raise ValueError(f"the trainer runs {trainer.max_epochs} epochs but the student has {len(pl_module.blocks)} blocks")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        self._begin(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: BlockDistiller, batch, batch_idx: int) -> None:
+        if pl_module.cache is None:  # resumed mid-block: Lightning does not rerun on_train_epoch_start
+            self._begin(trainer, pl_module)
+
+    def _begin(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        start = time.perf_counter()
+        pl_module.begin_block(trainer.current_epoch)
+        self.seconds_preparing[pl_module.blocks[trainer.current_epoch] or "model"] = time.perf_counter() - start
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        name = pl_module.blocks[pl_module.state.block] or "model"
+        pl_module.end_block()
+        if name in pl_module.state.final_losses:
+            pl_module.log("bkd/final_loss", pl_module.state.final_losses[name], on_epoch=True)
+
+
+class TemporalGroupCallback(L.Callback):
+    """Per-sample TPQ step indices for every training batch; per-group range logging; scalar mode at the end."""
+
+    def __init__(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        quantizers = act_quantizers(pl_module.student)
+        if quantizers and quantizers[0].num_steps != self.num_steps:
+            raise ValueError(
+                f"the student's TPQ tables serve {quantizers[0].num_steps} steps but the sampler makes {self.num_steps}"
+            )
+        steps = pl_module.calibration["step"]
+        if int(steps.min()) < 0 or int(steps.max()) >= self.num_steps:
+            raise ValueError(f"calibration step indices must lie in [0, {self.num_steps}), got [{int(steps.min())}, {int(steps.max())}]")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: BlockDistiller, batch, batch_idx: int) -> None:
+        rows = pl_module.shard(batch["index"])
+        set_step(pl_module.student, pl_module.calibration["step"][rows].to(pl_module.device))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        block = pl_module.block_module(pl_module.blocks[trainer.current_epoch])
+        for name, module in block.named_modules():
+            if isinstance(module, TemporalActQuantizer):
+                lo, hi = group_ranges(module)
+                prefix = f"tpq/{pl_module.blocks[trainer.current_epoch] or 'model'}.{name}"
+                pl_module.log(f"{prefix}/range_min_mean", float(lo.mean()), on_epoch=True)
+                pl_module.log(f"{prefix}/range_max_mean", float(hi.mean()), on_epoch=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        set_step(pl_module.student, None)  # sampling sets one step index per model call
+
+
+def group_ranges(quantizer: TemporalActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real-valued range [lo, hi] covered by each group's grid: [G], [G]."""
+    scale = quantizer.scale.detach()
+    zero_point = quantizer.zero_point.detach().round()
+    return -zero_point * scale, (2**quantizer.bits - 1 - zero_point) * scale

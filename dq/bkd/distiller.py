@@ -1,0 +1,343 @@
+"""BlockDistiller: the LightningModule of DilateQuant training (METHOD.md §4, eq. 15).
+
+It holds the frozen FP teacher and the quantized student. Block k is trained on
+
+    loss = MSE( B_k(fp_in_k), B̂_k(q_in_k) )
+
+where fp_in_k is the block's input on the teacher's path and q_in_k its input on the student's path with
+every earlier block already quantized and trained. One Lightning epoch is one block: `BlockScheduleCallback`
+prepares it (cached inputs/targets, quantizer initialisation), `TemporalGroupCallback` sets each
+batch's per-sample step indices. Only the current block is in the autograd graph.
+
+The batch of iteration i of block k is a pure function of (seed, k, i), and the block cursor, the
+iteration, the optimizer state and the RNG state are saved in the Lightning checkpoint, so
+a run resumed mid-block continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dq.bkd.blocks import (
+    WHOLE_MODEL,
+    BlockIO,
+    candidate_blocks,
+    capture_block,
+    concat_block_io,
+    execution_order,
+    unet_forward,
+)
+from dq.quant import (
+    QuantConfig,
+    TemporalActQuantizer,
+    WeightQuantizer,
+    calibrate_activations,
+    quantize_model,
+    set_step,
+)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How each block is trained. iters_per_block = 0 runs the initialisation only (PTQ)."""
+
+    iters_per_block: int = 200
+    batch_size: int = 32
+    lr_weights: float = 1e-5  # Adam on the raw weights (STE)
+    lr_quant: float = 1e-3  # Adam on each step size Δ, relative to its magnitude (fraction of |Δ| per step)
+    lr_zero_point: float = 1e-2  # Adam on zero points, in grid codes per step
+    train_weights: bool = True
+    min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio
+    cache_device: str = "cpu"
+    capture_batch_size: int = 256
+    whole_model: bool = False  # end-to-end QAT: the whole student is one block, distilled on the model output
+
+    def __post_init__(self) -> None:
+        if self.iters_per_block < 0:
+            raise ValueError(f"iters_per_block must be >= 0, got {self.iters_per_block}")
+        if self.batch_size < 1 or self.capture_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size}, {self.capture_batch_size}")
+        if self.lr_weights < 0 or self.lr_quant <= 0 or self.lr_zero_point < 0:
+            raise ValueError(
+                "learning rates must be lr_weights >= 0, lr_quant > 0, lr_zero_point >= 0; got "
+                f"{self.lr_weights}, {self.lr_quant}, {self.lr_zero_point}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+def batch_indices(seed: int, block: int, iteration: int, num_samples: int, batch_size: int) -> torch.Tensor:
+    """The calibration rows of one BKD iteration: int64 [batch_size], a pure function of its arguments."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + block) * 1_000_003 + iteration)
+    return torch.randint(num_samples, (batch_size,), generator=generator)
+
+
+@dataclass
+class BlockState:
+    """Progress of BKD; everything here goes into the Lightning checkpoint."""
+
+    block: int = 0
+    iteration: int = 0
+    initialized: list[bool] = field(default_factory=list)
+    final_losses: dict[str, float] = field(default_factory=dict)
+
+
+class BlockBatches:
+    """The training "data" of one block: the calibration rows of each iteration, {"index": int64 [B]}.
+
+    Iteration starts at the module's saved iteration, so a resumed run yields exactly the batches that
+    were left (rows are a pure function of seed, block and iteration)."""
+
+    def __init__(self, module: BlockDistiller) -> None:
+        self.module = module
+
+    def __len__(self) -> int:
+        return self.module.distill.iters_per_block
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        module = self.module
+        block, start = module.state.block, module.state.iteration
+        for iteration in range(start, module.distill.iters_per_block):
+            yield {"index": batch_indices(module.seed, block, iteration, module.num_samples, module.distill.batch_size)}
+
+    # Lightning treats loaders with these as resumable; the position lives in the module's BKD state
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class BlockDistiller(L.LightningModule):
+    """Teacher (frozen FP UNet) + student (quantized copy), trained block by block."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        quant_config: QuantConfig,
+        distill: DistillConfig,
+        calibration: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
+        seed: int = 0,
+    ) -> None:
+        """calibration: the tuples (x_t [N,C,H,W], timestep [N], step [N], optional cond [N,...]) or a
+        function that returns them, called in `setup` (under DDP, once the process group exists)."""
+        super().__init__()
+        self.automatic_optimization = False
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = quantize_model(teacher, quant_config).eval().requires_grad_(True)
+        self.distill = distill
+        self._calibration_source = calibration
+        self.calibration: dict[str, torch.Tensor] = {}
+        self.num_samples = 0
+        self.seed = seed
+        self.blocks: list[str] = []  # execution order, set by BlockScheduleCallback.setup
+        self.state = BlockState()
+        self.cache: BlockIO | None = None
+        self._resume: dict[str, Any] | None = None
+        self._losses: list[float] = []
+
+    # ------------------------------------------------------------------ helpers
+
+    def block_module(self, name: str, model: nn.Module | None = None) -> nn.Module:
+        model = self.student if model is None else model
+        return model if name == WHOLE_MODEL else model.get_submodule(name)
+
+    def calibration_batch(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        return {k: v[rows].to(self.device) for k, v in self.calibration.items() if isinstance(v, torch.Tensor)}
+
+    @torch.no_grad()
+    def build_cache(self, name: str) -> BlockIO:
+        """fp targets B_k(fp_in_k) from the teacher and student inputs q_in_k, for every calibration row."""
+        inputs, targets = [], []
+        step = self.distill.capture_batch_size
+        for start in range(0, self.num_samples, step):
+            batch = self.calibration_batch(slice(start, start + step))
+            targets.append(capture_block(self.teacher, name, batch, want_output=True).output)
+            inputs.append(capture_block(self.student, name, batch, want_output=False))
+        cache = concat_block_io(inputs, self.distill.cache_device)
+        cache.output = torch.cat(targets).to(self.distill.cache_device).contiguous()
+        return cache
+
+    @torch.no_grad()
+    def initialize_block(self, name: str) -> None:
+        """TPQ tables of the block's activation quantizers, per group, from its cached inputs (on X/s:
+        WD was applied when the student was built). Weight quantizers were set from the weights then."""
+        block = self.block_module(name)
+        if not any(isinstance(m, TemporalActQuantizer) for m in block.modules()):
+            return
+        step = self.distill.capture_batch_size
+        with calibrate_activations(block, seed=self.seed):
+            for start in range(0, self.num_samples, step):
+                rows = slice(start, start + step)
+                self._set_rows_step(rows)
+                self.cache.call(block, self._device_rows(rows))
+
+    def _device_rows(self, rows: torch.Tensor | slice) -> torch.Tensor | slice:
+        return rows if isinstance(rows, slice) else rows.to(self.distill.cache_device)
+
+    def _set_rows_step(self, rows: torch.Tensor | slice) -> None:
+        set_step(self.student, self.calibration["step"][rows].to(self.device))
+
+    def learning_rate_factor(self, iteration: int) -> float:
+        """Cosine decay over the block's iterations, from 1 to min_lr_ratio."""
+        total, floor = max(1, self.distill.iters_per_block), self.distill.min_lr_ratio
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(iteration, total) / total))
+
+    # ------------------------------------------------------------------ block lifecycle
+
+    def setup(self, stage: str) -> None:
+        """Load the calibration tuples and order the blocks (Lightning calls this on every rank)."""
+        source = self._calibration_source
+        self.calibration = dict(source() if callable(source) else source)
+        for key in ("x_t", "timestep", "step"):
+            if key not in self.calibration:
+                raise ValueError(f"calibration data lacks {key!r}; it has {sorted(self.calibration)}")
+        self.num_samples = int(self.calibration["x_t"].shape[0])
+        if self.num_samples < self.distill.batch_size:
+            raise ValueError(f"{self.num_samples} calibration samples are fewer than one batch ({self.distill.batch_size})")
+        self.setup_blocks()
+
+    def setup_blocks(self) -> None:
+        """The block list in execution order (the whole student for end-to-end QAT)."""
+        if self.distill.whole_model:
+            self.blocks = [WHOLE_MODEL]
+        else:
+            example = self.calibration_batch(slice(0, 2))
+            self.blocks = execution_order(self.teacher, candidate_blocks(self.student), example)
+        if not self.state.initialized:
+            self.state.initialized = [False] * len(self.blocks)
+
+    def begin_block(self, k: int) -> None:
+        """Cache block k's inputs and targets, initialise its quantizers (once), build its optimizer."""
+        if self._resume is not None and self._resume["blocks"] != self.blocks:
+            raise ValueError("the checkpoint was written for another block list (another model or method)")
+        if k != self.state.block:  # a new block, not a resume into the middle of one
+            self.state.block, self.state.iteration = k, 0
+        name = self.blocks[k]
+        self.cache = self.build_cache(name)
+        if not self.state.initialized[k]:
+            self.initialize_block(name)
+            self.state.initialized[k] = True
+        resumed, self._resume = self._resume, None
+        if resumed is None or resumed["block"] != k:
+            self._set_step_size_learning_rates(name)
+            self._losses = []
+
+    def end_block(self) -> None:
+        """Record block k's final loss (mean of its last 20 iterations), freeze it, move the cursor on."""
+        name = self.blocks[self.state.block]
+        if self._losses:
+            tail = self._losses[-20:]
+            self.state.final_losses[name or "model"] = sum(tail) / len(tail)
+        self.block_module(name).requires_grad_(False)
+        self.cache, self._losses = None, []
+        self.state.block, self.state.iteration = self.state.block + 1, 0
+
+    def initialize_only(self) -> None:
+        """Block-by-block initialisation without training (the PTQ methods, iters_per_block = 0)."""
+        self.setup("fit")
+        for k in range(self.state.block, len(self.blocks)):
+            self.begin_block(k)
+            self.end_block()
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """One Adam over the whole student. Only the current block receives gradients and Adam keeps
+        per-parameter state, so this equals a fresh optimizer per block; the cosine schedule restarts with
+        each block (training_step). Groups: the weights (lr_weights); each quantizer's step size Δ, whose
+        lr is lr_quant × its mean |Δ| at the start of its block (Adam's steps have a fixed size, and Δ spans
+        orders of magnitude across layers and bit-widths); all zero points (lr_zero_point, in grid codes)."""
+        weights, zero_points, groups = [], [], []
+        for name, module in self.student.named_modules():
+            if isinstance(module, (TemporalActQuantizer, WeightQuantizer)):
+                groups.append({"params": [module.scale], "lr": 0.0, "base_lr": 0.0, "quantizer": name})
+                zero_points.append(module.zero_point)
+        quant_ids = {id(g["params"][0]) for g in groups} | {id(z) for z in zero_points}
+        weights = [p for p in self.student.parameters() if id(p) not in quant_ids]
+        groups.append({"params": zero_points, "lr": self.distill.lr_zero_point, "base_lr": self.distill.lr_zero_point})
+        if self.distill.train_weights and self.distill.lr_weights > 0:
+            groups.append({"params": weights, "lr": self.distill.lr_weights, "base_lr": self.distill.lr_weights})
+        else:
+            for param in weights:
+                param.requires_grad_(False)
+        return torch.optim.Adam(groups)
+
+    def _set_step_size_learning_rates(self, name: str) -> None:
+        """base_lr of the block's Δ groups: lr_quant × mean |Δ| (Δ is initialised by now)."""
+        if self._trainer is None:
+            return
+        prefix = "" if name == WHOLE_MODEL else name + "."
+        for group in self.optimizers().param_groups:
+            quantizer = group.get("quantizer")
+            if quantizer is not None and (not prefix or quantizer.startswith(prefix)):
+                group["base_lr"] = self.distill.lr_quant * float(group["params"][0].detach().abs().mean())
+
+    def train_dataloader(self) -> BlockBatches:
+        return BlockBatches(self)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return unet_forward(self.student, x, timesteps, cond)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        name = self.blocks[self.state.block]
+        block = self.block_module(name)
+        rows = self.shard(batch["index"])
+        prediction = self.cache.call(block, self._device_rows(rows))
+        target = self.cache.output[self._device_rows(rows)].to(prediction.device)
+        loss = F.mse_loss(prediction.float(), target.float())  # eq. 15
+        optimizer = self.optimizers()
+        factor = self.learning_rate_factor(self.state.iteration)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        self.state.iteration += 1
+        self._losses.append(float(loss.detach()))
+        self.log("bkd/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+        self.log("bkd/block", float(self.state.block), on_step=True, on_epoch=False)
+        return loss
+
+    def shard(self, index: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a global batch (DDP): rows rank, rank + world, ..."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return index[rank::world]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["bkd"] = {
+            "block": self.state.block,
+            "iteration": self.state.iteration,
+            "initialized": list(self.state.initialized),
+            "final_losses": dict(self.state.final_losses),
+            "blocks": list(self.blocks),
+            "rng": torch.get_rng_state(),
+            "recent_losses": list(self._losses),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "bkd" not in checkpoint:
+            raise ValueError("this checkpoint has no BKD state: was it written by dq's train.py?")
+        saved = checkpoint["bkd"]
+        self.state = BlockState(saved["block"], saved["iteration"], list(saved["initialized"]), dict(saved["final_losses"]))
+        self._resume = saved
+        self._losses = list(saved.get("recent_losses", []))
+        torch.set_rng_state(saved["rng"])
+
+    def state_dict(self, *args, **kwargs):
+        # the teacher is rebuilt from the model config; only the student's state is worth saving
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items() if not k.startswith("teacher.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        missing_teacher = {k: v for k, v in self.teacher.state_dict(prefix="teacher.").items()}
+        return super().load_state_dict({**missing_teacher, **state_dict}, strict=strict, assign=assign)

@@ -1,0 +1,209 @@
+"""Block-wise Knowledge Distillation (METHOD.md §4, eq. 15) on a tiny UNet: block order, the inputs and
+targets of each block, one block in the graph at a time, and exact resume after an interruption."""
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from dq.bkd import (
+    BlockDistiller,
+    BlockScheduleCallback,
+    DistillConfig,
+    TemporalGroupCallback,
+    candidate_blocks,
+    capture_block,
+    execution_order,
+)
+from dq.quant import QuantConfig, QuantConv2d, QuantLinear, set_step
+from tests.quant.conftest import tiny_unet2d
+
+T = 4
+N = 48
+
+
+def _calibration(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    step = torch.arange(N) % T
+    return {
+        "x_t": torch.randn(N, 3, 8, 8, generator=g),
+        "step": step,
+        "timestep": torch.tensor([900, 600, 300, 50])[step],
+    }
+
+
+def _distiller(iters: int = 4, lr_weights: float = 1e-5, lr_quant: float = 1e-3, **quant) -> BlockDistiller:
+    distill = DistillConfig(
+        iters_per_block=iters, batch_size=8, capture_batch_size=16, lr_weights=lr_weights, lr_quant=lr_quant
+    )
+    config = QuantConfig(num_steps=T, num_groups=T, **quant)
+    return BlockDistiller(tiny_unet2d(), config, distill, _calibration(), seed=3)
+
+
+def _trainer(distiller: BlockDistiller, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=len(candidate_blocks(distiller.student)),
+        callbacks=[BlockScheduleCallback(), TemporalGroupCallback(T), *kwargs.pop("callbacks", [])],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **{"enable_checkpointing": False, **kwargs},
+    )
+
+
+def test_blocks_cover_every_quantized_layer_once_in_execution_order():
+    distiller = _distiller()
+    distiller.setup("fit")
+    blocks = distiller.blocks
+    assert blocks[0] == "time_embedding" and blocks[1] == "conv_in" and blocks[-1] == "conv_out"
+    first_up = min(i for i, b in enumerate(blocks) if b.startswith("up_blocks"))
+    assert all(b.startswith(("time", "conv_in", "down", "mid")) for b in blocks[:first_up])
+    assert blocks.index("mid_block.resnets.0") < blocks.index("mid_block.attentions.0") < blocks.index("mid_block.resnets.1")
+    layers = [n for n, m in distiller.student.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    for layer in layers:
+        owners = [b for b in blocks if layer == b or layer.startswith(b + ".")]
+        assert len(owners) == 1, (layer, owners)
+    distiller.teacher.unused = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="never ran"):
+        execution_order(distiller.teacher, ["unused", "conv_in"], distiller.calibration_batch(slice(0, 2)))
+
+
+def test_eq15_inputs_come_from_the_student_path_and_targets_from_the_teacher():
+    distiller = _distiller()
+    distiller.setup("fit")
+    for k in range(3):  # initialise the first blocks so that the student path is really quantized
+        distiller.begin_block(k)
+        distiller.end_block()
+    name = distiller.blocks[3]
+    cache = distiller.build_cache(name)
+    batch = distiller.calibration_batch(slice(0, N))
+    teacher_io = capture_block(distiller.teacher, name, batch, want_output=True)
+    block_fp = distiller.teacher.get_submodule(name)
+    with torch.no_grad():
+        torch.testing.assert_close(cache.output, teacher_io.output)  # target = B_k(fp_in_k)
+        torch.testing.assert_close(teacher_io.call(block_fp), teacher_io.output)
+        student_in = capture_block(distiller.student, name, batch, want_output=False)
+        for cached, direct in zip(cache.leaves, student_in.leaves):
+            if isinstance(cached, torch.Tensor):
+                torch.testing.assert_close(cached, direct)
+        # the student's input differs from the teacher's: earlier blocks are quantized
+        assert not torch.allclose(student_in.leaves[0], teacher_io.leaves[0])
+
+
+def test_only_the_current_block_gets_gradients_and_its_loss_falls():
+    distiller = _distiller(iters=25)
+    trainer = _trainer(distiller, max_steps=25 * 3)
+    trainer.fit(distiller)
+    assert distiller.state.block == 3  # three blocks trained
+    losses = distiller.state.final_losses
+    assert set(losses) == set(distiller.blocks[:3])
+    untouched = distiller.blocks[4:]
+    for name in untouched:
+        assert all(p.grad is None for p in distiller.student.get_submodule(name).parameters())
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+
+
+class _CacheLoss(L.Callback):
+    """The current block's loss over its whole cache before its first and after its last update."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, float] = {}
+        self.after: dict[str, float] = {}
+
+    @staticmethod
+    def _loss(pl_module) -> float:
+        name = pl_module.blocks[pl_module.state.block]
+        set_step(pl_module.student, pl_module.calibration["step"])
+        with torch.no_grad():
+            prediction = pl_module.cache.call(pl_module.student.get_submodule(name))
+        return float(nn.functional.mse_loss(prediction, pl_module.cache.output))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.state.iteration == 0:
+            self.before[pl_module.blocks[pl_module.state.block]] = self._loss(pl_module)
+            set_step(pl_module.student, pl_module.calibration["step"][batch["index"]])  # the batch's steps again
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.state.iteration == pl_module.distill.iters_per_block:
+            self.after[pl_module.blocks[pl_module.state.block]] = self._loss(pl_module)
+
+
+def test_bkd_lowers_the_block_loss():
+    distiller = _distiller(iters=60, lr_weights=3e-4, lr_quant=1e-2)
+    probe = _CacheLoss()
+    _trainer(distiller, max_steps=60 * 6, callbacks=[probe]).fit(distiller)
+    # the 4-bit blocks; conv_in is 8-bit with identical FP and student inputs: its loss is rounding noise
+    # that STE training cannot reduce
+    ratios = {name: probe.after[name] / probe.before[name] for name in distiller.blocks[:6] if name != "conv_in"}
+    assert all(r < 1.0 for r in ratios.values()), ratios
+    assert sum(ratios.values()) / len(ratios) < 0.8, ratios
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise _Interrupt
+
+
+def test_resume_mid_block_matches_an_uninterrupted_run(tmp_path):
+    iters = 6
+    reference = _distiller(iters=iters)
+    _trainer(reference).fit(reference)
+
+    interrupted = _distiller(iters=iters)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
+    stop_step = 3 * iters + 2  # in the middle of block 3
+    with pytest.raises(_Interrupt):
+        _trainer(interrupted, callbacks=[checkpoint, _StopAt(stop_step)], enable_checkpointing=True).fit(interrupted)
+    assert interrupted.state.block == 3
+
+    resumed = _distiller(iters=iters)
+    _trainer(resumed).fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.state.final_losses.keys() == reference.state.final_losses.keys()
+    ref_state, res_state = reference.student.state_dict(), resumed.student.state_dict()
+    for key in ref_state:
+        torch.testing.assert_close(res_state[key], ref_state[key], rtol=1e-5, atol=1e-6, msg=key)
+    for key in reference.state.final_losses:
+        assert resumed.state.final_losses[key] == pytest.approx(reference.state.final_losses[key], rel=1e-4)
+
+
+def test_initialisation_only_calibrates_every_block():
+    distiller = _distiller(iters=0)
+    distiller.initialize_only()
+    assert all(distiller.state.initialized) and not distiller.state.final_losses
+    set_step(distiller.student, 1)
+    with torch.no_grad():
+        out = distiller.student(torch.randn(2, 3, 8, 8), torch.tensor([600, 600])).sample
+    assert torch.isfinite(out).all()
+
+
+def test_whole_model_qat_is_one_block():
+    distiller = BlockDistiller(
+        tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T),
+        DistillConfig(iters_per_block=3, batch_size=8, capture_batch_size=16, whole_model=True), _calibration(),
+    )
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[BlockScheduleCallback(), TemporalGroupCallback(T)],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(distiller)
+    assert distiller.blocks == [""] and list(distiller.state.final_losses) == ["model"]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="iters_per_block"):
+        DistillConfig(iters_per_block=-1)
+    with pytest.raises(ValueError, match="learning rates"):
+        DistillConfig(lr_quant=0.0)
+    distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), DistillConfig(batch_size=64), _calibration())
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        distiller.setup("fit")
+    distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), DistillConfig(batch_size=8), {"x_t": torch.ones(1)})
+    with pytest.raises(ValueError, match="lacks 'timestep'"):
+        distiller.setup("fit")
