@@ -1,0 +1,225 @@
+"""Calibration tuples as plain functions: which (trajectory, step) pairs to keep, generating a shard of
+trajectories, the cache key, and safetensors I/O. The LightningDataModule is the shell around these.
+
+A tuple set is a dict of tensors with N rows, in canonical (trajectory, step) order:
+    x_t       float32 [N, C, H, W]   the model input at that step
+    timestep  int64   [N]            the scheduler timestep value t
+    step      int64   [N]            the step index i (0 = the noisiest step)
+    cond      int64 [N] (class labels) or float32 [N, L, D] (text embeddings)   where conditioning exists
+    uncond    like cond                                                         where guidance is used
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dq.sampling import SamplerConfig, sample
+
+CACHE_FORMAT_VERSION = 1
+METADATA_KEY = "dq_calibration"
+
+
+def _seeded_generator(label: str, seed: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{label}:{int(seed)}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def draw_plan(num_trajectories: int, num_steps: int, num_samples: int, seed: int) -> torch.Tensor:
+    """int64 [num_samples, 2] of (trajectory k, step i) pairs, sorted by (k, i).
+
+    The draw is stratified over steps so that every step index is covered: each step gets
+    floor(N / M) or ceil(N / M) tuples (which steps get one more is random), from trajectories drawn at
+    random without replacement. A pure function of its arguments: the same on every rank.
+    """
+    if num_samples < 1 or num_steps < 1 or num_trajectories < 1:
+        raise ValueError(
+            f"num_samples, num_steps and num_trajectories must be >= 1, got {num_samples}, {num_steps}, {num_trajectories}"
+        )
+    per_step_max = -(-num_samples // num_steps)
+    if per_step_max > num_trajectories:
+        raise ValueError(
+            f"{num_samples} tuples over {num_steps} steps need >= {per_step_max} trajectories, got {num_trajectories}"
+        )
+    generator = _seeded_generator("dq-calibration-plan", seed)
+    counts = torch.full((num_steps,), num_samples // num_steps, dtype=torch.int64)
+    counts[torch.randperm(num_steps, generator=generator)[: num_samples % num_steps]] += 1
+    pairs = []
+    for step in range(num_steps):
+        trajectories = torch.randperm(num_trajectories, generator=generator)[: int(counts[step])]
+        pairs.append(torch.stack([trajectories, torch.full_like(trajectories, step)], dim=1))
+    plan = torch.cat(pairs)
+    order = torch.argsort(plan[:, 0] * num_steps + plan[:, 1])
+    return plan[order]
+
+
+def shard_range(num_trajectories: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop): the contiguous block of trajectories rank `rank` of `world_size` generates."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+    return (num_trajectories * rank // world_size, num_trajectories * (rank + 1) // world_size)
+
+
+def trajectory_conditioning(
+    trajectories: torch.Tensor,
+    num_classes: int | None = None,
+    uncond_class: int | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    uncond_embeds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(cond, uncond) for trajectory indices int64 [B]: class k % num_classes (int64 [B]) or prompt
+    embedding k % P of prompt_embeds [P, L, D] (float [B, L, D]); uncond: uncond_class as int64 [B], or
+    uncond_embeds [1, L, D] expanded to [B, L, D]; None where not given."""
+    if num_classes is not None and prompt_embeds is not None:
+        raise ValueError("give num_classes (class-conditional) or prompt_embeds (text-conditional), not both")
+    if num_classes is not None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if uncond_embeds is not None:
+            raise ValueError("a class-conditional model takes uncond_class, not uncond_embeds")
+        cond = trajectories % num_classes
+        uncond = None if uncond_class is None else torch.full_like(trajectories, int(uncond_class))
+        return cond, uncond
+    if prompt_embeds is not None:
+        if prompt_embeds.ndim != 3:
+            raise ValueError(f"prompt_embeds must be [P, L, D], got shape {tuple(prompt_embeds.shape)}")
+        if uncond_class is not None:
+            raise ValueError("a text-conditional model takes uncond_embeds, not uncond_class")
+        cond = prompt_embeds[trajectories % prompt_embeds.shape[0]].float()
+        uncond = None
+        if uncond_embeds is not None:
+            if uncond_embeds.ndim != 3 or uncond_embeds.shape[0] != 1 or uncond_embeds.shape[1:] != prompt_embeds.shape[1:]:
+                raise ValueError(
+                    f"uncond_embeds must be [1, {prompt_embeds.shape[1]}, {prompt_embeds.shape[2]}], "
+                    f"got shape {tuple(uncond_embeds.shape)}"
+                )
+            uncond = uncond_embeds.float().expand(len(trajectories), -1, -1)
+        return cond, uncond
+    if uncond_class is not None or uncond_embeds is not None:
+        raise ValueError("unconditional conditioning given for a model without conditioning")
+    return None, None
+
+
+def generate_shard(
+    unet: nn.Module,
+    scheduler_config: Mapping[str, Any],
+    sampler: SamplerConfig,
+    plan: torch.Tensor,
+    timesteps: torch.Tensor,
+    trajectory_range: tuple[int, int],
+    *,
+    seed: int,
+    batch_size: int = 64,
+    conditioning: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The tuples of `plan` [N, 2] whose trajectory lies in trajectory_range = [start, stop), in plan order.
+
+    Samples trajectories start..stop-1 (trajectory k seeded by (seed, k), as `dq.sampling.sample` does)
+    and keeps the model input x_t at the planned steps. timesteps: int64 [M], the planned call timesteps.
+    """
+    start, stop = trajectory_range
+    conditioning = dict(conditioning or {})
+    rows = torch.nonzero((plan[:, 0] >= start) & (plan[:, 0] < stop)).flatten()
+    local_plan = plan[rows]
+    num_steps = len(timesteps)
+    row_of = torch.full((max(stop - start, 0), num_steps), -1, dtype=torch.int64)
+    row_of[local_plan[:, 0] - start, local_plan[:, 1]] = torch.arange(len(local_plan))
+    channels, height, width = _sample_shape(unet)
+    x_t = torch.empty((len(local_plan), channels, height, width), dtype=torch.float32)
+    filled = torch.zeros(len(local_plan), dtype=torch.bool)
+
+    def record(step_index: int, timestep: int, model_input: torch.Tensor, sample_indices: torch.Tensor) -> None:
+        if int(timesteps[step_index]) != timestep:
+            raise ValueError(f"step {step_index} ran at timestep {timestep}, planned {int(timesteps[step_index])}")
+        targets = row_of[sample_indices - start, step_index]
+        keep = targets >= 0
+        if bool(keep.any()):
+            x_t[targets[keep]] = model_input[keep.to(model_input.device)].float().cpu()
+            filled[targets[keep]] = True
+
+    if stop > start:
+        trajectories = torch.arange(start, stop, dtype=torch.int64)
+        cond, uncond = trajectory_conditioning(trajectories, **conditioning)
+        sample(unet, scheduler_config, sampler, stop - start, seed=seed, first_index=start, batch_size=batch_size,
+               cond=cond, uncond=uncond, on_step=record, progress=progress)
+    if not bool(filled.all()):
+        raise ValueError(f"{int((~filled).sum())} planned tuples were not visited by the sampler")
+    tuples = {
+        "x_t": x_t,
+        "timestep": timesteps[local_plan[:, 1]].clone(),
+        "step": local_plan[:, 1].clone(),
+    }
+    cond, uncond = trajectory_conditioning(local_plan[:, 0], **conditioning)
+    if cond is not None:
+        tuples["cond"] = cond.contiguous()
+    if uncond is not None and sampler.uses_guidance:
+        tuples["uncond"] = uncond.contiguous()
+    return tuples
+
+
+def model_fingerprint(unet: nn.Module, scheduler_config: Mapping[str, Any]) -> str:
+    """Hex digest of the model's config, its weights (every tensor of the state dict, bytes included) and
+    the scheduler config: the model's identity in calibration cache keys."""
+    digest = hashlib.blake2b(digest_size=16)
+    for config in (dict(getattr(unet, "config", {})), dict(scheduler_config)):
+        digest.update(json.dumps(_identity_fields(config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(unet.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _identity_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers config without its bookkeeping keys (`_use_default_values` is a list in set order, so it
+    differs between processes), keeping `_class_name`."""
+    return {key: value for key, value in config.items() if key == "_class_name" or not key.startswith("_")}
+
+
+def calibration_cache_key(identity: Mapping[str, Any]) -> str:
+    """A short hex key for a JSON-serialisable description of what the tuples depend on."""
+    payload = json.dumps({"format_version": CACHE_FORMAT_VERSION, **identity}, sort_keys=True, default=str)
+    return hashlib.blake2b(payload.encode(), digest_size=10).hexdigest()
+
+
+def save_tuples(path: str | Path, tuples: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
+    """Write tuples to `path` (safetensors, metadata JSON in its header) and a readable `<path>.json` copy
+    of the metadata; each file is written beside its target and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata_json = json.dumps(dict(metadata), sort_keys=True, default=str)
+    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    save_file({name: tensor.contiguous() for name, tensor in tuples.items()}, str(staging),
+              metadata={METADATA_KEY: metadata_json})
+    os.replace(staging, path)
+    sidecar = path.with_name(path.name + ".json")
+    staging = sidecar.with_name(f"{sidecar.name}.tmp-{os.getpid()}")
+    staging.write_text(json.dumps(dict(metadata), indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(staging, sidecar)
+
+
+def load_tuples(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tuples, metadata) from a file written by `save_tuples`."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+        if METADATA_KEY not in header:
+            raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: not a dq calibration cache")
+        tuples = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    return tuples, json.loads(header[METADATA_KEY])
+
+
+def _sample_shape(unet: nn.Module) -> tuple[int, int, int]:
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(unet.config.in_channels), int(height), int(width)

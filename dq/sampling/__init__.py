@@ -1,0 +1,23 @@
+"""Sampling: the one denoising loop (DDIM / PLMS / PNDM / DPM-Solver through diffusers schedulers), the
+step spacings ("uniform", the paper's "quad") and the sample-grid command."""
+
+from dq.sampling.config import SAMPLER_NAMES, SPACINGS, SamplerConfig
+from dq.sampling.ddim import SpacedDDIMScheduler, ddim_update
+from dq.sampling.sampler import build_scheduler, planned_timesteps, predict_noise, sample, sample_seed
+from dq.sampling.spacing import quad_timesteps, sampling_timesteps, uniform_timesteps
+
+__all__ = [
+    "SAMPLER_NAMES",
+    "SPACINGS",
+    "SamplerConfig",
+    "SpacedDDIMScheduler",
+    "build_scheduler",
+    "ddim_update",
+    "planned_timesteps",
+    "predict_noise",
+    "quad_timesteps",
+    "sample",
+    "sample_seed",
+    "sampling_timesteps",
+    "uniform_timesteps",
+]

@@ -1,0 +1,67 @@
+"""The sampler's settings, as the model configs (conf/model/*.yaml, key `sampler`) write them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SAMPLER_NAMES = ("ddim", "plms", "pndm", "dpm_solver")
+SPACINGS = ("uniform", "quad")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """name: "ddim" (any eta, any spacing), "plms" (diffusers PNDMScheduler with skip_prk_steps, as Stable
+    Diffusion uses it), "pndm" (PNDM with its Runge-Kutta warm-up) or "dpm_solver" (diffusers
+    DPMSolverMultistepScheduler with the model's scheduler config).
+    num_steps: the sampler's step count T (PLMS makes T+1 model calls: see `planned_timesteps`).
+    eta: DDIM's noise scale (0 = deterministic); must be 0 for the other samplers.
+    spacing: "uniform" or "quad" (METHOD.md §6); PLMS/PNDM support "uniform" only.
+    guidance_scale: classifier-free guidance scale; None (or 1.0) runs the conditional model alone.
+    """
+
+    name: str = "ddim"
+    num_steps: int = 25
+    eta: float = 0.0
+    spacing: str = "quad"
+    guidance_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLER_NAMES:
+            raise ValueError(f"sampler name must be one of {SAMPLER_NAMES}, got {self.name!r}")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"sampler num_steps must be a positive int, got {self.num_steps!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"sampler spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        if not 0.0 <= float(self.eta) <= 1.0:
+            raise ValueError(f"sampler eta must lie in [0, 1], got {self.eta!r}")
+        if self.eta != 0.0 and self.name != "ddim":
+            raise ValueError(f"eta applies to the ddim sampler only; sampler {self.name!r} needs eta=0, got {self.eta}")
+        if self.spacing != "uniform" and self.name in ("plms", "pndm"):
+            raise ValueError(f"sampler {self.name!r} supports spacing 'uniform' only, got {self.spacing!r}")
+        if self.guidance_scale is not None and float(self.guidance_scale) < 0.0:
+            raise ValueError(f"guidance_scale must be >= 0 or None, got {self.guidance_scale!r}")
+
+    @property
+    def uses_guidance(self) -> bool:
+        """True when each model call runs a doubled batch (unconditional + conditional)."""
+        return self.guidance_scale is not None and float(self.guidance_scale) != 1.0
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> SamplerConfig:
+        """Build from a dict or an OmegaConf node; unknown keys are an error (a typo would go unnoticed)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise ValueError(f"unknown sampler setting(s) {unknown}; expected some of {sorted(known)}")
+        values = dict(mapping)
+        if "eta" in values:
+            values["eta"] = float(values["eta"])
+        if values.get("guidance_scale") is not None:
+            values["guidance_scale"] = float(values["guidance_scale"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

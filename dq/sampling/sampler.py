@@ -1,0 +1,220 @@
+"""The one denoising loop: FP teacher and quantized student alike, any supported diffusers scheduler.
+
+Before every model call the loop tells the model its step index i (0 = the noisiest step) through
+`dq.quant.step_context`, which the TPQ quantizers of a student read (METHOD.md §3); with classifier-free
+guidance the doubled batch (unconditional + conditional) shares that index. Every random draw of sample k
+comes from its own generator seeded by `sample_seed(seed, k)`, so batching and sharding never change an
+image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import nn
+from tqdm.auto import tqdm
+
+from dq.quant import step_context, tpq_num_steps
+from dq.sampling.config import SamplerConfig
+from dq.sampling.ddim import SpacedDDIMScheduler
+from dq.sampling.spacing import sampling_timesteps
+
+# on_step(step_index, timestep, x_t [B, C, H, W] (the model input), sample_indices int64 [B])
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index`'s generator: a hash of (seed, index), so distinct pairs never share one."""
+    digest = hashlib.blake2b(f"dq-sample:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch seeds must fit in int64
+
+
+def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig) -> SchedulerMixin:
+    """A fresh diffusers scheduler for `sampler`, built from the model's (training) scheduler config, with
+    its timesteps set. Schedulers keep per-trajectory state, so build one per batch."""
+    config = dict(scheduler_config)
+    num_train = int(config.get("num_train_timesteps", 1000))
+    offset = int(config.get("steps_offset", 0))
+    if sampler.name == "ddim":
+        scheduler = SpacedDDIMScheduler.from_config(config)
+        scheduler.set_timesteps(timesteps=sampling_timesteps(sampler.spacing, sampler.num_steps, num_train, offset))
+    elif sampler.name in ("plms", "pndm"):
+        # "uniform" is diffusers' "leading" spacing: t_i = i * (N // T) + steps_offset
+        scheduler = PNDMScheduler.from_config(
+            config, skip_prk_steps=sampler.name == "plms", timestep_spacing="leading"
+        )
+        scheduler.set_timesteps(sampler.num_steps)
+    elif sampler.name == "dpm_solver":
+        timesteps = sampling_timesteps(sampler.spacing, sampler.num_steps, num_train, offset)
+        if bool((timesteps[1:] >= timesteps[:-1]).any()):
+            raise ValueError(
+                f"dpm_solver needs distinct timesteps; {sampler.spacing} spacing with {sampler.num_steps} steps "
+                f"repeats some: {timesteps.tolist()}"
+            )
+        scheduler = DPMSolverMultistepScheduler.from_config(config)
+        scheduler.set_timesteps(timesteps=timesteps.tolist())
+    else:  # SamplerConfig already rejects other names
+        raise ValueError(f"unknown sampler {sampler.name!r}")
+    return scheduler
+
+
+def planned_timesteps(scheduler_config: Mapping[str, Any], sampler: SamplerConfig) -> torch.Tensor:
+    """int64 [M]: the timestep of each model call of one trajectory, in call order; M is the number of step
+    indices (TPQ's T). M = num_steps, except PLMS (num_steps + 1) and PNDM (its Runge-Kutta warm-up)."""
+    return build_scheduler(scheduler_config, sampler).timesteps.to(torch.int64).cpu().clone()
+
+
+def _call_model(unet: nn.Module, x: torch.Tensor, timestep: int, cond: torch.Tensor | None) -> torch.Tensor:
+    """The model output for x [B, C, H, W] at one timestep; cond: class labels int64 [B] or embeddings
+    [B, L, D] (cross-attention), or None for an unconditional model."""
+    timesteps = torch.full((x.shape[0],), timestep, dtype=torch.int64, device=x.device)
+    if cond is None:
+        return unet(x, timesteps, return_dict=False)[0]
+    if not torch.is_floating_point(cond):
+        return unet(x, timesteps, class_labels=cond, return_dict=False)[0]
+    if cond.ndim != 3:
+        raise ValueError(f"float conditioning must be embeddings [B, L, D], got shape {tuple(cond.shape)}")
+    return unet(x, timesteps, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+def predict_noise(
+    unet: nn.Module,
+    x: torch.Tensor,
+    timestep: int,
+    cond: torch.Tensor | None = None,
+    uncond: torch.Tensor | None = None,
+    guidance_scale: float | None = None,
+) -> torch.Tensor:
+    """The model output for x [B, C, H, W], with classifier-free guidance when `guidance_scale` is set and
+    not 1: one call on the doubled batch [uncond; cond], then uncond + g * (cond - uncond)."""
+    if guidance_scale is None or float(guidance_scale) == 1.0:
+        output = _call_model(unet, x, timestep, cond)
+    else:
+        if cond is None or uncond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs both cond and uncond conditioning")
+        both = _call_model(unet, torch.cat([x, x]), timestep, torch.cat([uncond, cond]))
+        output_uncond, output_cond = both.chunk(2)
+        output = output_uncond + float(guidance_scale) * (output_cond - output_uncond)
+    if output.shape != x.shape:
+        raise ValueError(
+            f"the model returned shape {tuple(output.shape)} for input {tuple(x.shape)}; the samplers need an "
+            "output of the input's shape (epsilon, sample or v prediction)"
+        )
+    return output
+
+
+def _draws_step_noise(scheduler: SchedulerMixin, sampler: SamplerConfig) -> bool:
+    """Whether scheduler.step consumes fresh noise (then the loop supplies it per sample)."""
+    if sampler.name == "ddim":
+        return sampler.eta > 0.0
+    if sampler.name == "dpm_solver":
+        return str(scheduler.config.algorithm_type).startswith("sde-")
+    return False
+
+
+def _expand_rows(tensor: torch.Tensor | None, rows: int, name: str) -> torch.Tensor | None:
+    """tensor with leading dim `rows` or 1 (broadcast) -> leading dim `rows`."""
+    if tensor is None:
+        return None
+    if tensor.shape[0] == 1:
+        return tensor.expand(rows, *tensor.shape[1:])
+    if tensor.shape[0] != rows:
+        raise ValueError(f"{name} has {tensor.shape[0]} rows; expected 1 or {rows} (one per sample)")
+    return tensor
+
+
+def check_student_steps(unet: nn.Module, num_calls: int, sampler: SamplerConfig) -> None:
+    """ValueError if `unet` is a student whose TPQ tables serve a different number of steps."""
+    student_steps = tpq_num_steps(unet)
+    if student_steps is not None and student_steps != num_calls:
+        raise ValueError(
+            f"this quantized model's TPQ tables were built for {student_steps} sampling steps, but the "
+            f"sampler {sampler.name} with num_steps={sampler.num_steps} makes {num_calls} model calls per "
+            "sample; sample with the schedule the model was trained for"
+        )
+
+
+@torch.no_grad()
+def sample(
+    unet: nn.Module,
+    scheduler_config: Mapping[str, Any],
+    sampler: SamplerConfig,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    first_index: int = 0,
+    batch_size: int = 64,
+    cond: torch.Tensor | None = None,
+    uncond: torch.Tensor | None = None,
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Generate samples k = first_index .. first_index + num_samples - 1 and return them, float32
+    [num_samples, C, H, W] on the CPU, in the model's output space (pixels in [-1, 1], or latents).
+
+    cond / uncond: class labels int64 [num_samples] or [1], or embeddings [num_samples or 1, L, D]; uncond
+    is needed when sampler.uses_guidance. on_step is called before every model call with the model input
+    (e.g. to record calibration data). The model runs on its own device and dtype; a quantized student
+    must have been built for this sampler's number of model calls.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if sampler.uses_guidance and (cond is None or uncond is None):
+        raise ValueError(f"sampler guidance_scale={sampler.guidance_scale} needs cond and uncond conditioning")
+    cond = _expand_rows(cond, num_samples, "cond")
+    uncond = _expand_rows(uncond, num_samples, "uncond")
+    parameter = next(unet.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    config = unet.config
+    shape = (int(config.in_channels), *_sample_size(config.sample_size))
+    timesteps = planned_timesteps(scheduler_config, sampler)
+    check_student_steps(unet, len(timesteps), sampler)
+
+    outputs = []
+    num_batches = -(-num_samples // batch_size)
+    with tqdm(total=num_batches * len(timesteps), desc=f"{sampler.name} sampling", disable=not progress) as bar:
+        for start in range(0, num_samples, batch_size):
+            stop = min(start + batch_size, num_samples)
+            indices = torch.arange(first_index + start, first_index + stop, dtype=torch.int64)
+            generators = [torch.Generator().manual_seed(sample_seed(seed, int(k))) for k in indices]
+            batch_cond = None if cond is None else cond[start:stop].to(device)
+            batch_uncond = None if uncond is None else uncond[start:stop].to(device)
+            scheduler = build_scheduler(scheduler_config, sampler)
+            x = _per_sample_noise(generators, shape) * float(scheduler.init_noise_sigma)
+            x = x.to(device=device, dtype=dtype)
+            draws_noise = _draws_step_noise(scheduler, sampler)
+            takes_eta = "eta" in inspect.signature(scheduler.step).parameters
+            for step_index, timestep in enumerate(scheduler.timesteps.tolist()):
+                model_input = scheduler.scale_model_input(x, timestep)
+                if on_step is not None:
+                    on_step(step_index, int(timestep), model_input, indices)
+                with step_context(unet, step_index):
+                    output = predict_noise(unet, model_input, int(timestep), batch_cond, batch_uncond,
+                                           sampler.guidance_scale)
+                step_kwargs: dict[str, Any] = {}
+                if takes_eta:
+                    step_kwargs["eta"] = sampler.eta
+                if draws_noise:
+                    step_kwargs["variance_noise"] = _per_sample_noise(generators, shape).to(device=device, dtype=dtype)
+                x = scheduler.step(output, timestep, x, return_dict=False, **step_kwargs)[0]
+                bar.update(1)
+            outputs.append(x.float().cpu())
+    return torch.cat(outputs)
+
+
+def _per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """[B, *shape] standard normal, row b drawn from generators[b] on the CPU (device-independent)."""
+    return torch.stack([torch.randn(shape, generator=generator) for generator in generators])
+
+
+def _sample_size(sample_size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
+    if isinstance(sample_size, int):
+        return (sample_size, sample_size)
+    height, width = sample_size
+    return (int(height), int(width))

@@ -1,0 +1,164 @@
+"""The recipe that trained dq's embedded model: a small DDPM on scikit-learn's real handwritten digits.
+
+    python -m dq.zoo.recipe_digits --out dq/zoo/embedded    # 2,400 steps: ~18 min on 2 idle CPU cores
+
+It writes `<out>/unet/` and `<out>/scheduler/` (diffusers `save_pretrained` layout, safetensors) with the
+EMA weights, and `<out>/training_record.json` (arguments, final loss, wall time, versions). Training is
+plain DDPM: epsilon-prediction MSE at uniform timesteps, no augmentation, Adam, EMA of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+
+from dq.data import DIGITS_SIZE, load_digit_images
+
+
+def embedded_unet_config(sample_size: int = DIGITS_SIZE) -> dict:
+    """UNet2DModel arguments: the block types of google/ddpm-cifar10-32 (attention at the middle
+    resolution and in the mid block) at a small width, for 1-channel images of side `sample_size`."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "norm_eps": 1e-6,
+        "attention_head_dim": None,  # one head per attention layer, as in ddpm-cifar10-32
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+    }
+
+
+def embedded_scheduler_config() -> dict:
+    """DDPMScheduler arguments: the training noise schedule of google/ddpm-cifar10-32."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "variance_type": "fixed_large",
+        "clip_sample": True,
+    }
+
+
+def learning_rate_at(step: int, base_lr: float, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of `base_lr`."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+
+
+def save_model_folder(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path) -> None:
+    """Write `out/unet` and `out/scheduler`; each folder is written beside and renamed into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("unet", unet), ("scheduler", scheduler)):
+        staging, final, old = out / f".{name}.tmp", out / name, out / f".{name}.old"
+        shutil.rmtree(staging, ignore_errors=True)
+        part.save_pretrained(staging)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, path)
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    images, _ = load_digit_images(size=DIGITS_SIZE)  # [1797, 1, 16, 16] in [-1, 1]
+    unet = UNet2DModel(**embedded_unet_config())
+    scheduler = DDPMScheduler(**embedded_scheduler_config())
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    num_params = sum(p.numel() for p in unet.parameters())
+    print(f"UNet2DModel with {num_params:,} parameters; {len(images)} training images", flush=True)
+
+    start, smoothed_loss = time.time(), None
+    for step in range(args.steps):
+        index = torch.randint(0, len(images), (args.batch_size,), generator=generator)
+        clean = images[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        loss = F.mse_loss(unet(noisy, timesteps).sample, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, args.lr, args.steps, args.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        # Short EMA horizon early on, so the EMA is not dominated by the random initialisation.
+        update_ema(ema_unet, unet, min(args.ema_decay, (1 + step) / (10 + step)))
+        smoothed_loss = loss.item() if smoothed_loss is None else 0.98 * smoothed_loss + 0.02 * loss.item()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            print(f"step {step + 1}/{args.steps} loss {smoothed_loss:.4f} "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e} {time.time() - start:.0f}s", flush=True)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            save_model_folder(ema_unet, scheduler, Path(args.out))
+
+    wall_time_s = time.time() - start
+    save_model_folder(ema_unet, scheduler, Path(args.out))
+    record = {
+        "command": "python -m dq.zoo.recipe_digits " + " ".join(sys.argv[1:]),
+        "arguments": vars(args),
+        "num_parameters": num_params,
+        "final_loss_smoothed": smoothed_loss,
+        "wall_time_s": round(wall_time_s, 1),
+        "dataset": "sklearn.datasets.load_digits via dq.data.load_digit_images(size=16), 1,797 images",
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "python": platform.python_version()},
+    }
+    write_json_atomic(Path(args.out) / "training_record.json", record)
+    return record
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="model folder to write (unet/, scheduler/)")
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="0 disables intermediate saves")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    record = train(parse_args())
+    print(json.dumps({k: record[k] for k in ("num_parameters", "final_loss_smoothed", "wall_time_s")}))

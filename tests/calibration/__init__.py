@@ -1,0 +1,1 @@
+"""Tests of dq.calibration: tuples, cache and the DataModule."""

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny randomly initialised diffusers models (built from config, no network) and the
+offline settings every test runs under."""
+
+import os
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would retry for ~30 s before failing
+
+
+def make_tiny_unet(seed: int = 0, num_class_embeds: int | None = None) -> UNet2DModel:
+    """1-channel 8x8 UNet2DModel with attention (the embedded model's block types at toy width)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+def make_tiny_text_unet(seed: int = 0) -> UNet2DConditionModel:
+    """Cross-attention UNet (Stable Diffusion block types), 2-channel 8x8 latents, 6-d text embeddings."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4,
+        cross_attention_dim=6,
+        attention_head_dim=4,
+    ).eval()
+
+
+@pytest.fixture
+def tiny_unet() -> UNet2DModel:
+    return make_tiny_unet()
+
+
+@pytest.fixture
+def tiny_class_unet() -> UNet2DModel:
+    """Class-conditional (10 classes + a "null" class 10 for classifier-free guidance)."""
+    return make_tiny_unet(num_class_embeds=11)
+
+
+@pytest.fixture
+def tiny_text_unet() -> UNet2DConditionModel:
+    return make_tiny_text_unet()
+
+
+@pytest.fixture
+def ddpm_scheduler() -> DDPMScheduler:
+    """The embedded model's training schedule (that of google/ddpm-cifar10-32)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)

@@ -1,0 +1,1 @@
+"""Tests of dq.sampling: spacings, the denoising loop, the grid."""

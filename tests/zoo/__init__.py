@@ -1,0 +1,1 @@
+"""Tests of dq.zoo: the embedded model and the model-folder loader."""
