@@ -44,6 +44,8 @@ class BlockScheduleCallback(L.Callback):
         self.seconds_preparing[pl_module.blocks[trainer.current_epoch] or "model"] = time.perf_counter() - start
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        if pl_module.state.iteration < pl_module.distill.iters_per_block:
+            return  # the epoch was cut short (max_steps, interrupt): the block is not finished
         name = pl_module.blocks[pl_module.state.block] or "model"
         pl_module.end_block()
         if name in pl_module.state.final_losses:
@@ -71,6 +73,8 @@ class TemporalGroupCallback(L.Callback):
         set_step(pl_module.student, pl_module.calibration["step"][rows].to(pl_module.device))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        if pl_module.state.block == trainer.current_epoch:  # block not finished (cut short)
+            return
         block = pl_module.block_module(pl_module.blocks[trainer.current_epoch])
         for name, module in block.named_modules():
             if isinstance(module, TemporalActQuantizer):

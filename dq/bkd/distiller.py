@@ -302,8 +302,11 @@ class BlockDistiller(L.LightningModule):
         self.manual_backward(loss)
         optimizer.step()
         self.state.iteration += 1
-        self._losses.append(float(loss.detach()))
-        self.log("bkd/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+        reported = loss.detach()
+        if self._trainer is not None and self.trainer.world_size > 1:  # the whole batch's loss, not this shard's
+            reported = self.trainer.strategy.reduce(reported, reduce_op="mean")
+        self._losses.append(float(reported))
+        self.log("bkd/loss", reported, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         self.log("bkd/block", float(self.state.block), on_step=True, on_epoch=False)
         return loss
 

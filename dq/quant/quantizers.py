@@ -15,7 +15,7 @@ from torch import nn
 from dq.quant import ops
 
 # per group, the most activation values an observer keeps for percentile / MSE initialisation
-MAX_OBSERVED_VALUES = 1 << 18
+MAX_OBSERVED_VALUES = 1 << 16
 
 
 class WeightQuantizer(nn.Module):
@@ -162,7 +162,7 @@ class TemporalActQuantizer(nn.Module):
             elif self.init_method == "percentile":
                 lo, hi = ops.percentile_range(obs.values[g], self.percentile)
             elif self.init_method == "mse":
-                lo, hi = ops.mse_search_range(obs.values[g], self.bits)
+                lo, hi = ops.mse_search_range(obs.values[g], self.bits, grid=50)
             else:
                 raise ValueError(f"unknown activation init method {self.init_method!r}")
             lo_all.append(lo.reshape(()))

@@ -1,0 +1,47 @@
+"""A tiny diffusers model folder and Hydra composition helpers for the train.py tests."""
+
+from pathlib import Path
+
+import pytest
+from diffusers import DDPMScheduler
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from tests.quant.conftest import tiny_unet2d
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_model")
+    tiny_unet2d().save_pretrained(root / "unet")
+    DDPMScheduler(num_train_timesteps=1000, clip_sample=True).save_pretrained(root / "scheduler")
+    return root
+
+
+def fast_overrides(model_dir: Path, out: Path, cache: Path, iters: int | None = 2) -> list[str]:
+    """A run of a few seconds: tiny model, 4 sampling steps, 32 calibration tuples, `iters` iterations a
+    block (None: the method's own count, for the methods that do not train)."""
+    return [
+        "model=local",
+        f"model.path={model_dir}",
+        "model.sampler.num_steps=4",
+        f"output_dir={out}",
+        f"data.cache_dir={cache}",
+        "data.num_samples=32",
+        "data.num_trajectories=8",
+        "data.progress=false",
+        "method.distill.batch_size=8",
+        "method.distill.capture_batch_size=32",
+        "fidelity.num_samples=4",
+        "fidelity.batch_size=4",
+        "progress_bar=false",
+        "checkpoint_every_n_steps=1",
+        *([] if iters is None else [f"method.distill.iters_per_block={iters}"]),
+    ]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)

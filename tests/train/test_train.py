@@ -1,0 +1,125 @@
+"""train(cfg) end to end on a tiny model: outputs, method configs, sweeps, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dq.quant import load_quant_state, set_step
+from dq.zoo import load_model_folder
+from tests.train.conftest import compose_config, fast_overrides
+from train import build_quant_config, train
+
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ["dilatequant", "no_wd", "no_tpq", "no_bkd", "ptq_minmax", "qat_full"]
+
+
+def test_run_writes_a_self_describing_loadable_student(tiny_model_dir, tmp_path):
+    cfg = compose_config(fast_overrides(tiny_model_dir, tmp_path / "run", tmp_path / "cache"))
+    results = train(cfg)
+    out = tmp_path / "run"
+    for name in ("student.safetensors", "config.yaml", "results.json", "samples.png", "tpq_ranges.json"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for key in ("psnr_vs_fp", "mse_vs_fp", "block_final_losses", "train_seconds", "peak_memory_mb", "method"):
+        assert key in saved, key
+    assert saved["method"] == "dilatequant" and saved["weight_bits"] == 4
+    assert len(saved["block_final_losses"]) == saved["num_blocks"]
+    assert saved["psnr_vs_fp"] > 5.0 and 0 < saved["mse_vs_fp"] < 0.5
+    # the student loads without the training code path, from the FP model and the file alone
+    unet, _ = load_model_folder(tiny_model_dir)
+    student = load_quant_state(unet, out / "student.safetensors")
+    set_step(student, 0)
+    with torch.no_grad():
+        assert torch.isfinite(student(torch.randn(1, 3, 8, 8), torch.tensor([999])).sample).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_configs_compose(method, tiny_model_dir, tmp_path):
+    cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path, tmp_path, iters=None), f"method={method}"])
+    quant = build_quant_config(cfg, num_steps=4)
+    assert cfg.method.name == method
+    assert quant.weight_dilation == (method not in ("no_wd", "ptq_minmax"))
+    assert quant.num_groups == (1 if method in ("no_tpq", "ptq_minmax") else 4)
+    assert (cfg.method.distill.iters_per_block == 0) == (method in ("no_bkd", "ptq_minmax"))
+    assert cfg.method.distill.whole_model == (method == "qat_full")
+
+
+@pytest.mark.parametrize("bits", ["w4a4", "w4a8", "w6a6", "w8a8"])
+def test_quant_configs_compose(bits, tiny_model_dir, tmp_path):
+    cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path, tmp_path), f"quant={bits}"])
+    quant = build_quant_config(cfg, num_steps=4)
+    assert f"w{quant.weight_bits}a{quant.act_bits}" == bits
+    assert quant.first_layer_bits == quant.last_layer_bits == quant.softmax_bits == 8
+
+
+@pytest.mark.parametrize("method", ["ptq_minmax", "qat_full"])
+def test_baselines_run(method, tiny_model_dir, tmp_path):
+    iters = None if method == "ptq_minmax" else 2
+    cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path / "run", tmp_path / "cache", iters), f"method={method}"])
+    results = train(cfg)
+    assert results["method"] == method
+    assert results["num_blocks"] == (1 if method == "qat_full" else results["num_blocks"])
+    assert (results["block_final_losses"] == {}) == (method == "ptq_minmax")
+
+
+def _run_script(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _script_overrides(tiny_model_dir: Path, cache: Path, iters: int | None = 2) -> list[str]:
+    overrides = fast_overrides(tiny_model_dir, Path("unused"), cache, iters)
+    return [o for o in overrides if not o.startswith("output_dir=")]
+
+
+def test_multirun_sweep_writes_one_run_dir_each(tiny_model_dir, tmp_path):
+    args = ["-m", "quant=w4a4,w8a8", "method=ptq_minmax", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *_script_overrides(tiny_model_dir, tmp_path / "cache", iters=None)]
+    proc = _run_script(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(results) == 2
+    bits = sorted(json.loads(p.read_text())["quant"] for p in results)
+    assert bits == ["w4a4", "w8a8"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tiny_model_dir, tmp_path):
+    """2 gloo processes shard each batch and average gradients: the result matches one process."""
+    common = _script_overrides(tiny_model_dir, tmp_path / "cache")
+    single = _run_script([*common, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _run_script([*common, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                       f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = json.loads((tmp_path / "single" / "results.json").read_text())
+    two = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert one["block_final_losses"].keys() == two["block_final_losses"].keys()
+    for name, loss in one["block_final_losses"].items():
+        assert two["block_final_losses"][name] == pytest.approx(loss, rel=1e-3, abs=1e-7), name
+    assert two["psnr_vs_fp"] == pytest.approx(one["psnr_vs_fp"], abs=0.05)
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
+    """Stop a run in the middle of block 2 (max_steps), resume it with ckpt_path=last in the same run dir:
+    it ends like an uninterrupted run."""
+    cache = tmp_path / "cache"
+    full = train(compose_config([*fast_overrides(tiny_model_dir, tmp_path / "full", cache, iters=3)]))
+    run = tmp_path / "run"
+    partial = train(compose_config([*fast_overrides(tiny_model_dir, run, cache, iters=3), "+trainer.max_steps=7"]))
+    assert partial == {"complete": False, "block": 2, "num_blocks": full["num_blocks"]}
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "results.json").exists()
+    resumed = train(compose_config([*fast_overrides(tiny_model_dir, run, cache, iters=3),
+                                    f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]))
+    assert resumed["block_final_losses"].keys() == full["block_final_losses"].keys()
+    for name, loss in full["block_final_losses"].items():
+        assert resumed["block_final_losses"][name] == pytest.approx(loss, rel=1e-4), name
+    assert resumed["psnr_vs_fp"] == pytest.approx(full["psnr_vs_fp"], abs=1e-3)
