@@ -1,5 +1,11 @@
-"""Metrics: fidelity of a student to its FP teacher (and, with evaluate.py, FID and friends)."""
+"""Metrics: fidelity of a student to its FP teacher (MSE, PSNR, SSIM) and the pure functions behind FID,
+sFID and IS. The feature networks live in dq.metrics.backends, reference statistics in
+dq.metrics.reference, the CLIP score in dq.metrics.clip_score (imported from there: they load models)."""
 
 from dq.metrics.fidelity import mse, psnr
+from dq.metrics.frechet import FeatureStats, frechet_distance
+from dq.metrics.images import to_uint8
+from dq.metrics.inception_score import inception_score
+from dq.metrics.ssim import ssim
 
-__all__ = ["mse", "psnr"]
+__all__ = ["FeatureStats", "frechet_distance", "inception_score", "mse", "psnr", "ssim", "to_uint8"]

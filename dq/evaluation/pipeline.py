@@ -1,0 +1,363 @@
+"""evaluate(cfg): sample a model or a quantized student, compute FID / sFID / IS (/ CLIP score) and fidelity
+to the FP model, and write metrics.json with the protocol of every number. evaluate.py at the repository
+root is the Hydra command around it (conf/evaluate.yaml); tests call evaluate(cfg) directly.
+
+Flow: every rank loads the model and makes its share of the sample indices (dq.evaluation.samples); rank
+0 settles the metrics first (backend, reference: a bad setting fails before any sampling), then reads all
+samples back and computes, writes and logs the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
+from safetensors.torch import load_file
+
+from dq.calibration import model_fingerprint, shard_range, trajectory_conditioning
+from dq.evaluation import (
+    check_identity,
+    code_version,
+    generate_missing,
+    identity_key,
+    library_versions,
+    read_samples,
+    write_grid,
+    write_identity,
+    write_npz,
+)
+from dq.metrics import inception_score, mse, psnr, ssim
+from dq.metrics.backends import FeatureBackend, build_backend, display_path, file_sha256
+from dq.metrics.clip_score import clip_score
+from dq.metrics.reference import resolve_reference
+from dq.metrics.ssim import ssim_window
+from dq.quant import load_quant_state, quant_config
+from dq.quant.state import atomic_write
+from dq.sampling import SamplerConfig
+from dq.zoo import load_model, model_folder
+
+METRICS_VERSION = 1
+KNOWN_METRICS = ("fid", "sfid", "is", "fidelity", "clip_score")
+
+
+class Target(NamedTuple):
+    """What is evaluated: `unet` (the FP model, or the student built from a run dir) and, for a student,
+    the FP model it is compared with."""
+
+    unet: torch.nn.Module
+    fp_unet: torch.nn.Module | None  # None when the FP model itself is evaluated
+    scheduler_config: dict[str, Any]
+    sampler: SamplerConfig
+    model_cfg: DictConfig
+    run_dir: Path | None
+    run_config: DictConfig | None
+    run_results: dict[str, Any]
+
+
+def load_target(cfg: DictConfig) -> Target:
+    """The FP model of cfg.model (run=null), or the student of a train.py run dir with that run's model."""
+    if cfg.run is None:
+        loaded = load_model(cfg.model)
+        return Target(loaded.unet, None, dict(loaded.scheduler.config), loaded.sampler, cfg.model, None, None, {})
+    run_dir = Path(str(cfg.run)).expanduser()
+    for name in ("config.yaml", "student.safetensors"):
+        if not (run_dir / name).is_file():
+            raise ValueError(f"run={run_dir} is not a train.py output dir: {name} is missing")
+    run_config = OmegaConf.load(run_dir / "config.yaml")
+    if "model" not in run_config:
+        raise ValueError(f"{run_dir / 'config.yaml'} has no `model` section")
+    loaded = load_model(run_config.model)  # the model and sampler the student was trained for
+    student = load_quant_state(loaded.unet, run_dir / "student.safetensors")  # a quantized copy; FP unet kept
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    return Target(student.eval(), loaded.unet, dict(loaded.scheduler.config), loaded.sampler, run_config.model,
+                  run_dir, run_config, results)
+
+
+def conditioning_of(eval_cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
+    """(conditioning function for sample indices or None, its protocol record): class k % num_classes, or
+    prompt embedding k % P from eval.prompt_embeds (a safetensors file with prompt_embeds [P, L, D] and
+    optionally uncond_embeds [1, L, D])."""
+    prompt_embeds = uncond_embeds = None
+    record: dict[str, Any] = {"num_classes": eval_cfg.num_classes, "uncond_class": eval_cfg.uncond_class}
+    if eval_cfg.prompt_embeds is not None:
+        tensors = load_file(str(eval_cfg.prompt_embeds))
+        if "prompt_embeds" not in tensors:
+            raise ValueError(f"{eval_cfg.prompt_embeds} holds {sorted(tensors)}; expected prompt_embeds [P, L, D]")
+        prompt_embeds, uncond_embeds = tensors["prompt_embeds"], tensors.get("uncond_embeds")
+        record["prompt_embeds"] = {"file": str(eval_cfg.prompt_embeds), "sha256": file_sha256(eval_cfg.prompt_embeds),
+                                   "num_prompts": int(prompt_embeds.shape[0])}
+    if eval_cfg.num_classes is None and prompt_embeds is None:
+        if eval_cfg.uncond_class is not None:
+            raise ValueError("eval.uncond_class is set but eval.num_classes is not")
+        return None, {}
+
+    def conditioning(indices: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return trajectory_conditioning(indices, eval_cfg.num_classes, eval_cfg.uncond_class, prompt_embeds,
+                                       uncond_embeds)
+
+    return conditioning, record
+
+
+def select_metrics(requested: Any, backend: FeatureBackend, is_student: bool, has_clip: bool) -> list[str]:
+    """The metrics to compute: `requested` (eval.metrics) or, when null, all the backend provides plus
+    fidelity (students) and CLIP score (when eval.clip_model is set). ValueError for ones that cannot run."""
+    available = [*backend.metrics, *(["fidelity"] if is_student else []), *(["clip_score"] if has_clip else [])]
+    if requested is None:
+        return available
+    requested = [str(name) for name in requested]
+    unknown = sorted(set(requested) - set(KNOWN_METRICS))
+    if unknown:
+        raise ValueError(f"eval.metrics has unknown metric(s) {unknown}; expected some of {list(KNOWN_METRICS)}")
+    for name in requested:
+        if name in ("fid", "sfid", "is") and name not in backend.metrics:
+            raise ValueError(f"backend {backend.name!r} does not provide {name!r} (it provides {list(backend.metrics)}); "
+                             "eval.backend=digits gives IS for the embedded model")
+        if name == "clip_score" and not has_clip:
+            raise ValueError("eval.metrics asks for clip_score: set eval.clip_model (a local CLIP folder) and eval.prompts")
+    return requested
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _samples_identity(fingerprint: str, target: Target, eval_cfg: DictConfig, cond_record: dict) -> dict:
+    """What a folder of samples depends on: resuming into a folder with another identity is refused."""
+    return {"model": fingerprint, "sampler": target.sampler.to_dict(), "seed": int(eval_cfg.seed),
+            "conditioning": cond_record}
+
+
+def _fill_folder(fabric: L.Fabric, folder: Path, unet: torch.nn.Module, identity: dict, target: Target,
+                 eval_cfg: DictConfig, conditioning: Any, progress: bool, description: str) -> float:
+    """Make the samples of this rank's share of indices 0..N-1 missing from `folder`; returns seconds."""
+    start = time.perf_counter()
+    if fabric.global_rank == 0:
+        write_identity(folder, identity)
+    fabric.barrier()
+    check_identity(folder, identity)  # every rank: all fail together on a mismatch
+    own = range(*shard_range(int(eval_cfg.num_samples), fabric.global_rank, fabric.world_size))
+    generate_missing(folder, unet.to(fabric.device), target.scheduler_config, target.sampler, own,
+                     seed=int(eval_cfg.seed), batch_size=int(eval_cfg.batch_size), conditioning=conditioning,
+                     progress=progress and fabric.global_rank == 0, description=description)
+    fabric.barrier()
+    return time.perf_counter() - start
+
+
+class MetricPlan(NamedTuple):
+    """What rank 0 will compute, settled before any sampling so that a bad setting fails in seconds."""
+
+    backend: FeatureBackend
+    metrics: list[str]
+    reference: dict[str, Any]  # FeatureStats per Fréchet metric
+    reference_record: dict[str, Any] | None
+    prompts: list[str]
+
+
+def plan_metrics(eval_cfg: DictConfig, target: Target) -> MetricPlan:
+    """Build the backend, choose the metrics and load the reference; ValueError / BackendUnavailable when
+    any of them cannot run."""
+    backend = build_backend(str(eval_cfg.backend), inception_path=eval_cfg.inception_path,
+                            classifier_path=eval_cfg.classifier_path, batch_size=int(eval_cfg.feature_batch_size),
+                            device=_device(str(eval_cfg.device)), progress=False)
+    metrics = select_metrics(eval_cfg.metrics, backend, target.fp_unet is not None, eval_cfg.clip_model is not None)
+    if "is" in metrics and not 1 <= int(eval_cfg.is_splits) <= int(eval_cfg.num_samples):
+        raise ValueError(f"eval.is_splits must lie in [1, eval.num_samples={eval_cfg.num_samples}], got {eval_cfg.is_splits}")
+    reference, record = ({}, None)
+    if {"fid", "sfid"} & set(metrics):
+        reference, record = resolve_reference(str(eval_cfg.reference), backend)
+    return MetricPlan(backend, metrics, reference, record, _read_prompts(eval_cfg))
+
+
+def compute_figures(plan: MetricPlan, images: torch.Tensor, fp_images: torch.Tensor | None,
+                    eval_cfg: DictConfig) -> dict[str, Any]:
+    """The numbers of metrics.json from uint8 samples [N, C, H, W] (and the FP model's, for a student)."""
+    figures: dict[str, Any] = {}
+    features = plan.backend.extract(images) if {"fid", "sfid", "is"} & set(plan.metrics) else {}
+    for name in ("fid", "sfid"):
+        if name in plan.metrics:
+            figures[name] = plan.backend.frechet(features[name], plan.reference[name])
+    if "is" in plan.metrics:
+        figures["is"], figures["is_std"] = inception_score(features["is"], int(eval_cfg.is_splits))
+    if fp_images is None:  # the FP model is its own reference
+        figures.update(psnr_vs_fp=None, mse_vs_fp=None, ssim_vs_fp=None)
+    elif "fidelity" in plan.metrics:
+        student, teacher = images.float() / 127.5 - 1.0, fp_images.float() / 127.5 - 1.0
+        figures.update(psnr_vs_fp=psnr(student, teacher), mse_vs_fp=mse(student, teacher),
+                       ssim_vs_fp=ssim(student, teacher))
+    if "clip_score" in plan.metrics:
+        prompts = [plan.prompts[k % len(plan.prompts)] for k in range(len(images))]
+        figures["clip_score"] = clip_score(images, prompts, str(eval_cfg.clip_model), device=_device(str(eval_cfg.device)))
+    return figures
+
+
+def build_protocol(plan: MetricPlan, target: Target, eval_cfg: DictConfig, cond_record: dict[str, Any],
+                   fp_fingerprint: str, image_size: tuple[int, int], fabric: L.Fabric) -> dict[str, Any]:
+    """Everything a reader needs to compare a number: backend, network hash, N, reference, sampler, seed, code."""
+    sampler = target.sampler
+    return {
+        **plan.backend.describe(),
+        "metrics": plan.metrics,
+        "num_samples": int(eval_cfg.num_samples),
+        "reference": plan.reference_record,
+        "sampler": sampler.name,
+        "steps": sampler.num_steps,
+        "eta": sampler.eta,
+        "spacing": sampler.spacing,
+        "guidance_scale": sampler.guidance_scale,
+        "seed": int(eval_cfg.seed),
+        "sample_seeding": "sample k: noise from its own generator seeded by dq.sampling.sample_seed(seed, k)",
+        "images": "uint8 PNG pixels round((x + 1) * 127.5) of samples clamped to [-1, 1]; metrics read them back",
+        "conditioning": cond_record,
+        "model": {"source": target.model_cfg.get("source"), "path": display_path(model_folder(target.model_cfg)),
+                  "fingerprint": fp_fingerprint},
+        "student": _student_record(target),
+        "fidelity": None if target.fp_unet is None else (
+            "the FP model's samples from the same noise (same seed and indices), uint8 pixels compared in [0, 1] "
+            f"units; PSNR averaged per image; SSIM Gaussian window {ssim_window(*image_size)}, sigma 1.5"),
+        "is_splits": int(eval_cfg.is_splits) if "is" in plan.metrics else None,
+        "clip_model": str(eval_cfg.clip_model) if "clip_score" in plan.metrics else None,
+        "code_version": code_version(),
+        "versions": library_versions(),
+        "world_size": fabric.world_size,
+        "device": str(fabric.device),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Sample, compute the metrics and write metrics.json; returns the metrics on rank 0 ({} elsewhere)."""
+    start = time.perf_counter()
+    eval_cfg = cfg.eval
+    if int(eval_cfg.num_samples) < 2:
+        raise ValueError(f"eval.num_samples must be >= 2 (FID needs a covariance), got {eval_cfg.num_samples}")
+    out_dir = Path(cfg.output_dir)
+    fabric = L.Fabric(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    fabric.launch()
+    progress = bool(cfg.progress_bar)
+    target = load_target(cfg)
+    cfg = _with_run_names(cfg, target)
+    conditioning, cond_record = conditioning_of(eval_cfg)
+    plan = plan_metrics(eval_cfg, target) if fabric.global_rank == 0 else None
+
+    seconds: dict[str, float] = {}
+    fingerprint = fp_fingerprint = model_fingerprint(target.unet, target.scheduler_config)
+    identity = _samples_identity(fingerprint, target, eval_cfg, cond_record)
+    seconds["sampling"] = _fill_folder(fabric, out_dir / "samples", target.unet, identity, target, eval_cfg,
+                                       conditioning, progress, "samples")
+    fp_dir = None
+    if target.fp_unet is not None:
+        fp_fingerprint = model_fingerprint(target.fp_unet, target.scheduler_config)
+        fp_identity = _samples_identity(fp_fingerprint, target, eval_cfg, cond_record)
+        fp_dir = Path(str(eval_cfg.fp_cache_dir)) / identity_key(fp_identity)
+        seconds["fp_sampling"] = _fill_folder(fabric, fp_dir, target.fp_unet, fp_identity, target, eval_cfg,
+                                              conditioning, progress, "FP samples (cached)")
+    if fabric.global_rank != 0:
+        return {}
+
+    metrics_start = time.perf_counter()
+    num = int(eval_cfg.num_samples)
+    images = read_samples(out_dir / "samples", num)
+    write_npz(out_dir / "samples.npz", images)
+    write_grid(out_dir / "grid.png", images, int(eval_cfg.grid_rows))
+    plan.backend.progress = progress
+    fp_images = read_samples(fp_dir, num) if fp_dir is not None else None
+    figures = compute_figures(plan, images, fp_images, eval_cfg)
+    seconds["metrics"] = time.perf_counter() - metrics_start
+    seconds["total"] = time.perf_counter() - start
+    results = {
+        "metrics_version": METRICS_VERSION,
+        **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in figures.items()},
+        "num_samples": num,
+        "model_kind": "fp" if target.fp_unet is None else "student",
+        **_run_summary(target),
+        "run_dir": str(target.run_dir) if target.run_dir else None,
+        "evaluation_dir": str(out_dir),
+        "evaluation_id": uuid.uuid4().hex,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "protocol": build_protocol(plan, target, eval_cfg, cond_record, fp_fingerprint, tuple(images.shape[-2:]), fabric),
+    }
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    _write_json(out_dir / "metrics.json", results)
+    if target.run_dir is not None:
+        atomic_write(target.run_dir / "metrics.json", lambda tmp: shutil.copyfile(out_dir / "metrics.json", tmp))
+    _log(cfg, figures, results["protocol"], out_dir / "grid.png")
+    return results
+
+
+def _read_prompts(eval_cfg: DictConfig) -> list[str]:
+    if eval_cfg.prompts is None:
+        if eval_cfg.clip_model is not None:
+            raise ValueError("eval.clip_model is set: the CLIP score also needs eval.prompts (a text file, one a line)")
+        return []
+    prompts = [line.strip() for line in Path(str(eval_cfg.prompts)).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"eval.prompts file {eval_cfg.prompts} holds no prompts")
+    return prompts
+
+
+def _student_record(target: Target) -> dict[str, Any] | None:
+    if target.run_dir is None:
+        return None
+    summary = _run_summary(target)
+    return {"run_dir": str(target.run_dir), "quant_config": quant_config(target.unet).to_dict(),
+            "method": summary["method"], "quant": summary["quant"]}
+
+
+def _run_summary(target: Target) -> dict[str, Any]:
+    """method / quant / bits of what was evaluated, at the top level for tables (the FP model: "fp")."""
+    if target.run_dir is None:
+        return {"method": "fp", "quant": "fp32", "weight_bits": 32, "act_bits": 32}
+    config = quant_config(target.unet)
+    run_cfg = target.run_config
+    method = target.run_results.get("method") or (run_cfg.method.name if "method" in run_cfg else None)
+    quant = target.run_results.get("quant") or (run_cfg.quant.name if "quant" in run_cfg else None)
+    return {"method": method, "quant": quant, "weight_bits": config.weight_bits, "act_bits": config.act_bits}
+
+
+def _log(cfg: DictConfig, figures: dict[str, Any], protocol: dict[str, Any], grid: Path) -> None:
+    """The figures, the protocol and the sample grid to the configured Lightning logger."""
+    if cfg.get("logger") is None:
+        return
+    logger = hydra.utils.instantiate(cfg.logger)
+    logger.log_hyperparams({"protocol": protocol})
+    logger.log_metrics({f"eval/{k}": v for k, v in figures.items() if isinstance(v, (int, float))}, step=0)
+    if hasattr(logger, "log_image"):  # W&B
+        logger.log_image(key="eval/samples", images=[str(grid)])
+    elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+        pixels = np.asarray(Image.open(grid))
+        logger.experiment.add_image("eval/samples", pixels, 0, dataformats="HW" if pixels.ndim == 2 else "HWC")
+    logger.finalize("success")
+    if hasattr(logger, "log_image"):  # close the W&B run: the next job of a multirun must not log into it
+        logger.experiment.finish()
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    text = json.dumps(payload, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def _with_run_names(cfg: DictConfig, target: Target) -> DictConfig:
+    """A copy of cfg with the run's method and quant sections (the logger names and the saved config use
+    them); the FP model keeps evaluate.yaml's fp / fp32."""
+    if target.run_config is None:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in ("method", "quant"):
+            if key in target.run_config:
+                cfg[key] = target.run_config[key]
+    return cfg

@@ -1,0 +1,75 @@
+"""Evaluate every run of a train.py sweep, and the FP model once, then write the ablation report.
+
+    python train.py -m method=ptq_minmax,no_bkd,no_wd,no_tpq,dilatequant quant=w4a4,w6a6,w4a8,w8a8
+    python -m dq.evaluation.sweep multirun/<date>/<time>                      # + report.md, fid_vs_bits.png
+    python -m dq.evaluation.sweep multirun/<date>/<time> eval.num_samples=2000   # evaluate.py overrides
+
+Each run dir gets `eval/` (evaluate.py's outputs) and a metrics.json copy; the FP model of the runs is
+evaluated into `<sweep>/fp_eval/`. Runs that already hold a metrics.json are skipped (pass --force to
+redo them), so an interrupted sweep evaluation resumes. All runs must share one model config.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dq.evaluation.pipeline import evaluate
+from dq.evaluation.report import write_report
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def sweep_runs(sweep_dir: Path) -> list[Path]:
+    """The train.py run dirs under sweep_dir (those holding student.safetensors and config.yaml), sorted."""
+    runs = sorted(p.parent for p in Path(sweep_dir).rglob("student.safetensors") if (p.parent / "config.yaml").is_file())
+    if not runs:
+        raise ValueError(f"no train.py run dirs (student.safetensors + config.yaml) under {sweep_dir}")
+    return runs
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=overrides)
+
+
+def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, metric: str = "fid") -> Path:
+    """Evaluate the FP model and every run under sweep_dir (skipping evaluated ones unless force), then
+    write the report; returns the path of report.md."""
+    runs = sweep_runs(sweep_dir)
+    models = {OmegaConf.to_yaml(OmegaConf.load(run / "config.yaml").model) for run in runs}
+    if len(models) > 1:
+        raise ValueError(f"the runs under {sweep_dir} use {len(models)} different model configs; evaluate them apart")
+    fp_dir = Path(sweep_dir) / "fp_eval"
+    if force or not (fp_dir / "metrics.json").is_file():
+        cfg = _compose([f"output_dir={fp_dir}", *overrides])
+        with open_dict(cfg):
+            cfg.model = OmegaConf.load(runs[0] / "config.yaml").model  # the FP model the students came from
+        print(f"dq: evaluating the FP model -> {fp_dir}")
+        evaluate(cfg)
+    for index, run in enumerate(runs, 1):
+        if not force and (run / "metrics.json").is_file():
+            print(f"dq: [{index}/{len(runs)}] {run} already evaluated")
+            continue
+        print(f"dq: [{index}/{len(runs)}] evaluating {run}")
+        evaluate(_compose([f"run={run}", f"output_dir={run / 'eval'}", *overrides]))
+    return write_report([Path(sweep_dir)], Path(sweep_dir), metric)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("overrides", nargs="*", help="evaluate.py overrides, e.g. eval.num_samples=2000")
+    parser.add_argument("--force", action="store_true", help="re-evaluate runs that already hold metrics.json")
+    parser.add_argument("--metric", default="fid", help="the report's table and plot metric")
+    args = parser.parse_args(argv)
+    path = evaluate_sweep(args.sweep_dir, args.overrides, args.force, args.metric)
+    print(path.read_text())
+    print(f"report -> {path}")
+
+
+if __name__ == "__main__":
+    main()
