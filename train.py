@@ -18,6 +18,7 @@ import json
 import logging
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,20 @@ from dq.bkd import (
     TemporalGroupCallback,
     candidate_blocks,
 )
-from dq.bkd.callbacks import group_ranges
+from dq.bkd.callbacks import BlockProgressBar, group_ranges
 from dq.metrics import mse, psnr
 from dq.quant import QuantConfig, TemporalActQuantizer, save_quant_state
 from dq.quant.state import atomic_write
 from dq.sampling import planned_timesteps, sample
 from dq.sampling.grid import image_grid, write_png
-from dq.zoo import load_model
+from dq.zoo import (
+    ModelComponents,
+    ModelConditioning,
+    load_components,
+    load_model,
+    model_conditioning,
+    to_images,
+)
 
 RESULTS_VERSION = 1
 log = logging.getLogger("dq.train")
@@ -71,11 +79,19 @@ def build_quant_config(cfg: DictConfig, num_steps: int) -> QuantConfig:
     )
 
 
-def calibration_source(cfg: DictConfig, loaded) -> tuple[L.LightningDataModule, Callable]:
+def calibration_source(cfg: DictConfig, loaded, conditioning: ModelConditioning | None = None
+                       ) -> tuple[L.LightningDataModule, Callable]:
     """The calibration DataModule and a function returning its tuples, to run inside `setup` (under DDP
-    the process group exists by then, and the ranks share the generation)."""
+    the process group exists by then, and the ranks share the generation). `conditioning`: the model
+    config's (class labels / text embeddings); data.num_classes etc. stay usable for a model without it."""
+    extra = {}
+    if conditioning is not None and conditioning.is_conditional:
+        given = [k for k in ("num_classes", "uncond_class", "prompt_embeds", "uncond_embeds") if cfg.data.get(k) is not None]
+        if given:
+            raise ValueError(f"data.{given[0]} and model.conditioning are both set; set the conditioning in one place")
+        extra = conditioning.datamodule_kwargs()
     datamodule = hydra.utils.instantiate(
-        cfg.data, unet=loaded.unet, scheduler_config=loaded.scheduler.config, sampler=loaded.sampler
+        cfg.data, unet=loaded.unet, scheduler_config=loaded.scheduler.config, sampler=loaded.sampler, **extra
     )
 
     def load(trainer: L.Trainer | None) -> dict[str, torch.Tensor]:
@@ -93,13 +109,17 @@ def _peak_memory_mb() -> float:
 
 
 @torch.no_grad()
-def fidelity(cfg: DictConfig, loaded, student: torch.nn.Module, out_dir: Path) -> dict[str, float]:
-    """FP teacher and student sample from the same noise; MSE and PSNR of the final images."""
+def fidelity(cfg: DictConfig, loaded, student: torch.nn.Module, out_dir: Path,
+             components: ModelComponents | None = None, conditioning: ModelConditioning | None = None
+             ) -> dict[str, float]:
+    """FP teacher and student sample from the same noise (and conditioning: sample k gets class / prompt
+    k % P); MSE and PSNR of the final images, decoded by the FP VAE for a latent model."""
     f = cfg.fidelity
-    kwargs = dict(seed=f.seed, batch_size=f.batch_size, progress=cfg.progress_bar)
+    cond, uncond = (conditioning or ModelConditioning()).for_indices(torch.arange(f.num_samples))
+    kwargs = dict(seed=f.seed, batch_size=f.batch_size, progress=cfg.progress_bar, cond=cond, uncond=uncond)
     config = loaded.scheduler.config
-    teacher_images = sample(loaded.unet, config, loaded.sampler, f.num_samples, **kwargs).clamp(-1, 1)
-    student_images = sample(student, config, loaded.sampler, f.num_samples, **kwargs).clamp(-1, 1)
+    teacher_images = to_images(components, sample(loaded.unet, config, loaded.sampler, f.num_samples, **kwargs))
+    student_images = to_images(components, sample(student, config, loaded.sampler, f.num_samples, **kwargs))
     shown = min(8, f.num_samples)
     grid = image_grid(torch.cat([teacher_images[:shown], student_images[:shown]]), rows=2, scale=4)
     write_png(grid, out_dir / "samples.png")  # FP row over student row
@@ -109,13 +129,20 @@ def fidelity(cfg: DictConfig, loaded, student: torch.nn.Module, out_dir: Path) -
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one quantization job; returns the results (also written to <output_dir>/results.json)."""
     start = time.perf_counter()
+    # teacher and student stay in eval mode on purpose (no dropout; BKD trains weights and quantizers only)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.output_dir)
     loaded = load_model(cfg.model)
     num_steps = len(planned_timesteps(loaded.scheduler.config, loaded.sampler))
     quant_config = build_quant_config(cfg, num_steps)
     distill = DistillConfig(**OmegaConf.to_container(cfg.method.distill, resolve=True))
-    datamodule, load_calibration = calibration_source(cfg, loaded)
+    components = load_components(cfg.model)  # FP VAE / text encoder: outside BKD, never quantized
+    # encode only the prompts calibration trajectories and fidelity samples use (k % P is then the same)
+    limit = max(int(cfg.data.num_trajectories or cfg.data.num_samples), int(cfg.fidelity.num_samples))
+    conditioning = model_conditioning(cfg.model, components, limit=limit)
+    datamodule, load_calibration = calibration_source(cfg, loaded, conditioning)
     distiller = BlockDistiller(loaded.unet, quant_config, distill, load_calibration, seed=cfg.seed)
     num_blocks = 1 if distill.whole_model else len(candidate_blocks(distiller.student))
 
@@ -129,6 +156,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             max_epochs=num_blocks,
             logger=hydra.utils.instantiate(cfg.logger),
             callbacks=[
+                *([BlockProgressBar()] if cfg.progress_bar else []),
                 BlockScheduleCallback(),
                 TemporalGroupCallback(num_steps),
                 L.pytorch.callbacks.ModelCheckpoint(
@@ -177,13 +205,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     save_quant_state(student, out_dir / "student.safetensors")
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     _write_json(out_dir / "tpq_ranges.json", tpq_ranges(student))
-    results.update(fidelity(cfg, loaded, student, out_dir))
+    results.update(fidelity(cfg, loaded, student, out_dir, components, conditioning))
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     results["quant_config"] = quant_config.to_dict()
     results["sampler"] = loaded.sampler.to_dict()
     results["fidelity_protocol"] = {
         "num_samples": cfg.fidelity.num_samples, "seed": cfg.fidelity.seed,
-        "images": "final samples clamped to [-1, 1], compared in [0, 1] units; PSNR averaged per image",
+        "images": "final samples (decoded by the FP VAE for a latent model) clamped to [-1, 1], compared in "
+                  "[0, 1] units; PSNR averaged per image",
+        "conditioning": conditioning.record(),
     }
     results["calibration"] = {k: v for k, v in (datamodule.metadata or {}).items() if isinstance(v, (str, int, float))}
     _write_json(out_dir / "results.json", results)

@@ -45,7 +45,7 @@ from dq.metrics.ssim import ssim_window
 from dq.quant import load_quant_state, quant_config
 from dq.quant.state import atomic_write
 from dq.sampling import SamplerConfig
-from dq.zoo import load_model, model_folder
+from dq.zoo import ModelComponents, load_components, load_model, model_conditioning, model_folder, to_images
 
 METRICS_VERSION = 1
 KNOWN_METRICS = ("fid", "sfid", "is", "fidelity", "clip_score")
@@ -63,13 +63,15 @@ class Target(NamedTuple):
     run_dir: Path | None
     run_config: DictConfig | None
     run_results: dict[str, Any]
+    components: ModelComponents | None = None  # FP VAE (latent models decode through it) / text encoder
 
 
 def load_target(cfg: DictConfig) -> Target:
     """The FP model of cfg.model (run=null), or the student of a train.py run dir with that run's model."""
     if cfg.run is None:
         loaded = load_model(cfg.model)
-        return Target(loaded.unet, None, dict(loaded.scheduler.config), loaded.sampler, cfg.model, None, None, {})
+        return Target(loaded.unet, None, dict(loaded.scheduler.config), loaded.sampler, cfg.model, None, None, {},
+                      load_components(cfg.model))
     run_dir = Path(str(cfg.run)).expanduser()
     for name in ("config.yaml", "student.safetensors"):
         if not (run_dir / name).is_file():
@@ -82,13 +84,19 @@ def load_target(cfg: DictConfig) -> Target:
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     return Target(student.eval(), loaded.unet, dict(loaded.scheduler.config), loaded.sampler, run_config.model,
-                  run_dir, run_config, results)
+                  run_dir, run_config, results, load_components(run_config.model))
 
 
-def conditioning_of(eval_cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
+def conditioning_of(eval_cfg: DictConfig, target: Target | None = None) -> tuple[Any, dict[str, Any]]:
     """(conditioning function for sample indices or None, its protocol record): class k % num_classes, or
     prompt embedding k % P from eval.prompt_embeds (a safetensors file with prompt_embeds [P, L, D] and
-    optionally uncond_embeds [1, L, D])."""
+    optionally uncond_embeds [1, L, D]); when eval sets none of these, the model config's own
+    `conditioning` (class labels, or prompts encoded by the model's FP text encoder)."""
+    own = (eval_cfg.num_classes, eval_cfg.uncond_class, eval_cfg.prompt_embeds)
+    if target is not None and all(value is None for value in own):
+        model_cond = model_conditioning(target.model_cfg, target.components or ModelComponents(),
+                                        limit=int(eval_cfg.num_samples))
+        return (model_cond.for_indices if model_cond.is_conditional else None), model_cond.record()
     prompt_embeds = uncond_embeds = None
     record: dict[str, Any] = {"num_classes": eval_cfg.num_classes, "uncond_class": eval_cfg.uncond_class}
     if eval_cfg.prompt_embeds is not None:
@@ -152,7 +160,8 @@ def _fill_folder(fabric: L.Fabric, folder: Path, unet: torch.nn.Module, identity
     own = range(*shard_range(int(eval_cfg.num_samples), fabric.global_rank, fabric.world_size))
     generate_missing(folder, unet.to(fabric.device), target.scheduler_config, target.sampler, own,
                      seed=int(eval_cfg.seed), batch_size=int(eval_cfg.batch_size), conditioning=conditioning,
-                     progress=progress and fabric.global_rank == 0, description=description)
+                     progress=progress and fabric.global_rank == 0, description=description,
+                     to_pixels=lambda samples: to_images(target.components, samples))
     fabric.barrier()
     return time.perf_counter() - start
 
@@ -221,6 +230,8 @@ def build_protocol(plan: MetricPlan, target: Target, eval_cfg: DictConfig, cond_
         "seed": int(eval_cfg.seed),
         "sample_seeding": "sample k: noise from its own generator seeded by dq.sampling.sample_seed(seed, k)",
         "images": "uint8 PNG pixels round((x + 1) * 127.5) of samples clamped to [-1, 1]; metrics read them back",
+        "latent_decode": None if target.components is None or target.components.vae is None else {
+            "vae": type(target.components.vae).__name__, "latent_scale": target.components.latent_scale},
         "conditioning": cond_record,
         "model": {"source": target.model_cfg.get("source"), "path": display_path(model_folder(target.model_cfg)),
                   "fingerprint": fp_fingerprint},
@@ -250,7 +261,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     progress = bool(cfg.progress_bar)
     target = load_target(cfg)
     cfg = _with_run_names(cfg, target)
-    conditioning, cond_record = conditioning_of(eval_cfg)
+    conditioning, cond_record = conditioning_of(eval_cfg, target)
     plan = plan_metrics(eval_cfg, target) if fabric.global_rank == 0 else None
 
     seconds: dict[str, float] = {}

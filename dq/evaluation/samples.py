@@ -102,8 +102,10 @@ def generate_missing(
     conditioning: Conditioning | None = None,
     progress: bool = False,
     description: str = "samples",
+    to_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
-    """Sample every index of `indices` without a PNG in `folder` and write it; returns how many were made."""
+    """Sample every index of `indices` without a PNG in `folder` and write it; returns how many were made.
+    to_pixels: sampler output [B, C, H, W] -> images in [-1, 1] (a latent model's VAE decode)."""
     todo = missing_indices(folder, indices)
     with tqdm(total=len(todo), desc=description, disable=not progress or not todo, unit="img") as bar:
         for start, stop in contiguous_runs(todo, batch_size):
@@ -111,10 +113,12 @@ def generate_missing(
             cond, uncond = conditioning(ids) if conditioning is not None else (None, None)
             images = sample(unet, scheduler_config, sampler, stop - start, seed=seed, first_index=start,
                             batch_size=batch_size, cond=cond, uncond=uncond, progress=False)
+            if to_pixels is not None:
+                images = to_pixels(images)
             if images.shape[1] not in (1, 3):
                 raise ValueError(
-                    f"the model makes {images.shape[1]}-channel samples (latents?); evaluation saves pixel images, "
-                    "and decoding latents with a VAE is not supported by dq yet"
+                    f"the model makes {images.shape[1]}-channel samples (latents?); evaluation saves pixel images: "
+                    "a latent model's folder needs its vae/ to decode them"
                 )
             write_samples(folder, to_uint8(images), start)
             bar.update(stop - start)

@@ -1,7 +1,9 @@
-"""Loading a diffusion model for dq: the embedded digits DDPM shipped in this package, or any diffusers
-model folder on disk (offline; `save_pretrained` layout: `unet/` and `scheduler/`).
+"""Loading a diffusion model for dq: the embedded digits DDPM shipped in this package, any diffusers
+model folder on disk (offline; `save_pretrained` layout: `unet/` and `scheduler/`, or a flat UNet repo with
+`config.json` and `scheduler_config.json` at its root), or a hub checkpoint already in the local HF cache.
 
     unet, scheduler, sampler = load_model(cfg.model)      # the one entry point train.py calls
+    components = load_components(cfg.model)               # optional FP parts: VAE, text encoder (dq.zoo.components)
 
 Weights load from safetensors only and configs from JSON, so loading never executes code from the folder.
 """
@@ -22,7 +24,7 @@ from torch import nn
 from dq.sampling.config import SamplerConfig
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
-MODEL_SOURCES = ("embedded", "local")
+MODEL_SOURCES = ("embedded", "local", "hub")
 UNET_CLASSES: dict[str, type[nn.Module]] = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,
@@ -56,46 +58,55 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
     if not root.is_dir():
         raise ValueError(f"model folder {root} does not exist or is not a directory")
     layout_hint = "expected unet/ and scheduler/ as UNet2DModel.save_pretrained / SchedulerMixin.save_pretrained write them"
+    # some hub repos (google/ddpm-*) keep the UNet and its scheduler flat at the root instead of in subfolders
+    flat = not (root / "unet").is_dir() and (root / "config.json").is_file() and (root / "scheduler_config.json").is_file()
+    unet_dir, scheduler_dir = (Path("."), Path(".")) if flat else (Path("unet"), Path("scheduler"))
     missing = [
         str(part)
-        for part in (Path("unet/config.json"), Path("unet") / UNET_WEIGHTS, Path("scheduler/scheduler_config.json"))
+        for part in (unet_dir / "config.json", unet_dir / UNET_WEIGHTS, scheduler_dir / "scheduler_config.json")
         if not (root / part).is_file()
     ]
     if missing:
-        pickled = sorted(p.name for p in (root / "unet").glob("*.bin")) if (root / "unet").is_dir() else []
+        pickled = sorted(p.name for p in (root / unet_dir).glob("*.bin")) if (root / unet_dir).is_dir() else []
         note = f" (found {pickled}: pickle weights are not loaded, convert them to safetensors)" if pickled else ""
         raise ValueError(f"model folder {root} is missing {missing}{note}; {layout_hint}")
 
-    unet_config = _read_json(root / "unet/config.json", "UNet config")
+    unet_config = _read_json(root / unet_dir / "config.json", "UNet config")
     unet_class_name = unet_config.get("_class_name")
     if unet_class_name not in UNET_CLASSES:
         raise ValueError(
-            f"{root / 'unet/config.json'} has _class_name {unet_class_name!r}; expected one of {sorted(UNET_CLASSES)}"
+            f"{root / unet_dir / 'config.json'} has _class_name {unet_class_name!r}; expected one of {sorted(UNET_CLASSES)}"
         )
-    scheduler_config = _read_json(root / "scheduler/scheduler_config.json", "scheduler config")
+    scheduler_file = root / scheduler_dir / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_file, "scheduler config")
     scheduler_class_name = scheduler_config.get("_class_name")
     scheduler_class = getattr(diffusers, str(scheduler_class_name), None)
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
         raise ValueError(
-            f"{root / 'scheduler/scheduler_config.json'} has _class_name {scheduler_class_name!r}, "
+            f"{scheduler_file} has _class_name {scheduler_class_name!r}, "
             "which is not a diffusers scheduler class"
         )
     if "num_train_timesteps" not in scheduler_config:
-        raise ValueError(f"{root / 'scheduler/scheduler_config.json'} has no num_train_timesteps")
+        raise ValueError(f"{scheduler_file} has no num_train_timesteps")
 
     unet = UNET_CLASSES[unet_class_name].from_pretrained(
-        root / "unet", use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False  # no `accelerate` needed
+        root / unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False  # no `accelerate` needed
     )
     scheduler = scheduler_class.from_config(scheduler_config)
     return unet.eval(), scheduler
 
 
 def model_folder(model_cfg: Mapping[str, Any]) -> Path:
-    """The folder a model config points at: the package's embedded model, or `path` for source=local."""
+    """The folder a model config points at: the package's embedded model, `path` for source=local, or the
+    local HF-cache snapshot of `repo_id` (at `revision`) for source=hub."""
     source = model_cfg.get("source")
     if source not in MODEL_SOURCES:
         raise ValueError(f"model.source must be one of {MODEL_SOURCES}, got {source!r}")
     path = _value(model_cfg, "path")
+    if source == "hub":
+        if path is not None:
+            raise ValueError(f"model.source=hub loads model.repo_id from the HF cache; use model=local for path {path!r}")
+        return hub_snapshot(_value(model_cfg, "repo_id"), _value(model_cfg, "revision"))
     if source == "embedded":
         if path is not None:
             raise ValueError(f"model.source=embedded loads the packaged model; use model=local for path {path!r}")
@@ -105,6 +116,27 @@ def model_folder(model_cfg: Mapping[str, Any]) -> Path:
             "model=local needs model.path=/dir, a folder holding unet/ and scheduler/ as save_pretrained writes them"
         )
     return Path(str(path))
+
+
+def hub_snapshot(repo_id: str | None, revision: str | None = None) -> Path:
+    """The folder of `repo_id` in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE); never downloads,
+    so a run is reproducible offline and never waits on the network. FileNotFoundError saying how to get the
+    checkpoint when it is not cached."""
+    # imported here: only hub model configs need huggingface_hub's cache layout
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if not repo_id:
+        raise ValueError("model.source=hub needs model.repo_id, e.g. google/ddpm-cifar10-32")
+    try:
+        return Path(snapshot_download(str(repo_id), revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError as err:
+        at = f" at revision {revision}" if revision else ""
+        raise FileNotFoundError(
+            f"checkpoint {repo_id}{at} is not in the local HF cache (dq never downloads at run time). Get it on a "
+            f"machine with internet: `hf download {repo_id}` and copy the cache (HF_HOME) here, or save the model "
+            "folder (unet/, scheduler/, ...) anywhere and use model=local model.path=DIR"
+        ) from err
 
 
 def load_model(model_cfg: Mapping[str, Any]) -> LoadedModel:

@@ -1,0 +1,140 @@
+"""A model config's conditioning (`model.conditioning`) as the tensors calibration, sampling and evaluation
+take: class labels, or text embeddings from the FP text encoder, with the unconditional ones for CFG.
+
+    conditioning = model_conditioning(cfg.model, components, limit=256)
+    CalibrationDataModule(..., **conditioning.datamodule_kwargs())
+    cond, uncond = conditioning.for_indices(torch.arange(8))     # sample / trajectory k: class or prompt k % P
+
+model.conditioning keys: num_classes / uncond_class (class-conditional: sample k gets class k % num_classes,
+uncond_class is the "null" class of classifier-free guidance), prompts_file (text-conditional: a text file
+with one prompt a line, or a COCO captions JSON such as captions_val2014.json), max_prompts (the first P).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from dq.calibration import trajectory_conditioning
+from dq.zoo.components import ModelComponents
+
+CONDITIONING_KEYS = ("num_classes", "uncond_class", "prompts_file", "max_prompts")
+
+
+class ModelConditioning(NamedTuple):
+    num_classes: int | None = None
+    uncond_class: int | None = None
+    prompt_embeds: torch.Tensor | None = None  # float32 [P, L, D]
+    uncond_embeds: torch.Tensor | None = None  # float32 [1, L, D]
+    prompts: tuple[str, ...] = ()  # the P prompts of prompt_embeds (text models), for the CLIP score
+    source: str | None = None  # the prompts file, for the protocol
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.num_classes is not None or self.prompt_embeds is not None
+
+    def datamodule_kwargs(self) -> dict[str, Any]:
+        """The CalibrationDataModule arguments (num_classes, uncond_class, prompt_embeds, uncond_embeds)."""
+        if self.prompt_embeds is not None:  # class labels already turned into embeddings: pass those only
+            return {"prompt_embeds": self.prompt_embeds, "uncond_embeds": self.uncond_embeds}
+        return {"num_classes": self.num_classes, "uncond_class": self.uncond_class}
+
+    def for_indices(self, indices: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(cond, uncond) for sample indices int64 [B]: labels int64 [B] or embeddings [B, L, D]; (None,
+        None) for an unconditional model."""
+        if not self.is_conditional:
+            return None, None
+        return trajectory_conditioning(indices, **self.datamodule_kwargs())
+
+    def record(self) -> dict[str, Any]:
+        """What the protocol of a result says about the conditioning."""
+        if not self.is_conditional:
+            return {}
+        record: dict[str, Any] = {"num_classes": self.num_classes, "uncond_class": self.uncond_class}
+        if self.prompts:
+            record.update(prompts_file=self.source, num_prompts=len(self.prompts))
+        return record
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """The prompts of a text file (one a line, blank lines skipped) or of a COCO captions JSON (the first
+    caption of each image, in file order), at most `limit`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist (model.conditioning.prompts_file)")
+    if path.suffix == ".json":
+        payload = json.loads(path.read_text())
+        if not isinstance(payload, dict) or not isinstance(payload.get("annotations"), list):
+            raise ValueError(f"{path} is not a COCO captions file: expected an object with an `annotations` list")
+        seen: set[Any] = set()
+        prompts = []
+        for annotation in payload["annotations"]:
+            if annotation.get("image_id") not in seen:  # one caption per image, as the 10k-prompt protocol
+                seen.add(annotation.get("image_id"))
+                prompts.append(str(annotation["caption"]).strip())
+    else:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = prompts[:limit] if limit is not None else prompts
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder: nn.Module, tokenizer: Any, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """float32 [P, L, D] on the CPU: the text encoder's last hidden states for each prompt, padded to the
+    tokenizer's model_max_length L (77 for CLIP), as Stable Diffusion's pipeline conditions the UNet."""
+    device = next(text_encoder.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start : start + batch_size], padding="max_length", truncation=True,
+                           max_length=tokenizer.model_max_length, return_tensors="pt")
+        out.append(text_encoder(tokens.input_ids.to(device))[0].float().cpu())
+    return torch.cat(out)
+
+
+def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents,
+                       limit: int | None = None) -> ModelConditioning:
+    """The conditioning of `model_cfg.conditioning` with the model's FP components; `limit`: encode only
+    the first prompts (sample k uses prompt k % P, so P = the number of samples gives the same tensors)."""
+    settings = dict(model_cfg.get("conditioning") or {})
+    unknown = sorted(set(settings) - set(CONDITIONING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown model.conditioning key(s) {unknown}; expected some of {list(CONDITIONING_KEYS)}")
+    num_classes, uncond_class = settings.get("num_classes"), settings.get("uncond_class")
+    prompts_file, max_prompts = settings.get("prompts_file"), settings.get("max_prompts")
+    if uncond_class is not None and num_classes is None:
+        raise ValueError("model.conditioning.uncond_class is set but num_classes is not")
+    if num_classes is not None and prompts_file is not None:
+        raise ValueError("model.conditioning sets both num_classes and prompts_file; a model takes one of them")
+    if prompts_file is not None:
+        if components.text_encoder is None:
+            raise ValueError(f"model.conditioning.prompts_file={prompts_file} needs a text_encoder/ + tokenizer/ in "
+                             "the model folder")
+        limits = [int(v) for v in (max_prompts, limit) if v is not None]
+        prompts = read_prompts(prompts_file, min(limits) if limits else None)
+        embeds = encode_prompts(components.text_encoder, components.tokenizer, prompts)
+        uncond = encode_prompts(components.text_encoder, components.tokenizer, [""])  # CFG's empty prompt
+        return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file))
+    if components.text_encoder is not None:
+        raise ValueError("this model has a text encoder: set model.conditioning.prompts_file (one prompt a line, "
+                         "or a COCO captions JSON)")
+    if num_classes is None:
+        return ModelConditioning()
+    num_classes = int(num_classes)
+    uncond_class = None if uncond_class is None else int(uncond_class)
+    table = components.class_embeddings
+    if table is None:  # the UNet embeds labels itself (class_embed_type / num_class_embeds)
+        return ModelConditioning(num_classes, uncond_class)
+    needed = max(num_classes, (uncond_class or 0) + 1)
+    if len(table) < needed:
+        raise ValueError(f"class_embedder has {len(table)} rows; num_classes={num_classes}, uncond_class="
+                         f"{uncond_class} need {needed}")
+    # LDM cin256: the label's embedding is the cross-attention context, one token: [K, 1, D]
+    uncond = None if uncond_class is None else table[uncond_class][None, None]
+    return ModelConditioning(num_classes, uncond_class, table[:num_classes, None, :].clone(), uncond)
