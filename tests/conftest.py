@@ -10,36 +10,51 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would retry for ~30 s before failing
 
 
-def make_tiny_unet(seed: int = 0, num_class_embeds: int | None = None) -> UNet2DModel:
-    """1-channel 8x8 UNet2DModel with attention (the embedded model's block types at toy width)."""
+def make_tiny_unet(
+    seed: int = 0,
+    num_class_embeds: int | None = None,
+    channels: int = 1,
+    widths: tuple[int, int] = (8, 16),
+    groups: int = 4,
+    head_dim: int | None = None,
+) -> UNet2DModel:
+    """8x8 UNet2DModel with attention (the embedded model's block types at toy width)."""
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=widths,
         layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
+        norm_num_groups=groups,
+        attention_head_dim=head_dim,
         num_class_embeds=num_class_embeds,
     ).eval()
 
 
-def make_tiny_text_unet(seed: int = 0) -> UNet2DConditionModel:
-    """Cross-attention UNet (Stable Diffusion block types), 2-channel 8x8 latents, 6-d text embeddings."""
+def make_tiny_text_unet(
+    seed: int = 0,
+    channels: int = 2,
+    widths: tuple[int, int] = (8, 16),
+    groups: int = 4,
+    cross_attention_dim: int = 6,
+    head_dim: int = 4,
+) -> UNet2DConditionModel:
+    """Cross-attention UNet (Stable Diffusion block types) on 8x8 latents."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        block_out_channels=(8, 16),
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=widths,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=4,
-        cross_attention_dim=6,
-        attention_head_dim=4,
+        norm_num_groups=groups,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=head_dim,
     ).eval()
 
 

@@ -111,8 +111,13 @@ class BlockIO:
     output: torch.Tensor | None
 
     def call(self, block: nn.Module, index: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """Run `block` on the captured inputs (rows `index` of every batched tensor)."""
-        leaves = [leaf[index] if isinstance(leaf, torch.Tensor) and index is not None else leaf for leaf in self.leaves]
+        """Run `block` on the captured inputs (rows `index` of every batched tensor), moved to the block's
+        device (the cache may live on the CPU while the block trains on a GPU)."""
+        device = next(block.parameters()).device
+        leaves = [
+            (leaf if index is None else leaf[index]).to(device, non_blocking=True) if isinstance(leaf, torch.Tensor) else leaf
+            for leaf in self.leaves
+        ]
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return main_tensor(block(*args, **kwargs))
 

@@ -92,3 +92,12 @@ def group_ranges(quantizer: TemporalActQuantizer) -> tuple[torch.Tensor, torch.T
     scale = quantizer.scale.detach()
     zero_point = quantizer.zero_point.detach().round()
     return -zero_point * scale, (2**quantizer.bits - 1 - zero_point) * scale
+
+
+class BlockProgressBar(L.pytorch.callbacks.TQDMProgressBar):
+    """Lightning's progress bar, labelled with the BKD block instead of the epoch number."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        k, total = trainer.current_epoch, len(pl_module.blocks)
+        self.train_progress_bar.set_description(f"BKD block {k + 1}/{total} {pl_module.blocks[k] or 'model'}")

@@ -138,7 +138,7 @@ class BlockDistiller(L.LightningModule):
         self.calibration: dict[str, torch.Tensor] = {}
         self.num_samples = 0
         self.seed = seed
-        self.blocks: list[str] = []  # execution order, set by BlockScheduleCallback.setup
+        self.blocks: list[str] = []  # execution order, set in setup()
         self.state = BlockState()
         self.cache: BlockIO | None = None
         self._resume: dict[str, Any] | None = None
