@@ -1,0 +1,67 @@
+"""Forward time of the fake-quantized student against the FP model, side by side in one run.
+
+    python bench/bench_forward.py --arch ddpm_cifar10 --device cuda --batch 64
+    python bench/bench_forward.py --arch small --device cpu --batch 8
+
+Fake quantization simulates integer arithmetic in floating point, so the student is SLOWER than the FP
+model: this measures by how much. Real speed-ups need packed integer weights and int8/int4 kernels
+(export), which this benchmark will compare once they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.architectures import build  # noqa: E402
+from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step  # noqa: E402
+
+
+def _time(model, x, t, repeats: int, device: torch.device) -> float:
+    with torch.no_grad():
+        for _ in range(2):
+            model(x, t)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x, t)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    fp = build(args.arch).to(device)
+    cfg = fp.config
+    x = torch.randn(args.batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+    t = torch.full((args.batch,), 500, device=device, dtype=torch.long)
+    student = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4, num_steps=1, num_groups=1))
+    with calibrate_activations(student), torch.no_grad():
+        set_step(student, 0)
+        student(x, t)
+    set_step(student, 0)
+    fp_s = _time(fp, x, t, args.repeats, device)
+    q_s = _time(student, x, t, args.repeats, device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"bench_forward: arch={args.arch} device={name} batch={args.batch} torch={torch.__version__}")
+    print(f"bench_forward: FP {fp_s * 1e3:.2f} ms/forward, fake-quant W4A4 student {q_s * 1e3:.2f} ms/forward, "
+          f"student/FP = {q_s / fp_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
