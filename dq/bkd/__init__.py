@@ -1,7 +1,7 @@
 """Block-wise Knowledge Distillation (METHOD.md §4): blocks in execution order, the BlockDistiller
 LightningModule (FP teacher + quantized student), and the BKD and TPQ callbacks that drive it."""
 
-from dq.bkd.blocks import BLOCK_TYPES, candidate_blocks, capture_block, execution_order, unet_forward
+from dq.bkd.blocks import BLOCK_TYPES, candidate_blocks, capture_block, execution_order
 from dq.bkd.callbacks import BlockScheduleCallback, TemporalGroupCallback
 from dq.bkd.distiller import BlockDistiller, BlockState, DistillConfig, batch_indices
 
@@ -16,5 +16,4 @@ __all__ = [
     "candidate_blocks",
     "capture_block",
     "execution_order",
-    "unet_forward",
 ]

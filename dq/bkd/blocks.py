@@ -18,21 +18,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from dq.quant import QuantConv2d, QuantLinear, act_quantizers, set_step, weight_quantizers
+from dq.sampling import unet_forward
 
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D", "TimestepEmbedding")
 WHOLE_MODEL = ""  # the block name of the whole model (end-to-end QAT as one block)
-
-
-def unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-    """The UNet's output for x [B, C, H, W] at per-sample timesteps [B]; cond: class labels int64 [B] or
-    text embeddings [B, L, D] (cross-attention), or None for an unconditional model."""
-    if cond is None:
-        return unet(x, timesteps, return_dict=False)[0]
-    if not torch.is_floating_point(cond):
-        return unet(x, timesteps, class_labels=cond, return_dict=False)[0]
-    if cond.ndim != 3:
-        raise ValueError(f"float conditioning must be embeddings [B, L, D], got shape {tuple(cond.shape)}")
-    return unet(x, timesteps, encoder_hidden_states=cond, return_dict=False)[0]
 
 
 def main_tensor(output: Any) -> torch.Tensor:

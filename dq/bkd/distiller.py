@@ -33,7 +33,6 @@ from dq.bkd.blocks import (
     capture_block,
     concat_block_io,
     execution_order,
-    unet_forward,
 )
 from dq.quant import (
     QuantConfig,
@@ -43,6 +42,7 @@ from dq.quant import (
     quantize_model,
     set_step,
 )
+from dq.sampling import unet_forward
 
 
 @dataclass(frozen=True)

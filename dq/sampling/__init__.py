@@ -3,7 +3,14 @@ step spacings ("uniform", the paper's "quad") and the sample-grid command."""
 
 from dq.sampling.config import SAMPLER_NAMES, SPACINGS, SamplerConfig
 from dq.sampling.ddim import SpacedDDIMScheduler, ddim_update
-from dq.sampling.sampler import build_scheduler, planned_timesteps, predict_noise, sample, sample_seed
+from dq.sampling.sampler import (
+    build_scheduler,
+    planned_timesteps,
+    predict_noise,
+    sample,
+    sample_seed,
+    unet_forward,
+)
 from dq.sampling.spacing import quad_timesteps, sampling_timesteps, uniform_timesteps
 
 __all__ = [
@@ -20,4 +27,5 @@ __all__ = [
     "sample_seed",
     "sampling_timesteps",
     "uniform_timesteps",
+    "unet_forward",
 ]

@@ -70,10 +70,9 @@ def planned_timesteps(scheduler_config: Mapping[str, Any], sampler: SamplerConfi
     return build_scheduler(scheduler_config, sampler).timesteps.to(torch.int64).cpu().clone()
 
 
-def _call_model(unet: nn.Module, x: torch.Tensor, timestep: int, cond: torch.Tensor | None) -> torch.Tensor:
-    """The model output for x [B, C, H, W] at one timestep; cond: class labels int64 [B] or embeddings
-    [B, L, D] (cross-attention), or None for an unconditional model."""
-    timesteps = torch.full((x.shape[0],), timestep, dtype=torch.int64, device=x.device)
+def unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's output for x [B, C, H, W] at timesteps int64 [B]; cond: class labels int64 [B] or
+    embeddings [B, L, D] (cross-attention), or None for an unconditional model."""
     if cond is None:
         return unet(x, timesteps, return_dict=False)[0]
     if not torch.is_floating_point(cond):
@@ -81,6 +80,11 @@ def _call_model(unet: nn.Module, x: torch.Tensor, timestep: int, cond: torch.Ten
     if cond.ndim != 3:
         raise ValueError(f"float conditioning must be embeddings [B, L, D], got shape {tuple(cond.shape)}")
     return unet(x, timesteps, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+def _call_model(unet: nn.Module, x: torch.Tensor, timestep: int, cond: torch.Tensor | None) -> torch.Tensor:
+    """unet_forward with one timestep for the whole batch."""
+    return unet_forward(unet, x, torch.full((x.shape[0],), timestep, dtype=torch.int64, device=x.device), cond)
 
 
 def predict_noise(
