@@ -58,6 +58,13 @@ def make_tiny_text_unet(
     ).eval()
 
 
+def write_model_folder(unet, root):
+    """A diffusers model folder (unet/ + a DDPM scheduler/, as save_pretrained writes them) at `root`."""
+    unet.save_pretrained(root / "unet")
+    DDPMScheduler(num_train_timesteps=1000, clip_sample=True).save_pretrained(root / "scheduler")
+    return root
+
+
 @pytest.fixture
 def tiny_unet() -> UNet2DModel:
     return make_tiny_unet()

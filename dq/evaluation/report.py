@@ -13,13 +13,13 @@ protocols (backend, N, reference, sampler, seed) are flagged: their numbers are 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dq.quant.state import atomic_write
+from dq.zoo.loading import read_json_object
 
 METHOD_ORDER = ("fp", "ptq_minmax", "no_bkd", "no_wd", "no_tpq", "dilatequant")
 LOWER_IS_BETTER = {"fid": True, "sfid": True, "is": False, "psnr_vs_fp": False, "ssim_vs_fp": False, "mse_vs_fp": True}
@@ -55,24 +55,14 @@ class RunRecord:
         return (*(protocol.get(key) for key in PROTOCOL_KEYS), reference.get("sha256") or reference.get("spec"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return payload
-
-
 def collect_runs(roots: Iterable[Path]) -> list[RunRecord]:
     """Every dir under `roots` holding results.json and/or metrics.json, one record per evaluation."""
     found = {p.parent: Path(root) for root in reversed(list(roots)) for name in ("results.json", "metrics.json")
              for p in Path(root).rglob(name)}
     records = []
     for directory, root in sorted(found.items()):
-        metrics = _read_json(directory / "metrics.json") if (directory / "metrics.json").is_file() else {}
-        results = _read_json(directory / "results.json") if (directory / "results.json").is_file() else {}
+        metrics = read_json_object(directory / "metrics.json", "metrics file") if (directory / "metrics.json").is_file() else {}
+        results = read_json_object(directory / "results.json", "results file") if (directory / "results.json").is_file() else {}
         method = metrics.get("method") or results.get("method")
         if method is None:
             raise ValueError(f"{directory}: neither metrics.json nor results.json names the method")

@@ -38,7 +38,8 @@ class LoadedModel(NamedTuple):
     sampler: SamplerConfig  # the sampler settings of the model config
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json_object(path: Path, what: str = "JSON file") -> dict[str, Any]:
+    """The JSON object in `path`; ValueError naming the file (and `what` it is) when it is not one."""
     try:
         payload = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -71,14 +72,14 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
         note = f" (found {pickled}: pickle weights are not loaded, convert them to safetensors)" if pickled else ""
         raise ValueError(f"model folder {root} is missing {missing}{note}; {layout_hint}")
 
-    unet_config = _read_json(root / unet_dir / "config.json", "UNet config")
+    unet_config = read_json_object(root / unet_dir / "config.json", "UNet config")
     unet_class_name = unet_config.get("_class_name")
     if unet_class_name not in UNET_CLASSES:
         raise ValueError(
             f"{root / unet_dir / 'config.json'} has _class_name {unet_class_name!r}; expected one of {sorted(UNET_CLASSES)}"
         )
     scheduler_file = root / scheduler_dir / "scheduler_config.json"
-    scheduler_config = _read_json(scheduler_file, "scheduler config")
+    scheduler_config = read_json_object(scheduler_file, "scheduler config")
     scheduler_class_name = scheduler_config.get("_class_name")
     scheduler_class = getattr(diffusers, str(scheduler_class_name), None)
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, save_quant_state
 from dq.sampling import SamplerConfig, sample
+from tests.conftest import write_model_folder
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 STEPS = 4
@@ -28,10 +29,7 @@ def make_unet16(seed: int = 0) -> UNet2DModel:
 
 @pytest.fixture(scope="session")
 def model16_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("model16")
-    make_unet16().save_pretrained(root / "unet")
-    DDPMScheduler(num_train_timesteps=1000, clip_sample=True).save_pretrained(root / "scheduler")
-    return root
+    return write_model_folder(make_unet16(), tmp_path_factory.mktemp("model16"))
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-from diffusers import DDPMScheduler
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from tests.conftest import write_model_folder
 from tests.quant.conftest import tiny_unet2d
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -14,10 +14,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_model")
-    tiny_unet2d().save_pretrained(root / "unet")
-    DDPMScheduler(num_train_timesteps=1000, clip_sample=True).save_pretrained(root / "scheduler")
-    return root
+    return write_model_folder(tiny_unet2d(), tmp_path_factory.mktemp("tiny_model"))
 
 
 def fast_overrides(model_dir: Path, out: Path, cache: Path, iters: int | None = 2) -> list[str]:
