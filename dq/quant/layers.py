@@ -83,10 +83,6 @@ class _QuantLayerMixin:
         head, skip = torch.split(x, [self.split_at, x.shape[self.channel_axis] - self.split_at], self.channel_axis)
         return torch.cat([self.act_quantizer(head), self.skip_act_quantizer(skip)], dim=self.channel_axis)
 
-    def fp_weight(self) -> torch.Tensor:
-        """The undilated full-precision weight W = (s·W) / s (for inspection and export)."""
-        return apply_dilation(self.weight.detach(), 1.0 / self.wd_scale)
-
 
 class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
     """nn.Conv2d with a per-out-channel weight quantizer, a TPQ input quantizer and the WD pre-scale."""
