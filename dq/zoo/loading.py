@@ -30,6 +30,7 @@ UNET_CLASSES: dict[str, type[nn.Module]] = {
     "UNet2DConditionModel": UNet2DConditionModel,
 }
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+ATTENTION_HEADS_FILE = "attention_heads.json"  # per-layer head counts UNet2DModel's config cannot express
 
 
 class LoadedModel(NamedTuple):
@@ -93,8 +94,34 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
     unet = UNET_CLASSES[unet_class_name].from_pretrained(
         root / unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False  # no `accelerate` needed
     )
+    heads_file = root / unet_dir / ATTENTION_HEADS_FILE
+    if heads_file.is_file():
+        heads = read_json_object(heads_file, "attention-heads file").get("attention_heads")
+        if not isinstance(heads, dict):
+            raise ValueError(f"{heads_file} must hold {{\"attention_heads\": {{module name: heads}}}}")
+        set_attention_heads(unet, heads)
     scheduler = scheduler_class.from_config(scheduler_config)
     return unet.eval(), scheduler
+
+
+def set_attention_heads(unet: nn.Module, heads: Mapping[str, int]) -> None:
+    """Give the named diffusers Attention modules these head counts (their projections are unchanged: only
+    the split into heads and the 1/sqrt(head size) scale depend on it). ValueError for a name that is not an
+    attention module or a count that does not divide its width."""
+    from diffusers.models.attention_processor import Attention
+
+    for name, count in heads.items():
+        try:
+            module = unet.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"attention heads given for {name!r}, which is not a module of this UNet") from err
+        if not isinstance(module, Attention):
+            raise ValueError(f"attention heads given for {name!r}, a {type(module).__name__}, not an Attention module")
+        if not isinstance(count, int) or count < 1 or module.inner_dim % count:
+            raise ValueError(f"{name}: {count!r} heads do not split its {module.inner_dim} channels")
+        module.heads = module.sliceable_head_dim = count
+        if module.scale_qk:
+            module.scale = (module.inner_dim // count) ** -0.5
 
 
 def model_folder(model_cfg: Mapping[str, Any]) -> Path:
