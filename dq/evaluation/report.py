@@ -22,6 +22,7 @@ from dq.quant.state import atomic_write
 from dq.zoo.loading import read_json_object
 
 METHOD_ORDER = ("fp", "ptq_minmax", "no_bkd", "no_wd", "no_tpq", "dilatequant")
+TRAINING_MARK = "†"  # marks a figure taken from results.json for lack of an evaluation
 LOWER_IS_BETTER = {"fid": True, "sfid": True, "is": False, "psnr_vs_fp": False, "ssim_vs_fp": False, "mse_vs_fp": True}
 PROTOCOL_KEYS = ("backend", "num_samples", "sampler", "steps", "eta", "spacing", "guidance_scale", "seed")
 
@@ -48,6 +49,10 @@ class RunRecord:
         if value is None and metric in ("psnr_vs_fp", "mse_vs_fp"):
             value = self.results.get(metric)
         return float(value) if isinstance(value, (int, float)) else None
+
+    def from_training(self, metric: str) -> bool:
+        """Whether value(metric) is train.py's quick figure (its fixed fidelity batch), not an evaluation's."""
+        return self.metrics.get(metric) is None and self.value(metric) is not None
 
     def protocol(self) -> tuple:
         protocol = self.metrics.get("protocol", {})
@@ -144,13 +149,13 @@ def render_markdown(records: Sequence[RunRecord], metric: str, plot_name: str | 
     lines += [f"{metric} ({direction} is better):", "", "| method | " + " | ".join(bit_names) + " |",
               "|---|" + "---|" * len(bit_names)]
     for method in methods:
-        row = [_format(cells[(method, b)].value(metric)) if (method, b) in cells else "—" for b in bit_names]
+        row = [_cell(cells[(method, b)], metric) if (method, b) in cells else "—" for b in bit_names]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     if metric != "psnr_vs_fp":
         lines += ["", "PSNR vs FP, dB (same noise; higher is better):", "",
                   "| method | " + " | ".join(bit_names) + " |", "|---|" + "---|" * len(bit_names)]
         for method in methods:
-            row = [_format(cells[(method, b)].value("psnr_vs_fp")) if (method, b) in cells else "—" for b in bit_names]
+            row = [_cell(cells[(method, b)], "psnr_vs_fp") if (method, b) in cells else "—" for b in bit_names]
             lines.append(f"| {method} | " + " | ".join(row) + " |")
     if plot_name:
         lines += ["", f"![{metric} vs bits]({plot_name})"]
@@ -160,15 +165,22 @@ def render_markdown(records: Sequence[RunRecord], metric: str, plot_name: str | 
     for record in sorted(records, key=lambda r: (_method_rank(r.method), r.weight_bits or 0, r.act_bits or 0)):
         lines.append(
             f"| {record.label} | {record.method} | {record.bits} | {_format(record.value('fid'))} | "
-            f"{_format(record.value('sfid'))} | {_format(record.value('is'))} | {_format(record.value('psnr_vs_fp'))} | "
+            f"{_format(record.value('sfid'))} | {_format(record.value('is'))} | {_cell(record, 'psnr_vs_fp')} | "
             f"{_format(record.value('ssim_vs_fp'))} | {record.metrics.get('num_samples', '—')} | "
             f"{record.results.get('train_seconds', '—')} |"
         )
+    if any(r.from_training(m) for r in records for m in ("psnr_vs_fp", "mse_vs_fp")):
+        lines += ["", f"{TRAINING_MARK} train.py's figure on its fixed fidelity batch (results.json), not an "
+                  "evaluation's: the run has no metrics.json yet."]
     missing = [r for r in records if not r.metrics]
     if missing:
         lines += ["", "Not evaluated yet (run `python evaluate.py run=DIR`): "
                   + ", ".join(r.label for r in missing)]
     return "\n".join(lines) + "\n"
+
+
+def _cell(record: RunRecord, metric: str) -> str:
+    return _format(record.value(metric)) + (TRAINING_MARK if record.from_training(metric) else "")
 
 
 def plot(records: Sequence[RunRecord], metric: str, path: Path) -> None:

@@ -73,6 +73,10 @@ def test_copied_metrics_count_once_and_unevaluated_runs_are_listed(sweep):
     assert "| method | W4A4 | W6A6 | W8A8 |" in report
     assert "| dilatequant | 40.00 | 28.00 | — |" in report  # not evaluated: no FID
     assert "Not evaluated yet" in report and "99_dilatequant_w8a8" in report
+    # its PSNR comes from results.json (train.py's 24.00), marked as such; evaluated ones carry no mark
+    assert "| dilatequant | 25.00 | 25.00 | 24.00† |" in report
+    assert "† train.py's figure on its fixed fidelity batch" in report
+    assert "25.00†" not in report
 
 
 def test_mixed_protocols_are_flagged(sweep):
