@@ -5,7 +5,7 @@ dq loads with `model=local model.path=DIR` (or the ldm_* model configs).
         --config configs/latent-diffusion/cin256-v2.yaml --out models/ldm_imagenet
 
 The folder gets `unet/` (UNet2DModel for an unconditional UNet, UNet2DConditionModel for a cross-attention
-one), `scheduler/` (the training noise schedule as a DDPMScheduler config), `vae/` (VQModel or AutoencoderKL,
+one), `scheduler/` (the training noise schedule, as a DDIMScheduler config with CompVis' DDIM step offset), `vae/` (VQModel or AutoencoderKL,
 its `scaling_factor` = the checkpoint's `scale_factor`) and, for a class-conditional LDM, `class_embedder/
 embeddings.safetensors`; `conversion.json` records the source files (sha256), the weights used (EMA or raw)
 and the layer counts. It covers the openaimodel UNet of the LDM configs (ResBlocks with or without scale-shift
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
@@ -469,7 +469,8 @@ def _scheduler_config(params: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError(f"parameterization {parameterization!r} is not converted (eps and v are)")
     if params.get("beta_schedule", "linear") != "linear":
         raise NotImplementedError(f"beta_schedule {params['beta_schedule']!r} is not converted")
-    # CompVis' "linear" schedule is linear in sqrt(beta): diffusers calls it scaled_linear
+    # CompVis' "linear" schedule is linear in sqrt(beta): diffusers calls it scaled_linear. Its DDIM sampler
+    # steps on range(0, T, T // S) + 1 and ends on alphas_cumprod[0]: steps_offset 1, set_alpha_to_one False
     return {
         "num_train_timesteps": int(params.get("timesteps", 1000)),
         "beta_start": float(params.get("linear_start", 1e-4)),
@@ -477,6 +478,8 @@ def _scheduler_config(params: Mapping[str, Any]) -> dict[str, Any]:
         "beta_schedule": "scaled_linear",
         "prediction_type": prediction,
         "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
     }
 
 
@@ -525,7 +528,7 @@ def convert(
     _load_strict(vae, convert_autoencoder_state(ae_state, vae_config), "first stage")
 
     class_table = _class_embeddings(params, state, unet_config.get("cross_attention_dim"))
-    scheduler = DDPMScheduler(**_scheduler_config(params))
+    scheduler = DDIMScheduler(**_scheduler_config(params))
     if "betas" in state:  # LatentDiffusion stores its schedule: the config must describe the same one
         stored, built = state["betas"].double(), scheduler.betas.double()
         if stored.shape != built.shape or not torch.allclose(stored, built, rtol=1e-5, atol=1e-8):

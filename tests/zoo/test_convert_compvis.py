@@ -11,6 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from dq.quant import QuantConfig, quantize_model, set_quant_enabled
+from dq.sampling import SamplerConfig, planned_timesteps
 from dq.zoo import load_components, load_model
 from dq.zoo.convert_compvis import convert, main
 from tests.zoo.compvis_reference import (
@@ -91,6 +92,10 @@ def test_converted_folder_reproduces_every_compvis_part(name, tmp_path):
     betas = torch.linspace(params["linear_start"] ** 0.5, params["linear_end"] ** 0.5, params["timesteps"],
                            dtype=torch.float64) ** 2
     torch.testing.assert_close(scheduler.betas.double(), betas, atol=1e-7, rtol=1e-5)
+    # dq's DDIM visits CompVis' DDIM timesteps: range(0, 1000, 1000 // S) + 1, last to first
+    steps = planned_timesteps(scheduler.config, SamplerConfig(name="ddim", num_steps=20, eta=0.0, spacing="uniform"))
+    assert steps.tolist() == [t + 1 for t in range(0, 1000, 50)][::-1]
+    assert scheduler.config.set_alpha_to_one is False
     record = json.loads((out / "conversion.json").read_text())
     assert record["unet"]["weights"] == "raw" and record["vae"]["scaling_factor"] == pytest.approx(expected_scale)
 
