@@ -214,6 +214,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "images": "final samples (decoded by the FP VAE for a latent model) clamped to [-1, 1], compared in "
                   "[0, 1] units; PSNR averaged per image",
         "conditioning": conditioning.record(),
+        "latent_decode": components.decode_record(),
     }
     results["calibration"] = {k: v for k, v in (datamodule.metadata or {}).items() if isinstance(v, (str, int, float))}
     _write_json(out_dir / "results.json", results)

@@ -230,8 +230,7 @@ def build_protocol(plan: MetricPlan, target: Target, eval_cfg: DictConfig, cond_
         "seed": int(eval_cfg.seed),
         "sample_seeding": "sample k: noise from its own generator seeded by dq.sampling.sample_seed(seed, k)",
         "images": "uint8 PNG pixels round((x + 1) * 127.5) of samples clamped to [-1, 1]; metrics read them back",
-        "latent_decode": None if target.components is None or target.components.vae is None else {
-            "vae": type(target.components.vae).__name__, "latent_scale": target.components.latent_scale},
+        "latent_decode": None if target.components is None else target.components.decode_record(),
         "conditioning": cond_record,
         "model": {"source": target.model_cfg.get("source"), "path": display_path(model_folder(target.model_cfg)),
                   "fingerprint": fp_fingerprint},

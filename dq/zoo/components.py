@@ -41,6 +41,10 @@ class ModelComponents(NamedTuple):
     def is_latent(self) -> bool:
         return self.vae is not None
 
+    def decode_record(self) -> dict[str, Any] | None:
+        """How samples become pixels, for results and metrics files: None for a pixel-space model."""
+        return None if self.vae is None else {"vae": type(self.vae).__name__, "latent_scale": self.latent_scale}
+
 
 def load_vae(folder: str | Path) -> nn.Module:
     """The autoencoder of `folder/vae` (AutoencoderKL or VQModel by its config's _class_name), FP, eval mode."""

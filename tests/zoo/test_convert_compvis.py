@@ -207,3 +207,19 @@ def test_command_line(tmp_path, capsys):
         main(["--ckpt", str(tmp_path / "missing.ckpt"), "--config", str(cfg), "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["church", "cin"])
+def test_converted_folder_trains_and_samples(name, tmp_path):
+    """The converted folder through dq's whole job: calibration -> BKD (2 iterations a block) -> fidelity
+    samples decoded by the converted first stage (cin: class labels through the converted class table)."""
+    from tests.real_settings.test_real_settings import run_train
+
+    _, _, _, ckpt, cfg = write_source(tmp_path, DESCRIPTIONS[name])
+    out = convert(ckpt, cfg, tmp_path / "model", log=lambda _: None)
+    extra = ["model.latent_scale=null"]
+    if name == "cin":
+        extra += ["+model.conditioning={num_classes: 10, uncond_class: 10}", "model.sampler.guidance_scale=2.0"]
+    results, _ = run_train(out, tmp_path, extra)
+    assert results["psnr_vs_fp"] > 0
+    assert results["fidelity_protocol"]["latent_decode"]["vae"] == ("AutoencoderKL" if name == "church" else "VQModel")
