@@ -9,6 +9,11 @@ the whole student as one block for --iters iterations. It prints time per iterat
 to the paper's schedule (5,000 iterations per block, every block; QAT: --qat-total-iters iterations), and
 peak memory (GPU: torch.cuda.max_memory_allocated; CPU: not measured). Weights are random (timing does not
 depend on them); calibration inputs are random tensors of the model's input shape.
+
+The GPU-scale options of DistillConfig apply to both sides: --cache-device (cpu | cuda | cuda:N | auto),
+--teacher-precision (fp32 | bf16 autocast of the teacher's targets) and --compile (torch.compile of the block
+being trained; the first iteration of each block, which compiles it, is then left out of the per-iteration
+time and reported as seconds_first_iteration_per_block).
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from dq.quant import QuantConfig  # noqa: E402
 
 
 class _IterationTimer(L.Callback):
+    """Seconds of every training iteration, and whether it was the first of its block."""
+
     def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds, self._start = device, [], 0.0
+        self.device, self.seconds, self.first_of_block, self._start = device, [], [], 0.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -46,6 +53,7 @@ class _IterationTimer(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._sync()
         self._start = time.perf_counter()
+        self.first_of_block.append(batch_idx == 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._sync()
@@ -68,7 +76,8 @@ def run(args: argparse.Namespace, whole_model: bool) -> dict:
     unet = build(args.arch)
     config = QuantConfig(weight_bits=4, act_bits=4, num_steps=args.steps, num_groups=args.steps)
     distill = DistillConfig(iters_per_block=args.iters, batch_size=args.batch, capture_batch_size=args.capture_batch,
-                            whole_model=whole_model, cache_device=args.cache_device)
+                            whole_model=whole_model, cache_device=args.cache_device,
+                            teacher_precision=args.teacher_precision, compile=args.compile)
     distiller = BlockDistiller(unet, config, distill, _calibration(unet, args.samples, args.steps))
     total_blocks = 1 if whole_model else len(candidate_blocks(distiller.student))
     epochs = 1 if whole_model else min(args.blocks or total_blocks, total_blocks)
@@ -83,8 +92,14 @@ def run(args: argparse.Namespace, whole_model: bool) -> dict:
     trainer.fit(distiller)
     wall = time.perf_counter() - start
     steady = timer.seconds[min(3, len(timer.seconds) - 1):]  # the first iterations warm up allocators/kernels
+    first = [s for s, is_first in zip(timer.seconds, timer.first_of_block) if is_first]
+    if args.compile:  # each block compiles at its first iteration: a cost per block, not per iteration
+        later = [s for s, is_first in zip(timer.seconds, timer.first_of_block) if not is_first]
+        steady = later or steady
     seconds_per_iter = sum(steady) / len(steady)
     prepare = sum(schedule.seconds_preparing.values()) / max(1, len(schedule.seconds_preparing))
+    if args.compile:
+        prepare += sum(first) / len(first) - seconds_per_iter  # compilation, part of each block's preparation
     if whole_model:
         extrapolated = args.qat_total_iters * seconds_per_iter
     else:
@@ -96,6 +111,8 @@ def run(args: argparse.Namespace, whole_model: bool) -> dict:
         "iterations_measured": len(timer.seconds),
         "seconds_per_iteration": round(seconds_per_iter, 5),
         "seconds_preparing_per_block": round(prepare, 3),
+        "seconds_first_iteration_per_block": round(sum(first) / len(first), 3),
+        "cache_devices": sorted(set(distiller.cache_devices.values())),
         "extrapolated_hours": round(extrapolated / 3600, 3),
         "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "wall_seconds": round(wall, 2),
@@ -113,7 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32, help="paper: 32")
     parser.add_argument("--samples", type=int, default=256, help="calibration tuples (paper: 5,120)")
     parser.add_argument("--capture-batch", type=int, default=128)
-    parser.add_argument("--cache-device", default="cpu")
+    parser.add_argument("--cache-device", default="auto",
+                        help="block caches: cpu | cuda | cuda:N | auto (the GPU when the cache fits)")
+    parser.add_argument("--teacher-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the teacher's targets under bfloat16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the block being trained")
     parser.add_argument("--steps", type=int, default=100, help="sampling steps T = TPQ groups (paper: 100)")
     parser.add_argument("--paper-iters", type=int, default=5000, help="BKD iterations per block to extrapolate to")
     parser.add_argument("--qat-total-iters", type=int, default=160_000,
@@ -123,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     rows = [run(args, whole_model=False), run(args, whole_model=True)]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"bench_bkd: arch={args.arch} device={device} batch={args.batch} T={args.steps} torch={torch.__version__}")
+    options = {"cache_device": args.cache_device, "teacher_precision": args.teacher_precision,
+               "compile": args.compile}
+    print(f"bench_bkd: arch={args.arch} device={device} batch={args.batch} T={args.steps} "
+          f"torch={torch.__version__} " + " ".join(f"{k}={v}" for k, v in options.items()))
     for row in rows:
         print(json.dumps(row))
     bkd, qat = rows
@@ -131,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     if bkd["peak_memory_mb"] and qat["peak_memory_mb"]:
         print(f"bench_bkd: QAT/BKD peak memory = {qat['peak_memory_mb'] / bkd['peak_memory_mb']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"arch": args.arch, "device": device, "rows": rows}, indent=2))
+        figures = {"arch": args.arch, "device": device, **options, "rows": rows}
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

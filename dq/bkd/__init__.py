@@ -3,7 +3,7 @@ LightningModule (FP teacher + quantized student), and the BKD and TPQ callbacks 
 
 from dq.bkd.blocks import BLOCK_TYPES, candidate_blocks, capture_block, execution_order
 from dq.bkd.callbacks import BlockScheduleCallback, TemporalGroupCallback
-from dq.bkd.distiller import BlockDistiller, BlockState, DistillConfig, batch_indices
+from dq.bkd.distiller import BlockDistiller, BlockState, DistillConfig, batch_indices, choose_cache_device
 
 __all__ = [
     "BLOCK_TYPES",
@@ -15,5 +15,6 @@ __all__ = [
     "batch_indices",
     "candidate_blocks",
     "capture_block",
+    "choose_cache_device",
     "execution_order",
 ]

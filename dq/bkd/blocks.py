@@ -110,6 +110,27 @@ class BlockIO:
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return main_tensor(block(*args, **kwargs))
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every captured tensor: the batched inputs, then the output when there is one."""
+        tensors = [leaf for leaf in self.leaves if isinstance(leaf, torch.Tensor)]
+        return tensors if self.output is None else [*tensors, self.output]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the captured tensors live (all on one device, as `to` and `concat_block_io` leave them)."""
+        tensors = self.tensors()
+        return tensors[0].device if tensors else torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the captured tensors take."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def to(self, device: torch.device | str) -> BlockIO:
+        """The same inputs and output on `device` (tensors already there are not copied)."""
+        leaves = [leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
+        return BlockIO(leaves, self.spec, None if self.output is None else self.output.to(device))
+
 
 def capture_block(
     model: nn.Module, block_name: str, batch: dict[str, torch.Tensor], want_output: bool

@@ -16,7 +16,10 @@ a run resumed mid-block continues exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,10 +47,28 @@ from dq.quant import (
 )
 from dq.sampling import unet_forward
 
+log = logging.getLogger(__name__)
+
+TEACHER_PRECISIONS = ("fp32", "bf16")
+_CACHE_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """How each block is trained. iters_per_block = 0 runs the initialisation only (PTQ)."""
+    """How each block is trained. iters_per_block = 0 runs the initialisation only (PTQ).
+
+    GPU-scale options. cache_device changes where the computation runs, not its result; compile may
+    change rounding (the compiler fuses and reorders operations); teacher_precision="bf16" rounds the
+    teacher's targets.
+
+    - cache_device: where a block's cached inputs and targets live: "cpu", "cuda" / "cuda:N", or "auto":
+      the module's CUDA device when the cache takes at most cache_gpu_fraction of its free memory, else
+      the CPU (always the CPU when the module is not on a GPU).
+    - teacher_precision: "fp32", or "bf16" to compute the teacher's block targets under bfloat16 autocast
+      (stored as fp32; the student and the loss stay fp32).
+    - compile: run the current block through torch.compile(mode=compile_mode, backend=compile_backend) in
+      the training steps (initialisation and capture stay eager; the student's modules are not replaced).
+    """
 
     iters_per_block: int = 200
     batch_size: int = 32
@@ -56,9 +77,14 @@ class DistillConfig:
     lr_zero_point: float = 1e-2  # Adam on zero points, in grid codes per step
     train_weights: bool = True
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio
-    cache_device: str = "cpu"
+    cache_device: str = "auto"  # "cpu" | "cuda" | "cuda:N" | "auto"
     capture_batch_size: int = 256
     whole_model: bool = False  # end-to-end QAT: the whole student is one block, distilled on the model output
+    cache_gpu_fraction: float = 0.5  # "auto": the largest share of the free GPU memory a cache may take
+    teacher_precision: str = "fp32"  # "fp32" | "bf16" (autocast of the teacher's target forwards)
+    compile: bool = False  # torch.compile the current block for its training steps
+    compile_mode: str | None = None  # torch.compile(mode=...): None, "reduce-overhead", "max-autotune", ...
+    compile_backend: str = "inductor"  # torch.compile(backend=...); "aot_eager" compiles fast (tests)
 
     def __post_init__(self) -> None:
         if self.iters_per_block < 0:
@@ -72,6 +98,34 @@ class DistillConfig:
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if not isinstance(self.cache_device, str) or not _CACHE_DEVICE.fullmatch(self.cache_device):
+            raise ValueError(
+                f"cache_device must be 'cpu', 'auto', 'cuda' or 'cuda:N', got {self.cache_device!r}"
+            )
+        if not 0.0 < self.cache_gpu_fraction <= 1.0:
+            raise ValueError(f"cache_gpu_fraction must lie in (0, 1], got {self.cache_gpu_fraction}")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            allowed = ", ".join(TEACHER_PRECISIONS)
+            raise ValueError(f"teacher_precision must be one of {allowed}, got {self.teacher_precision!r}")
+
+
+def choose_cache_device(
+    bytes_needed: int, device: torch.device | str, free_bytes: int, fraction: float
+) -> torch.device:
+    """Where an "auto" cache goes: `device` when it is a CUDA device and the cache's `bytes_needed` take
+    at most `fraction` of its `free_bytes`, else the CPU. (The rest of the free memory is left to the
+    block's training: activations, gradients, Adam state.)"""
+    device = torch.device(device)
+    if device.type == "cuda" and bytes_needed <= fraction * free_bytes:
+        return device
+    return torch.device("cpu")
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """Memory a new allocation on CUDA `device` can use: what the driver reports free plus what PyTorch's
+    caching allocator holds reserved but unused (the previous block's cache, for instance)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def batch_indices(seed: int, block: int, iteration: int, num_samples: int, batch_size: int) -> torch.Tensor:
@@ -143,6 +197,11 @@ class BlockDistiller(L.LightningModule):
         self.cache: BlockIO | None = None
         self._resume: dict[str, Any] | None = None
         self._losses: list[float] = []
+        # the current block wrapped by torch.compile (distill.compile), by block name; a plain dict, so that
+        # the compiled wrapper is not registered as a submodule and the state_dict keys stay the student's
+        self._compiled: dict[str, nn.Module] = {}
+        self._compiled_checked = False  # whether the compiled block's quantizers ran once eagerly
+        self.cache_devices: dict[str, str] = {}  # where each block's cache was kept (block name -> device)
 
     # ------------------------------------------------------------------ helpers
 
@@ -153,18 +212,50 @@ class BlockDistiller(L.LightningModule):
     def calibration_batch(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
         return {k: v[rows].to(self.device) for k, v in self.calibration.items() if isinstance(v, torch.Tensor)}
 
+    def teacher_autocast(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+        """The context of a teacher forward that produces targets: bfloat16 autocast on the batch's device
+        type with teacher_precision="bf16", none with "fp32". Never used for the student (its fake
+        quantization must run in fp32)."""
+        if self.distill.teacher_precision == "bf16":
+            return torch.autocast(device_type=batch["x_t"].device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def build_cache(self, name: str) -> BlockIO:
-        """fp targets B_k(fp_in_k) from the teacher and student inputs q_in_k, for every calibration row."""
+        """fp targets B_k(fp_in_k) from the teacher and student inputs q_in_k, for every calibration row.
+
+        Each capture chunk is moved to the CPU as it is made (so the accelerator holds one chunk at a time,
+        not the whole cache), the chunks are joined there, and the cache then goes where `cache_device`
+        says; "auto" decides from its exact size."""
         inputs, targets = [], []
         step = self.distill.capture_batch_size
         for start in range(0, self.num_samples, step):
             batch = self.calibration_batch(slice(start, start + step))
-            targets.append(capture_block(self.teacher, name, batch, want_output=True).output)
-            inputs.append(capture_block(self.student, name, batch, want_output=False))
-        cache = concat_block_io(inputs, self.distill.cache_device)
-        cache.output = torch.cat(targets).to(self.distill.cache_device).contiguous()
-        return cache
+            with self.teacher_autocast(batch):
+                target = capture_block(self.teacher, name, batch, want_output=True).output
+            # fp32 targets whatever the teacher's precision: the loss is computed in fp32
+            targets.append(target.float().cpu())
+            inputs.append(capture_block(self.student, name, batch, want_output=False).to("cpu"))
+        cache = concat_block_io(inputs, "cpu")
+        cache.output = torch.cat(targets).contiguous()
+        device = self.cache_device_for(cache.nbytes)
+        self.cache_devices[name] = str(device)
+        # said aloud only when "auto" had to leave a GPU run's cache on the CPU (slower steps)
+        spilled = self.distill.cache_device == "auto" and self.device.type == "cuda" and device.type == "cpu"
+        level = logging.INFO if spilled else logging.DEBUG
+        log.log(level, "BKD block %s: cache of %.1f MiB on %s", name or "model", cache.nbytes / 2**20, device)
+        return cache.to(device)
+
+    def cache_device_for(self, nbytes: int) -> torch.device:
+        """The device of a block cache of `nbytes` bytes, from distill.cache_device ("auto": the module's
+        CUDA device if the cache fits in cache_gpu_fraction of its free memory, else the CPU)."""
+        setting = self.distill.cache_device
+        if setting != "auto":
+            return torch.device(setting)
+        if self.device.type != "cuda":
+            return torch.device("cpu")
+        free = free_gpu_bytes(self.device)
+        return choose_cache_device(nbytes, self.device, free, self.distill.cache_gpu_fraction)
 
     @torch.no_grad()
     def initialize_block(self, name: str) -> None:
@@ -181,7 +272,8 @@ class BlockDistiller(L.LightningModule):
                 self.cache.call(block, self._device_rows(rows))
 
     def _device_rows(self, rows: torch.Tensor | slice) -> torch.Tensor | slice:
-        return rows if isinstance(rows, slice) else rows.to(self.distill.cache_device)
+        """Row indices on the device of the current cache (the device it was actually placed on)."""
+        return rows if isinstance(rows, slice) else rows.to(self.cache.device)
 
     def _set_rows_step(self, rows: torch.Tensor | slice) -> None:
         set_step(self.student, self.calibration["step"][rows].to(self.device))
@@ -226,6 +318,12 @@ class BlockDistiller(L.LightningModule):
         if not self.state.initialized[k]:
             self.initialize_block(name)
             self.state.initialized[k] = True
+        self._compiled.clear()
+        if self.distill.compile:  # lazy: torch.compile compiles at the block's first training step
+            self._compiled[name] = torch.compile(
+                self.block_module(name), mode=self.distill.compile_mode, backend=self.distill.compile_backend
+            )
+            self._compiled_checked = False
         resumed, self._resume = self._resume, None
         if resumed is None or resumed["block"] != k:
             self._set_step_size_learning_rates(name)
@@ -239,6 +337,12 @@ class BlockDistiller(L.LightningModule):
             self.state.final_losses[name or "model"] = sum(tail) / len(tail)
         self.block_module(name).requires_grad_(False)
         self.cache, self._losses = None, []
+        if self._compiled:
+            # Dynamo keeps its compiled code per code object (shared by every block of a class), guarded by
+            # shapes and module attributes: without a reset, blocks would pile up recompilations until
+            # Dynamo's recompile limit and then silently fall back to eager
+            self._compiled.clear()
+            torch._dynamo.reset()
         self.state.block, self.state.iteration = self.state.block + 1, 0
 
     def initialize_only(self) -> None:
@@ -289,9 +393,8 @@ class BlockDistiller(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         name = self.blocks[self.state.block]
-        block = self.block_module(name)
         rows = self.shard(batch["index"])
-        prediction = self.cache.call(block, self._device_rows(rows))
+        prediction = self._block_forward(name, self._device_rows(rows))
         target = self.cache.output[self._device_rows(rows)].to(prediction.device)
         loss = F.mse_loss(prediction.float(), target.float())  # eq. 15
         optimizer = self.optimizers()
@@ -309,6 +412,22 @@ class BlockDistiller(L.LightningModule):
         self.log("bkd/loss", reported, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         self.log("bkd/block", float(self.state.block), on_step=True, on_epoch=False)
         return loss
+
+    def _block_forward(self, name: str, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The current block's output on cached rows `rows`, through its torch.compile wrapper with
+        distill.compile (the training steps only; initialisation and capture run eagerly)."""
+        block = self.block_module(name)
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            return self.cache.call(block, rows)
+        if not self._compiled_checked:
+            # One eager forward without gradients first: each activation quantizer checks once, eagerly, that
+            # it is calibrated. Traced, that data-dependent check would break the first compiled graph and
+            # force a recompilation at the second step.
+            with torch.no_grad():
+                self.cache.call(block, rows)
+            self._compiled_checked = True
+        return self.cache.call(compiled, rows)
 
     def shard(self, index: torch.Tensor) -> torch.Tensor:
         """This rank's share of a global batch (DDP): rows rank, rank + world, ..."""
