@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from dq.quant import QuantConv2d, QuantLinear, act_quantizers, set_step, weight_quantizers
-from dq.sampling import unet_forward
+from dq.sampling import cond_kwargs, unet_forward
 
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D", "TimestepEmbedding")
 WHOLE_MODEL = ""  # the block name of the whole model (end-to-end QAT as one block)
@@ -138,7 +138,7 @@ def capture_block(
     """Run `model` on `batch` up to block `block_name` and return the block's inputs, and its output when
     want_output (then the block runs; otherwise the pass stops before it). Later blocks never run."""
     if block_name == WHOLE_MODEL:  # the model's own inputs; its output when asked
-        args, kwargs = (batch["x_t"], batch["timestep"]), _cond_kwargs(batch.get("cond"))
+        args, kwargs = (batch["x_t"], batch["timestep"]), cond_kwargs(batch.get("cond"))
         leaves, spec = pytree.tree_flatten((args, kwargs))
         return BlockIO(leaves, spec, run_model(model, batch) if want_output else None)
     captured: dict[str, Any] = {}
@@ -167,12 +167,6 @@ def capture_block(
         raise RuntimeError(f"block {block_name!r} did not run in the forward pass")
     leaves, spec = pytree.tree_flatten(captured["inputs"])
     return BlockIO(leaves, spec, captured.get("output"))
-
-
-def _cond_kwargs(cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    if cond is None:
-        return {}
-    return {"class_labels": cond} if not torch.is_floating_point(cond) else {"encoder_hidden_states": cond}
 
 
 def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO:

@@ -5,6 +5,7 @@ from dq.sampling.config import SAMPLER_NAMES, SPACINGS, SamplerConfig
 from dq.sampling.ddim import SpacedDDIMScheduler, ddim_update
 from dq.sampling.sampler import (
     build_scheduler,
+    cond_kwargs,
     planned_timesteps,
     predict_noise,
     sample,
@@ -19,6 +20,7 @@ __all__ = [
     "SamplerConfig",
     "SpacedDDIMScheduler",
     "build_scheduler",
+    "cond_kwargs",
     "ddim_update",
     "planned_timesteps",
     "predict_noise",

@@ -73,13 +73,19 @@ def planned_timesteps(scheduler_config: Mapping[str, Any], sampler: SamplerConfi
 def unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
     """The UNet's output for x [B, C, H, W] at timesteps int64 [B]; cond: class labels int64 [B] or
     embeddings [B, L, D] (cross-attention), or None for an unconditional model."""
+    return unet(x, timesteps, return_dict=False, **cond_kwargs(cond))[0]
+
+
+def cond_kwargs(cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The diffusers UNet keyword that carries `cond`: class_labels for int64 labels [B],
+    encoder_hidden_states for embeddings [B, L, D], none for None."""
     if cond is None:
-        return unet(x, timesteps, return_dict=False)[0]
+        return {}
     if not torch.is_floating_point(cond):
-        return unet(x, timesteps, class_labels=cond, return_dict=False)[0]
+        return {"class_labels": cond}
     if cond.ndim != 3:
         raise ValueError(f"float conditioning must be embeddings [B, L, D], got shape {tuple(cond.shape)}")
-    return unet(x, timesteps, encoder_hidden_states=cond, return_dict=False)[0]
+    return {"encoder_hidden_states": cond}
 
 
 def _call_model(unet: nn.Module, x: torch.Tensor, timestep: int, cond: torch.Tensor | None) -> torch.Tensor:
