@@ -7,8 +7,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     WANDB_MODE=offline \
     PATH=/opt/venv/bin:$PATH
 
+# gcc + python3-dev: torch.compile (method.distill.compile=true) has Triton build its kernel launchers in C
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip python3-dev gcc ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
