@@ -1,9 +1,13 @@
 """UNet architectures of the paper's settings, built from config with random weights (for benchmarks:
-timing and memory do not depend on the weights)."""
+timing and memory do not depend on the weights), and random inputs of their shape."""
 
 from __future__ import annotations
 
+import torch
 from diffusers import UNet2DModel
+from torch import nn
+
+from dq.zoo.convert_compvis import diffusers_unet_from_params
 
 # google/ddpm-cifar10-32 (35.7M parameters), the paper's CIFAR-10 model
 DDPM_CIFAR10 = {
@@ -26,8 +30,32 @@ SMALL = {**DDPM_CIFAR10, "block_out_channels": (32, 64, 64, 64), "layers_per_blo
 
 ARCHITECTURES = {"ddpm_cifar10": DDPM_CIFAR10, "small": SMALL}
 
+# the LDM UNets (unet_config.params of configs/latent-diffusion/*.yaml), as dq.zoo.convert_compvis builds them
+_LDM_COMMON = {"num_res_blocks": 2, "attention_resolutions": [8, 4, 2], "image_size": 64, "in_channels": 3,
+               "out_channels": 3}
+LDM_UNETS = {
+    "ldm_bedroom": {**_LDM_COMMON, "model_channels": 224, "channel_mult": [1, 2, 3, 4], "num_head_channels": 32},
+    "ldm_church": {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 192,
+                   "attention_resolutions": [1, 2, 4, 8], "num_res_blocks": 2, "channel_mult": [1, 2, 2, 4, 4],
+                   "num_heads": 8, "use_scale_shift_norm": True, "resblock_updown": True},
+    "ldm_imagenet": {**_LDM_COMMON, "model_channels": 192, "channel_mult": [1, 2, 3, 5], "num_heads": 1,
+                     "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 512},
+}
 
-def build(name: str) -> UNet2DModel:
+
+def build(name: str) -> nn.Module:
+    if name in LDM_UNETS:
+        return diffusers_unet_from_params(LDM_UNETS[name])
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}")
+        raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES) + sorted(LDM_UNETS)}")
     return UNet2DModel(**ARCHITECTURES[name]).eval()
+
+
+def random_inputs(unet: nn.Module, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """{"x_t": [n, C, H, W]} of the model's input shape, plus "cond" [n, 1, D] (a one-token context, as the
+    class-conditional LDM's) for a cross-attention UNet."""
+    cfg = unet.config
+    inputs = {"x_t": torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)}
+    if cfg.get("cross_attention_dim") is not None:
+        inputs["cond"] = torch.randn(n, 1, cfg.cross_attention_dim, generator=generator)
+    return inputs

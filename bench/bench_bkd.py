@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.architectures import build  # noqa: E402
+from bench.architectures import build, random_inputs  # noqa: E402
 from dq.bkd import (  # noqa: E402
     BlockDistiller,
     BlockScheduleCallback,
@@ -62,10 +62,9 @@ class _IterationTimer(L.Callback):
 
 def _calibration(unet, num_samples: int, num_steps: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    cfg = unet.config
     step = torch.arange(num_samples) % num_steps
     return {
-        "x_t": torch.randn(num_samples, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+        **random_inputs(unet, num_samples, g),
         "step": step,
         "timestep": (999 - step * (1000 // num_steps)).long(),
     }
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace, whole_model: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="small", help="ddpm_cifar10 | small")
+    parser.add_argument("--arch", default="small", help="ddpm_cifar10 | small | ldm_bedroom | ldm_church | ldm_imagenet")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=5, help="iterations measured per block")
     parser.add_argument("--blocks", type=int, default=None,

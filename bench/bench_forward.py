@@ -19,19 +19,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.architectures import build  # noqa: E402
+from bench.architectures import build, random_inputs  # noqa: E402
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step  # noqa: E402
+from dq.sampling import unet_forward  # noqa: E402
 
 
-def _time(model, x, t, repeats: int, device: torch.device) -> float:
+def _time(model, x, t, cond, repeats: int, device: torch.device) -> float:
     with torch.no_grad():
         for _ in range(2):
-            model(x, t)
+            unet_forward(model, x, t, cond)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
-            model(x, t)
+            unet_forward(model, x, t, cond)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return (time.perf_counter() - start) / repeats
@@ -39,7 +40,7 @@ def _time(model, x, t, repeats: int, device: torch.device) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="small")
+    parser.add_argument("--arch", default="small", help="ddpm_cifar10 | small | ldm_bedroom | ldm_church | ldm_imagenet")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
@@ -47,16 +48,16 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     fp = build(args.arch).to(device)
-    cfg = fp.config
-    x = torch.randn(args.batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+    inputs = {k: v.to(device) for k, v in random_inputs(fp, args.batch, torch.Generator().manual_seed(0)).items()}
+    x, cond = inputs["x_t"], inputs.get("cond")
     t = torch.full((args.batch,), 500, device=device, dtype=torch.long)
     student = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4, num_steps=1, num_groups=1))
     with calibrate_activations(student), torch.no_grad():
         set_step(student, 0)
-        student(x, t)
+        unet_forward(student, x, t, cond)
     set_step(student, 0)
-    fp_s = _time(fp, x, t, args.repeats, device)
-    q_s = _time(student, x, t, args.repeats, device)
+    fp_s = _time(fp, x, t, cond, args.repeats, device)
+    q_s = _time(student, x, t, cond, args.repeats, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"bench_forward: arch={args.arch} device={name} batch={args.batch} torch={torch.__version__}")
     print(f"bench_forward: FP {fp_s * 1e3:.2f} ms/forward, fake-quant W4A4 student {q_s * 1e3:.2f} ms/forward, "

@@ -236,6 +236,16 @@ def _unet_config(layout: UNetLayout) -> tuple[type[nn.Module], dict[str, Any], d
     return UNet2DModel, config, overrides
 
 
+def diffusers_unet_from_params(params: Mapping[str, Any]) -> nn.Module:
+    """The diffusers UNet (random weights, head counts applied) of an openaimodel UNet's YAML params: the
+    architecture a conversion produces, for benchmarks without the checkpoint."""
+    unet_class, config, heads = _unet_config(UNetLayout.from_params(params))
+    unet = unet_class(**config)
+    if heads:
+        set_attention_heads(unet, heads)
+    return unet.eval()
+
+
 def _resblock_map(src: str, dst: str) -> dict[str, str]:
     return {
         f"{src}.in_layers.0": f"{dst}.norm1",

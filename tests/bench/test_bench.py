@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end at tiny scale (their figures are measured, not asserted), and the
+LDM architectures they time are the ones the converter builds."""
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from bench import bench_bkd, bench_forward
+from bench.architectures import LDM_UNETS, build, random_inputs
+
+
+def test_bench_bkd_prints_and_writes_both_methods(tmp_path, capsys):
+    out = tmp_path / "bkd.json"
+    bench_bkd.main(["--arch", "small", "--device", "cpu", "--iters", "2", "--blocks", "2", "--samples", "16",
+                    "--batch", "8", "--capture-batch", "16", "--steps", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "QAT/BKD time per iteration" in printed
+    figures = json.loads(out.read_text())
+    bkd, qat = figures["rows"]
+    assert bkd["blocks_measured"] == 2 and bkd["iterations_measured"] == 4
+    assert qat["blocks_total"] == 1 and qat["iterations_measured"] == 2
+    assert bkd["seconds_per_iteration"] > 0 and qat["seconds_per_iteration"] > 0
+    assert figures["cache_device"] == "auto" and bkd["cache_devices"] == ["cpu"]
+
+
+def test_bench_forward_runs(capsys):
+    bench_forward.main(["--arch", "small", "--device", "cpu", "--batch", "2", "--repeats", "1"])
+    assert "student/FP =" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(LDM_UNETS))
+def test_ldm_architectures(name):
+    """Real size (hundreds of millions of parameters): built on the meta device, no forward."""
+    with torch.device("meta"):
+        unet = build(name)
+    expected = UNet2DConditionModel if name == "ldm_imagenet" else UNet2DModel
+    assert isinstance(unet, expected)
+    assert sum(p.numel() for p in unet.parameters()) > 100e6
+    inputs = random_inputs(unet, 2, torch.Generator().manual_seed(0))
+    assert inputs["x_t"].shape[1:] == (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    assert ("cond" in inputs) == (name == "ldm_imagenet")
+    if name == "ldm_church":  # 8 heads at 192, 384 and 768 channels: only the applied head counts say so
+        heads = {m.heads for n, m in unet.named_modules() if n.endswith("attentions.0") and hasattr(m, "heads")}
+        assert heads == {8}
