@@ -27,7 +27,6 @@ loads the folder (diffusers alone would read that UNet with other head counts).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from dq.metrics.backends import file_sha256
 from dq.zoo.components import CLASS_EMBEDDINGS_FILE
 from dq.zoo.loading import ATTENTION_HEADS_FILE, set_attention_heads
 
@@ -257,8 +257,9 @@ def _resblock_map(src: str, dst: str) -> dict[str, str]:
     }
 
 
-def unet_module_map(layout: UNetLayout) -> tuple[dict[str, str], dict[str, str]]:
-    """CompVis module prefix -> diffusers module prefix, for plain modules and for attention blocks."""
+def unet_module_map(layout: UNetLayout) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
+    """CompVis module prefix -> diffusers module prefix for plain modules, and -> (diffusers prefix, heads)
+    for attention blocks."""
     plain = {
         "time_embed.0": "time_embedding.linear_1",
         "time_embed.2": "time_embedding.linear_2",
@@ -266,7 +267,7 @@ def unet_module_map(layout: UNetLayout) -> tuple[dict[str, str], dict[str, str]]
         "out.0": "conv_norm_out",
         "out.2": "conv_out",
     }
-    attention: dict[str, str] = {}
+    attention: dict[str, tuple[str, int]] = {}
 
     def add_resblock(src: str, dst: str) -> None:
         plain.update(_resblock_map(src, dst))
@@ -276,7 +277,7 @@ def unet_module_map(layout: UNetLayout) -> tuple[dict[str, str], dict[str, str]]
         for r in range(layout.res_blocks):
             add_resblock(f"input_blocks.{index}.0", f"down_blocks.{level}.resnets.{r}")
             if layout.attention[level]:
-                attention[f"input_blocks.{index}.1"] = f"down_blocks.{level}.attentions.{r}"
+                attention[f"input_blocks.{index}.1"] = (f"down_blocks.{level}.attentions.{r}", layout.heads[level])
             index += 1
         if level != layout.levels - 1:
             if layout.updown:
@@ -285,7 +286,7 @@ def unet_module_map(layout: UNetLayout) -> tuple[dict[str, str], dict[str, str]]
                 plain[f"input_blocks.{index}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
             index += 1
     add_resblock("middle_block.0", "mid_block.resnets.0")
-    attention["middle_block.1"] = "mid_block.attentions.0"
+    attention["middle_block.1"] = ("mid_block.attentions.0", layout.heads[-1])
     add_resblock("middle_block.2", "mid_block.resnets.1")
     index = 0
     for up, level in enumerate(reversed(range(layout.levels))):
@@ -293,7 +294,7 @@ def unet_module_map(layout: UNetLayout) -> tuple[dict[str, str], dict[str, str]]
             add_resblock(f"output_blocks.{index}.0", f"up_blocks.{up}.resnets.{r}")
             sub = 1
             if layout.attention[level]:
-                attention[f"output_blocks.{index}.1"] = f"up_blocks.{up}.attentions.{r}"
+                attention[f"output_blocks.{index}.1"] = (f"up_blocks.{up}.attentions.{r}", layout.heads[level])
                 sub = 2
             if level != 0 and r == layout.res_blocks:
                 if layout.updown:
@@ -332,7 +333,6 @@ def convert_unet_state(state: StateDict, layout: UNetLayout) -> StateDict:
     """The diffusers state dict of an openaimodel UNet state (keys without the model.diffusion_model. prefix)."""
     plain, attention = unet_module_map(layout)
     legacy_order = not layout.params.get("use_new_attention_order", False)
-    heads_of = _attention_heads_by_source(layout, attention)
     converted: StateDict = {}
     used: set[str] = set()
     for key, tensor in state.items():
@@ -340,29 +340,17 @@ def convert_unet_state(state: StateDict, layout: UNetLayout) -> StateDict:
         if module in plain:
             converted[f"{plain[module]}.{leaf}"] = tensor
             used.add(key)
-    for src, dst in attention.items():
+    for src, (dst, heads) in attention.items():
         keys = [k for k in state if k.startswith(src + ".")]
         used.update(keys)
         if layout.spatial_transformer:  # SpatialTransformer and Transformer2DModel share their parameter names
             converted.update({dst + k[len(src) :]: state[k] for k in keys})
         else:
-            converted.update(_attention_block(src, dst, state, heads_of[src], legacy_order))
+            converted.update(_attention_block(src, dst, state, heads, legacy_order))
     leftover = sorted(set(state) - used)
     if leftover:
         raise ValueError(f"{len(leftover)} UNet keys have no place in the converted model, e.g. {leftover[:5]}")
     return converted
-
-
-def _attention_heads_by_source(layout: UNetLayout, attention: Mapping[str, str]) -> dict[str, int]:
-    heads = {}
-    for src, dst in attention.items():
-        if dst.startswith("mid_block"):
-            heads[src] = layout.heads[-1]
-        else:
-            part, index = dst.split(".")[:2]
-            level = int(index) if part == "down_blocks" else layout.levels - 1 - int(index)
-            heads[src] = layout.heads[level]
-    return heads
 
 
 # ---------------------------------------------------------------------------------------------- first stage
@@ -493,14 +481,6 @@ def _scheduler_config(params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert(
     ckpt: str | Path,
     config: str | Path,
@@ -555,8 +535,8 @@ def convert(
         (out / CLASS_EMBEDDINGS_FILE).parent.mkdir(parents=True, exist_ok=True)
         save_file({"weight": class_table.float().contiguous()}, str(out / CLASS_EMBEDDINGS_FILE))
     record = {
-        "source": {"ckpt": str(Path(ckpt).resolve()), "ckpt_sha256": _sha256(Path(ckpt)),
-                   "config": str(Path(config).resolve()), "config_sha256": _sha256(Path(config))},
+        "source": {"ckpt": str(Path(ckpt).resolve()), "ckpt_sha256": file_sha256(ckpt),
+                   "config": str(Path(config).resolve()), "config_sha256": file_sha256(config)},
         "unet": {"class": unet_class.__name__, "weights": "ema" if ema_used else "raw",
                  "parameters": sum(p.numel() for p in unet.parameters())},
         "vae": {"class": vae_class.__name__, "scaling_factor": scaling},
