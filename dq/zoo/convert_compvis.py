@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -492,8 +493,10 @@ def convert(
 ) -> Path:
     """Write the diffusers folder of a CompVis LDM checkpoint; returns the folder."""
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; --out must be a folder to write")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace its contents")
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     params = read_config(config)
     state = read_checkpoint(ckpt, trust_pickle=trust_pickle)
 
@@ -524,26 +527,36 @@ def convert(
         if stored.shape != built.shape or not torch.allclose(stored, built, rtol=1e-5, atol=1e-8):
             raise ValueError("the checkpoint's stored betas differ from the schedule its config describes")
 
-    out.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    if heads:
-        set_attention_heads(unet, heads)  # validates the names and head counts before they are written
-        (out / "unet" / ATTENTION_HEADS_FILE).write_text(json.dumps({"attention_heads": heads}, indent=2) + "\n")
-    vae.save_pretrained(out / "vae", safe_serialization=True)
-    scheduler.save_pretrained(out / "scheduler")
-    if class_table is not None:
-        (out / CLASS_EMBEDDINGS_FILE).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": class_table.float().contiguous()}, str(out / CLASS_EMBEDDINGS_FILE))
-    record = {
-        "source": {"ckpt": str(Path(ckpt).resolve()), "ckpt_sha256": file_sha256(ckpt),
-                   "config": str(Path(config).resolve()), "config_sha256": file_sha256(config)},
-        "unet": {"class": unet_class.__name__, "weights": "ema" if ema_used else "raw",
-                 "parameters": sum(p.numel() for p in unet.parameters())},
-        "vae": {"class": vae_class.__name__, "scaling_factor": scaling},
-        "class_embedder": None if class_table is None else list(class_table.shape),
-        "attention_heads_file": bool(heads),
-    }
-    (out / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+    # written beside `out` and renamed into place at the end: an interrupted conversion never leaves a
+    # half-written folder that would load (say, a class-conditional model without its class table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.converting"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        if heads:
+            set_attention_heads(unet, heads)  # validates the names and head counts before they are written
+            (staging / "unet" / ATTENTION_HEADS_FILE).write_text(json.dumps({"attention_heads": heads}, indent=2) + "\n")
+        vae.save_pretrained(staging / "vae", safe_serialization=True)
+        scheduler.save_pretrained(staging / "scheduler")
+        if class_table is not None:
+            (staging / CLASS_EMBEDDINGS_FILE).parent.mkdir(parents=True, exist_ok=True)
+            save_file({"weight": class_table.float().contiguous()}, str(staging / CLASS_EMBEDDINGS_FILE))
+        record = {
+            "source": {"ckpt": str(Path(ckpt).resolve()), "ckpt_sha256": file_sha256(ckpt),
+                       "config": str(Path(config).resolve()), "config_sha256": file_sha256(config)},
+            "unet": {"class": unet_class.__name__, "weights": "ema" if ema_used else "raw",
+                     "parameters": sum(p.numel() for p in unet.parameters())},
+            "vae": {"class": vae_class.__name__, "scaling_factor": scaling},
+            "class_embedder": None if class_table is None else list(class_table.shape),
+            "attention_heads_file": bool(heads),
+        }
+        (staging / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():  # empty, or --overwrite
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log(
         f"wrote {out}: {unet_class.__name__} ({record['unet']['parameters'] / 1e6:.1f}M parameters, "
         f"{record['unet']['weights']} weights), {vae_class.__name__} (scaling_factor {scaling:g})"
@@ -583,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
                      help="require the EMA weights (default: EMA when the checkpoint has them)")
     ema.add_argument("--no-ema", dest="use_ema", action="store_const", const=False, help="use the raw weights")
     parser.add_argument("--trust-pickle", action="store_true", help="read a checkpoint with weights_only=False")
-    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (its old contents are removed)")
     args = parser.parse_args(argv)
     try:
         convert(args.ckpt, args.config, args.out, args.use_ema, args.trust_pickle, args.overwrite)

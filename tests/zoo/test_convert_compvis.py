@@ -223,3 +223,28 @@ def test_converted_folder_trains_and_samples(name, tmp_path):
     results, _ = run_train(out, tmp_path, extra)
     assert results["psnr_vs_fp"] > 0
     assert results["fidelity_protocol"]["latent_decode"]["vae"] == ("AutoencoderKL" if name == "church" else "VQModel")
+
+
+def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
+    """Stopped while writing the class table (the last large file), nothing named --out appears: a half
+    folder would load as a class-conditional model without its table."""
+    import dq.zoo.convert_compvis as convert_module
+
+    _, _, _, ckpt, cfg = write_source(tmp_path, TINY_CIN)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(ckpt, cfg, tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "model.ckpt"]  # no staging left either
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        convert(ckpt, cfg, tmp_path / "file")
+    out = convert(ckpt, cfg, tmp_path / "out", log=lambda _: None)
+    (out / "stray.txt").write_text("old")
+    convert(ckpt, cfg, out, overwrite=True, log=lambda _: None)
+    assert not (out / "stray.txt").exists()  # --overwrite replaces the folder, it does not merge into it
