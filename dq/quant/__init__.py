@@ -12,6 +12,7 @@ from dq.quant.convert import (
     set_step,
     skip_split_points,
     step_context,
+    step_indexed,
     tpq_num_steps,
     weight_quantizers,
 )
@@ -28,7 +29,7 @@ from dq.quant.ops import (
     round_ste,
     step_groups,
 )
-from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
+from dq.quant.quantizers import StepIndexed, TemporalActQuantizer, WeightQuantizer
 from dq.quant.state import load_quant_state, read_quant_state, save_quant_state
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
+    "StepIndexed",
     "TemporalActQuantizer",
     "WeightQuantizer",
     "act_quantizers",
@@ -60,6 +62,7 @@ __all__ = [
     "set_step",
     "skip_split_points",
     "step_context",
+    "step_indexed",
     "step_groups",
     "tpq_num_steps",
     "weight_quantizers",

@@ -21,7 +21,7 @@ from torch import nn
 
 from dq.quant.config import QuantConfig
 from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
-from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
+from dq.quant.quantizers import StepIndexed, TemporalActQuantizer, WeightQuantizer
 
 CONFIG_ATTR = "dq_quant_config"
 FIRST_LAYER_NAMES = ("conv_in",)
@@ -140,9 +140,14 @@ def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
     return [m for m in model.modules() if isinstance(m, WeightQuantizer)]
 
 
+def step_indexed(model: nn.Module) -> list[StepIndexed]:
+    """Every module of `model` that reads the sampling step index (TPQ quantizers, trainable or integer)."""
+    return [m for m in model.modules() if isinstance(m, StepIndexed)]
+
+
 def tpq_num_steps(model: nn.Module) -> int | None:
     """T, the number of sampling steps the student's TPQ tables serve; None for a float model."""
-    quantizers = act_quantizers(model)
+    quantizers = step_indexed(model)
     return quantizers[0].num_steps if quantizers else None
 
 
@@ -152,7 +157,7 @@ def set_step(model: nn.Module, step: int | torch.Tensor | None) -> None:
     step: an int i in [0, T) for a whole batch (sampling), an int64 tensor [B] of per-sample indices
     (parallel training), or None to clear. A no-op on a float model. ValueError if out of range.
     """
-    quantizers = act_quantizers(model)
+    quantizers = step_indexed(model)
     if not quantizers:
         return
     num_steps = quantizers[0].num_steps

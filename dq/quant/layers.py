@@ -119,6 +119,16 @@ class QuantAttnProcessor(nn.Module):
         self.v_quantizer = _act_quantizer(qkv_bits, config)
         self.probs_quantizer = _act_quantizer(softmax_bits, config)
 
+    @classmethod
+    def from_quantizers(cls, q: nn.Module, k: nn.Module, v: nn.Module, probs: nn.Module) -> QuantAttnProcessor:
+        """A processor with the given quantizer modules (any module mapping a tensor to its quantized value,
+        e.g. the integer runtime's fixed-table quantizers)."""
+        processor = cls.__new__(cls)
+        nn.Module.__init__(processor)
+        processor.q_quantizer, processor.k_quantizer, processor.v_quantizer = q, k, v
+        processor.probs_quantizer = probs
+        return processor
+
     def __call__(
         self,
         attn: nn.Module,

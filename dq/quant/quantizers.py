@@ -82,7 +82,36 @@ class _RangeObserver:
             self.values[group] = kept
 
 
-class TemporalActQuantizer(nn.Module):
+class StepIndexed(nn.Module):
+    """A module with a step→group map that reads the sampling step index set from outside (`set_step`).
+
+    The base of every module that holds per-step tables: the trainable TemporalActQuantizer and the
+    integer runtime's quantizers (`dq.export`), so the sampler's step plumbing drives both alike.
+    """
+
+    def __init__(self, num_steps: int, num_groups: int) -> None:
+        super().__init__()
+        self.register_buffer("step_to_group", ops.step_groups(num_steps, num_groups))
+        self.step: int | torch.Tensor | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return self.step_to_group.numel()
+
+    def group_rows(self, batch: int | None = None) -> torch.Tensor:
+        """The group index of each sample: [1] for an int step, [B] for per-sample steps."""
+        step = self.step
+        if step is None:
+            raise RuntimeError(
+                "no sampling step index is set on this activation quantizer: call "
+                "dq.quant.set_step(model, i) (or pass per-sample indices) before the forward pass"
+            )
+        if isinstance(step, int):
+            return self.step_to_group[step : step + 1]
+        return self.step_to_group.index_select(0, step)
+
+
+class TemporalActQuantizer(StepIndexed):
     """Per-tensor activation quantizer with one (Δ, z) per timestep group (TPQ, eqs 13-14).
 
     Inputs are laid out [B·k, ...] where B is the number of step indices set (1 for an int step) and k ≥ 1
@@ -98,7 +127,7 @@ class TemporalActQuantizer(nn.Module):
         percentile: float = 99.99,
         lsq_grad_scale: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(num_steps, num_groups)
         ops.qmax(bits)
         self.bits = bits
         self.init_method = init_method
@@ -106,32 +135,14 @@ class TemporalActQuantizer(nn.Module):
         self.lsq_grad_scale = lsq_grad_scale
         self.scale = nn.Parameter(torch.ones(num_groups))
         self.zero_point = nn.Parameter(torch.zeros(num_groups))
-        self.register_buffer("step_to_group", ops.step_groups(num_steps, num_groups))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-        self.step: int | torch.Tensor | None = None
         self.enabled = True
         self._observer: _RangeObserver | None = None
         self._checked_calibrated = False
 
     @property
-    def num_steps(self) -> int:
-        return self.step_to_group.numel()
-
-    @property
     def num_groups(self) -> int:
         return self.scale.numel()
-
-    def group_rows(self, batch: int | None = None) -> torch.Tensor:
-        """The group index of each sample: [1] for an int step, [B] for per-sample steps."""
-        step = self.step
-        if step is None:
-            raise RuntimeError(
-                "no sampling step index is set on this activation quantizer: call "
-                "dq.quant.set_step(model, i) (or pass per-sample indices) before the forward pass"
-            )
-        if isinstance(step, int):
-            return self.step_to_group[step : step + 1]
-        return self.step_to_group.index_select(0, step)
 
     # ------------------------------------------------------------------ calibration
 

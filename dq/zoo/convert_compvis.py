@@ -40,9 +40,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from dq.arch import set_attention_heads
 from dq.metrics.backends import file_sha256
 from dq.zoo.components import CLASS_EMBEDDINGS_FILE
-from dq.zoo.loading import ATTENTION_HEADS_FILE, set_attention_heads
+from dq.zoo.loading import ATTENTION_HEADS_FILE
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."

@@ -21,6 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dq.arch import set_attention_heads
 from dq.sampling.config import SamplerConfig
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
@@ -102,26 +103,6 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
         set_attention_heads(unet, heads)
     scheduler = scheduler_class.from_config(scheduler_config)
     return unet.eval(), scheduler
-
-
-def set_attention_heads(unet: nn.Module, heads: Mapping[str, int]) -> None:
-    """Give the named diffusers Attention modules these head counts (their projections are unchanged: only
-    the split into heads and the 1/sqrt(head size) scale depend on it). ValueError for a name that is not an
-    attention module or a count that does not divide its width."""
-    from diffusers.models.attention_processor import Attention
-
-    for name, count in heads.items():
-        try:
-            module = unet.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"attention heads given for {name!r}, which is not a module of this UNet") from err
-        if not isinstance(module, Attention):
-            raise ValueError(f"attention heads given for {name!r}, a {type(module).__name__}, not an Attention module")
-        if not isinstance(count, int) or count < 1 or module.inner_dim % count:
-            raise ValueError(f"{name}: {count!r} heads do not split its {module.inner_dim} channels")
-        module.heads = module.sliceable_head_dim = count
-        if module.scale_qk:
-            module.scale = (module.inner_dim // count) ** -0.5
 
 
 def model_folder(model_cfg: Mapping[str, Any]) -> Path:

@@ -1,0 +1,137 @@
+"""Export a train.py run's student as an integer model (packed weight codes + per-step TPQ tables).
+
+    python -m dq.export run=outputs/<date>/<time>_dilatequant_w4a4            # -> <run>/student_int.safetensors
+    python -m dq.export run=DIR out=/tmp/w4a4.safetensors float_dtype=bfloat16 overwrite=true
+
+Arguments (key=value): run (required), out (default <run>/student_int.safetensors), float_dtype (float16 |
+bfloat16 | float32: the norms, biases and embeddings; default float32), overwrite (default false), verify
+(default 32: that many samples from the same noise by the integer model, the fake-quant student and the FP
+model, and the PSNR between them; 0 skips it).
+Prints the file's size against the FP32 UNet, what takes the room, and the check. Errors: one `dq: error:`
+line, exit 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dq.export.artifact import FLOAT_DTYPES, ExportError, export_student, size_breakdown
+
+KEYS = {"run": None, "out": None, "float_dtype": "float32", "overwrite": "false", "verify": "32"}
+
+
+def parse_args(argv: list[str]) -> dict[str, str | None]:
+    args = dict(KEYS)
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in KEYS:
+            raise ExportError(f"unknown argument {item!r}; use key=value with keys {sorted(KEYS)}")
+        args[key] = value
+    if not args["run"]:
+        raise ExportError("run=<train.py output dir> is required")
+    if args["float_dtype"] not in FLOAT_DTYPES:
+        raise ExportError(f"float_dtype must be one of {sorted(FLOAT_DTYPES)}, got {args['float_dtype']!r}")
+    if not str(args["verify"]).isdigit():
+        raise ExportError(f"verify must be a number of samples >= 0, got {args['verify']!r}")
+    if args["overwrite"] not in ("true", "false"):
+        raise ExportError(f"overwrite must be true or false, got {args['overwrite']!r}")
+    return args
+
+
+def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str = "float32",
+               overwrite: bool = False, verify: int = 32) -> tuple[Path, dict[str, Any]]:
+    """Export the student of a complete train.py run dir; returns (path, summary with the size figures)."""
+    from omegaconf import OmegaConf
+
+    from dq.metrics.backends import file_sha256
+    from dq.quant import load_quant_state
+    from dq.sampling import planned_timesteps
+    from dq.zoo import load_components, load_model, model_conditioning
+
+    run_dir = Path(run).expanduser()
+    if not run_dir.is_dir():
+        raise ExportError(f"run={run_dir} does not exist or is not a directory")
+    for name in ("config.yaml", "student.safetensors", "results.json"):
+        if not (run_dir / name).is_file():
+            raise ExportError(f"run={run_dir} is not a complete train.py run: {name} is missing")
+    results = json.loads((run_dir / "results.json").read_text())
+    if not results.get("complete"):
+        raise ExportError(f"run={run_dir} did not complete (results.json has complete={results.get('complete')})")
+    out_path = Path(out).expanduser() if out else run_dir / "student_int.safetensors"
+    if out_path.exists() and not overwrite:
+        raise ExportError(f"{out_path} exists; pass overwrite=true to replace it")
+    run_config = OmegaConf.load(run_dir / "config.yaml")
+    loaded = load_model(run_config.model)
+    try:
+        student = load_quant_state(loaded.unet, run_dir / "student.safetensors")
+    except (FileNotFoundError, ValueError) as err:
+        raise ExportError(f"cannot load the run's student: {err}") from err
+    timesteps = planned_timesteps(loaded.scheduler.config, loaded.sampler).tolist()
+    extra = {
+        "model_config": OmegaConf.to_container(run_config.model, resolve=True),
+        "sampler": loaded.sampler.to_dict(),
+        "scheduler_config": {k: v for k, v in dict(loaded.scheduler.config).items() if not k.startswith("_")},
+        "method": run_config.method.name, "quant": run_config.quant.name,
+        "source": {"run_dir": str(run_dir), "student_sha256": file_sha256(run_dir / "student.safetensors")},
+    }
+    path = export_student(student, out_path, timesteps, float_dtype, extra)
+    fp32_bytes = sum(t.numel() * 4 for t in loaded.unet.state_dict().values() if t.is_floating_point())
+    summary = {"path": str(path), "bytes": path.stat().st_size, "fp32_unet_bytes": fp32_bytes,
+               "breakdown": size_breakdown(path)}
+    if verify:
+        components = load_components(run_config.model)
+        conditioning = model_conditioning(run_config.model, components, limit=verify)
+        summary["verify"] = verify_export(path, loaded, student, components, conditioning, verify)
+    return path, summary
+
+
+def verify_export(path: Path, loaded, student, components, conditioning, num_samples: int, seed: int = 1234
+                  ) -> dict[str, float]:
+    """Sample `num_samples` images from the same noise (and conditioning: sample k gets class / prompt k % P,
+    as train.py's fidelity check does) with the integer model of `path`, the fake-quant student and the FP
+    model; the PSNR of each pair."""
+    from dq.export.runtime import load_int_model
+    from dq.metrics import psnr
+    from dq.sampling import sample
+    from dq.zoo import to_images
+
+    int_model = load_int_model(path)
+    cond, uncond = conditioning.for_indices(torch.arange(num_samples))
+    kwargs = dict(seed=seed, batch_size=min(num_samples, 32), progress=False, cond=cond, uncond=uncond)
+    config = loaded.scheduler.config
+    images = {name: to_images(components, sample(model, config, loaded.sampler, num_samples, **kwargs))
+              for name, model in (("int", int_model), ("fake_quant", student), ("fp", loaded.unet))}
+    return {"num_samples": num_samples, "seed": seed,
+            "psnr_int_vs_fake_quant": psnr(images["int"], images["fake_quant"]),
+            "psnr_int_vs_fp": psnr(images["int"], images["fp"]),
+            "psnr_fake_quant_vs_fp": psnr(images["fake_quant"], images["fp"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        path, summary = export_run(args["run"], args["out"], args["float_dtype"], args["overwrite"] == "true",
+                                   int(args["verify"]))
+    except ExportError as err:
+        print(f"dq: error: {err}", file=sys.stderr)
+        return 2
+    ratio = summary["bytes"] / summary["fp32_unet_bytes"]
+    print(f"dq: exported {path}: {summary['bytes'] / 1e6:.3f} MB, {ratio:.3f} of the FP32 UNet "
+          f"({summary['fp32_unet_bytes'] / 1e6:.3f} MB of float32 tensors)")
+    for part, size in summary["breakdown"].items():
+        print(f"dq:   {part:22s} {size / 1e3:10.1f} kB")
+    check = summary.get("verify")
+    if check:
+        print(f"dq: {check['num_samples']} samples from the same noise: integer vs fake-quant student "
+              f"{check['psnr_int_vs_fake_quant']:.2f} dB PSNR; integer vs FP {check['psnr_int_vs_fp']:.2f} dB; "
+              f"fake-quant vs FP {check['psnr_fake_quant_vs_fp']:.2f} dB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

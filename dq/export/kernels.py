@@ -1,0 +1,212 @@
+"""Integer convolution and matrix-product kernels: uint8 activation codes × int8 weights → int32 sums,
+rescaled once (Δx·Δw) before the bias.
+
+Two backends compute the same thing:
+- `onednn` (CPU): `torch.ops.onednn.qconv2d_pointwise.tensor` / `qlinear_pointwise.tensor`, which take the
+  activation scale and zero point as *runtime tensors* (so each call can use its own TPQ row) and fold the
+  zero point in exactly, padding included. Activations run channels-last, as the kernels want them.
+- `gemm` (CUDA, and CPU for reference): im2col + `torch._int_mm` (int8 × int8 → int32).
+
+Both see weights as W8 = (q_w − z_w) − c with a per-output-channel shift c chosen so that W8 fits int8
+(c = 0 for ≤ 7-bit weights; 8-bit rows whose codes span past int8 get c ≠ 0); the shifted part is added back
+exactly through a window sum of the activation codes:
+
+    Σ (q_x − z_x)(q_w − z_w) = Σ (q_x − z_x)·W8 + c · Σ (q_x − z_x)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("onednn", "gemm")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` → onednn on a CPU that has it, gemm elsewhere; ValueError for an unknown or unusable one."""
+    if backend == "auto":
+        return "onednn" if device.type == "cpu" and onednn_available() else "gemm"
+    if backend not in BACKENDS:
+        raise ValueError(f"integer backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend == "onednn" and (device.type != "cpu" or not onednn_available()):
+        raise ValueError(f"the onednn integer backend runs on a CPU with oneDNN; got device {device}")
+    return backend
+
+
+def shift_to_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W8 int8, c int32 [O]) with weight = W8 + c per output row; weight: integer [O, ...] whose rows span
+    at most 255 values (q_w − z_w of a ≤ 8-bit grid). c = 0 for rows already inside [−128, 127]."""
+    flat = weight.reshape(weight.shape[0], -1).to(torch.int32)
+    hi, lo = flat.amax(dim=1), flat.amin(dim=1)
+    if bool((hi - lo > 255).any()):
+        raise ValueError("integer weights span more than 255 values in a row: only ≤ 8-bit weights run in int8")
+    shift = torch.where(hi > 127, hi - 127, torch.where(lo < -128, lo + 128, torch.zeros_like(hi)))
+    w8 = (flat - shift[:, None]).to(torch.int8).reshape(weight.shape)
+    return w8, shift
+
+
+def _window_sum_conv(codes: torch.Tensor, zero_point: torch.Tensor, kernel: tuple[int, int], stride, padding,
+                     dilation) -> torch.Tensor:
+    """Σ over each conv window and every input channel of (q_x − z_x), float [B, 1, H', W'] (exact: integers
+    far below 2^24); zero padding of (q_x − z_x) is the code z_x, as in the main product."""
+    centred = codes.float().sum(dim=1, keepdim=True) - zero_point.float() * codes.shape[1]
+    ones = torch.ones(1, 1, *kernel, dtype=centred.dtype, device=centred.device)
+    return F.conv2d(centred, ones, None, stride, padding, dilation)
+
+
+class IntConvKernel:
+    """One integer Conv2d (one input-channel part of it): W8 [O, C, kh, kw], Δw [O], shift c [O]."""
+
+    def __init__(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, stride, padding,
+                 dilation, backend: str) -> None:
+        self.backend = backend
+        self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+        self.kernel = tuple(w8.shape[2:])
+        self.out_channels, self.in_channels = w8.shape[0], w8.shape[1]
+        self.weight_bytes = w8.numel()  # int8, one byte a weight (packed or as a GEMM matrix)
+        self.weight_scale = weight_scale.float().contiguous()
+        self.shift = shift if bool(shift.any()) else None
+        self.w_zero = torch.zeros(self.out_channels, dtype=torch.int64, device=w8.device)
+        if backend == "onednn":
+            self.packed = torch.ops.onednn.qconv_prepack(
+                w8.contiguous(), self.weight_scale, 1.0, 0, self.stride, self.padding, self.dilation, 1, None
+            )
+        else:
+            self.matrix = _gemm_matrix(w8.reshape(self.out_channels, -1))  # [N_pad, K_pad]
+            self.colsum = w8.reshape(self.out_channels, -1).sum(dim=1, dtype=torch.int32)
+
+    def to(self, device: torch.device) -> IntConvKernel:
+        if self.backend == "onednn":
+            if device.type != "cpu":
+                raise ValueError("the onednn integer backend runs on the CPU only; load the export with backend=gemm")
+            return self
+        for name in ("weight_scale", "matrix", "colsum", "w_zero"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self.shift is not None:
+            self.shift = self.shift.to(device)
+        return self
+
+    def __call__(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        """codes uint8 [B, C, H, W] (channels-last preferred); x_scale float 0-dim; x_zero_point int 0-dim.
+        Returns float32 [B, O, H', W'] = Δx·Δw·Σ(q_x − z_x)(q_w − z_w) + bias."""
+        if self.backend == "onednn":
+            out = torch.ops.onednn.qconv2d_pointwise.tensor(
+                codes.contiguous(memory_format=torch.channels_last), x_scale, x_zero_point, self.packed,
+                self.weight_scale, self.w_zero, bias, self.stride, self.padding, self.dilation, 1, 1.0, 0,
+                torch.float32, "none", [], "",
+            )
+        else:
+            out = self._gemm(codes, x_scale, x_zero_point, bias)
+        if self.shift is not None:
+            window = _window_sum_conv(codes, x_zero_point, self.kernel, self.stride, self.padding, self.dilation)
+            out = out + window * (x_scale * self.weight_scale * self.shift).view(1, -1, 1, 1)
+        return out
+
+    def _gemm(self, codes, x_scale, x_zero_point, bias):
+        batch = codes.shape[0]
+        padded = _pad_codes(codes, self.padding, x_zero_point)
+        kh, kw = self.kernel
+        dh, dw = self.dilation
+        rows_h = (padded.shape[2] - dh * (kh - 1) - 1) // self.stride[0] + 1
+        rows_w = (padded.shape[3] - dw * (kw - 1) - 1) // self.stride[1] + 1
+        cols = _im2col(padded, self.kernel, self.stride, self.dilation, rows_h, rows_w)  # [B·H'·W', C·kh·kw]
+        acc = _int_mm_centred(cols, x_zero_point, self.matrix, self.colsum, self.out_channels)
+        out = acc.float() * (x_scale * self.weight_scale)
+        if bias is not None:
+            out = out + bias
+        return out.view(batch, rows_h, rows_w, self.out_channels).permute(0, 3, 1, 2)
+
+
+class IntLinearKernel:
+    """One integer Linear: W8 [O, C], Δw [O], shift c [O]."""
+
+    def __init__(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, backend: str) -> None:
+        self.backend = backend
+        self.out_channels = w8.shape[0]
+        self.weight_bytes = w8.numel()
+        self.weight_scale = weight_scale.float().contiguous()
+        self.shift = shift if bool(shift.any()) else None
+        self.w_zero = torch.zeros(self.out_channels, dtype=torch.int64, device=w8.device)
+        if backend == "onednn":
+            self.packed = torch.ops.onednn.qlinear_prepack(w8.contiguous(), None)
+        else:
+            self.matrix = _gemm_matrix(w8)
+            self.colsum = w8.sum(dim=1, dtype=torch.int32)
+
+    to = IntConvKernel.to
+
+    def __call__(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        """codes uint8 [..., C] → float32 [..., O] = Δx·Δw·Σ(q_x − z_x)(q_w − z_w) + bias."""
+        lead = codes.shape[:-1]
+        flat = codes.reshape(-1, codes.shape[-1])
+        if self.backend == "onednn":
+            out = torch.ops.onednn.qlinear_pointwise.tensor(
+                flat.contiguous(), x_scale, x_zero_point, self.packed, self.weight_scale, self.w_zero, bias,
+                1.0, 0, torch.float32, "none", [], "",
+            )
+        else:
+            acc = _int_mm_centred(flat, x_zero_point, self.matrix, self.colsum, self.out_channels)
+            out = acc.float() * (x_scale * self.weight_scale)
+            if bias is not None:
+                out = out + bias
+        if self.shift is not None:
+            rowsum = flat.float().sum(dim=1, keepdim=True) - x_zero_point.float() * flat.shape[1]
+            out = out + rowsum * (x_scale * self.weight_scale * self.shift)
+        return out.reshape(*lead, self.out_channels)
+
+
+# ------------------------------------------------------------------------------------ gemm helpers
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _gemm_matrix(w8: torch.Tensor) -> torch.Tensor:
+    """W8 [O, K] → int8 [N_pad, K_pad], rows = output channels (K and O padded with zeros to multiples of 8,
+    as CUDA's _int_mm needs); the product takes its transpose, the layout cuBLASLt's int8 GEMM supports."""
+    out_channels, k = w8.shape
+    matrix = torch.zeros(_round_up(out_channels, 8), _round_up(k, 8), dtype=torch.int8, device=w8.device)
+    matrix[:out_channels, :k] = w8
+    return matrix
+
+
+def _pad_codes(codes: torch.Tensor, padding, zero_point: torch.Tensor) -> torch.Tensor:
+    """Pad uint8 codes [B, C, H, W] with the zero point's code (the real value 0), as zero padding is."""
+    ph, pw = padding
+    if ph == 0 and pw == 0:
+        return codes
+    padded = codes.new_empty(codes.shape[0], codes.shape[1], codes.shape[2] + 2 * ph, codes.shape[3] + 2 * pw)
+    padded.copy_(zero_point.to(codes.dtype).expand_as(padded))
+    padded[:, :, ph : ph + codes.shape[2], pw : pw + codes.shape[3]] = codes
+    return padded
+
+
+def _im2col(x: torch.Tensor, kernel, stride, dilation, rows_h: int, rows_w: int) -> torch.Tensor:
+    """[B, C, H, W] (any dtype) → [B·H'·W', C·kh·kw], columns ordered (c, i, j) like a conv weight's."""
+    kh, kw = kernel
+    dh, dw = dilation
+    windows = x.unfold(2, dh * (kh - 1) + 1, stride[0]).unfold(3, dw * (kw - 1) + 1, stride[1])
+    windows = windows[..., ::dh, ::dw][:, :, :rows_h, :rows_w]  # [B, C, H', W', kh, kw]
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+
+
+def _int_mm_centred(codes: torch.Tensor, zero_point: torch.Tensor, matrix: torch.Tensor, colsum: torch.Tensor,
+                    out_channels: int) -> torch.Tensor:
+    """Σ_k (q_x − z_x)[m, k] · W8[k, o] as int32 [M, O], through int8 × int8 → int32.
+
+    The codes are centred on 128 (so any ≤ 8-bit code fits int8) and the (128 − z_x)·colsum(W8) term is
+    added back; M, K are padded as CUDA's _int_mm needs (M > 16; M, K multiples of 8)."""
+    m, k = codes.shape
+    centred = (codes.to(torch.int16) - 128).to(torch.int8)
+    pad_m = max(32, _round_up(m, 8)) - m
+    if pad_m or matrix.shape[1] != k:
+        centred = F.pad(centred, (0, matrix.shape[1] - k, 0, pad_m))
+    acc = torch._int_mm(centred, matrix.t())[:m, :out_channels]
+    return acc + (128 - zero_point.to(torch.int32)) * colsum

@@ -1,0 +1,155 @@
+"""The integer runtime's modules: activation quantizers that keep the per-step TPQ tables, and Conv2d /
+Linear layers that run uint8 × int8 → int32 kernels (`dq.export.kernels`).
+
+A quantized layer of the fake-quant student computes  Δx·Δw · Σ (q_x − z_x)(q_w − z_w) + b  with
+q_x = clamp(round(x / (s·Δx)) + z_x, 0, 2^b − 1) (eq. 10 with WD's 1/s); here that sum is an integer
+product. The WD 1/s and the current step's 1/Δx are applied in one in-place pass chain over the input (divide, round,
+shift, clamp, cast), in the fake quantizer's order so that both give the same codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dq.export.kernels import IntConvKernel, IntLinearKernel, shift_to_int8
+from dq.quant import ops
+from dq.quant.quantizers import StepIndexed
+
+
+class IntActQuantizer(StepIndexed):
+    """Per-tensor activation quantizer with one (Δ, z) row per TPQ group, for inference.
+
+    `codes(x)` gives uint8 codes for an integer layer; calling the module fake-quantizes (quantize then
+    dequantize in float), for the tensors that stay float (attention's q, k, v and softmax output).
+    """
+
+    def __init__(self, bits: int, scale: torch.Tensor, zero_point: torch.Tensor, step_to_group: torch.Tensor) -> None:
+        num_groups = scale.numel()
+        super().__init__(step_to_group.numel(), num_groups)
+        if not torch.equal(step_to_group.long(), self.step_to_group):
+            self.step_to_group.copy_(step_to_group.long())
+        if bits > 8:
+            raise ValueError(f"integer execution takes activations of at most 8 bits, got {bits}")
+        self.bits = bits
+        self.register_buffer("scale", scale.float().reshape(num_groups).clone())
+        self.register_buffer("zero_point", zero_point.reshape(num_groups).to(torch.int32).clone())
+        self.register_buffer("zero_point_float", self.zero_point.float())
+
+    def row(self) -> int:
+        """The TPQ group of the current call (one step index for the whole batch)."""
+        rows = self.group_rows()
+        if rows.numel() > 1:
+            first = rows[:1]
+            if not bool((rows == first).all()):
+                raise ValueError(
+                    "the integer model runs one sampling step per call; got per-sample step indices of "
+                    f"several TPQ groups {sorted(set(rows.tolist()))}"
+                )
+        return int(rows[0])
+
+    def codes(self, x: torch.Tensor, wd: torch.Tensor | None, channel_axis: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes uint8 like x, Δx 0-dim, z_x int32 0-dim) of the current step; wd: WD's s [C] or None."""
+        g = self.row()
+        scale = self.scale[g]
+        # (x / s) / Δx in the fake quantizer's order, so both round every value alike (ties included)
+        q = x / scale if wd is None else torch.div(x, ops.channel_view(wd, x.ndim, channel_axis % x.ndim)).div_(scale)
+        q.round_().add_(self.zero_point_float[g]).clamp_(0, ops.qmax(self.bits))
+        return q.to(torch.uint8), scale, self.zero_point[g]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.group_rows()
+        if rows.numel() == 1:
+            return ops.fake_quantize(x, self.scale[rows[0]], self.zero_point_float[rows[0]], self.bits)
+        return ops.fake_quantize_per_sample(x, self.scale, self.zero_point_float, rows, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, groups={self.scale.numel()}, steps={self.num_steps}"
+
+
+class _IntLayer(nn.Module):
+    """Shared input path: one or two input-channel parts (split skip), each with its own quantizer."""
+
+    channel_axis: int
+
+    def _init_common(self, quantizers: list[IntActQuantizer], splits: list[int], wd_scale: torch.Tensor | None,
+                     bias: torch.Tensor | None, weight_bits: int) -> None:
+        self.act_quantizers = nn.ModuleList(quantizers)
+        self.splits = splits  # channel counts of the parts
+        self.weight_bits = weight_bits
+        self.register_buffer("wd_scale", None if wd_scale is None else wd_scale.float().clone())
+        self.register_buffer("bias", None if bias is None else bias.float().clone())
+
+    def _parts(self, x: torch.Tensor):
+        wd = self.wd_scale
+        if len(self.splits) == 1:
+            yield x, wd, self.act_quantizers[0]
+            return
+        start = 0
+        for width, quantizer in zip(self.splits, self.act_quantizers):
+            part = x.narrow(self.channel_axis % x.ndim, start, width)
+            yield part, None if wd is None else wd[start : start + width], quantizer
+            start += width
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        probe = fn(torch.zeros(()))
+        for kernel in self.kernels:
+            kernel.to(probe.device)
+        return module
+
+
+class IntConv2d(_IntLayer):
+    """Conv2d running an integer kernel on the activation codes of the current step's TPQ row."""
+
+    channel_axis = 1
+
+    def __init__(self, w_int: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 wd_scale: torch.Tensor | None, quantizers: list[IntActQuantizer], splits: list[int],
+                 stride, padding, dilation, weight_bits: int, backend: str) -> None:
+        super().__init__()
+        self._init_common(quantizers, splits, wd_scale, bias, weight_bits)
+        self.out_channels, self.in_channels = w_int.shape[0], w_int.shape[1]
+        self.geometry = (tuple(stride), tuple(padding), tuple(dilation))
+        self.backend = backend
+        self.kernels = []
+        start = 0
+        for width in splits:
+            w8, shift = shift_to_int8(w_int[:, start : start + width])
+            self.kernels.append(IntConvKernel(w8, shift, weight_scale, stride, padding, dilation, backend))
+            start += width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for (part, wd, quantizer), kernel in zip(self._parts(x), self.kernels):
+            codes, scale, zero_point = quantizer.codes(part, wd, self.channel_axis)
+            y = kernel(codes, scale, zero_point, self.bias if out is None else None)
+            out = y if out is None else out + y
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, w{self.weight_bits}, parts={self.splits}, "
+                f"backend={self.backend}")
+
+
+class IntLinear(_IntLayer):
+    """Linear running an integer kernel on the activation codes of the current step's TPQ row."""
+
+    channel_axis = -1
+
+    def __init__(self, w_int: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 wd_scale: torch.Tensor | None, quantizer: IntActQuantizer, weight_bits: int, backend: str) -> None:
+        super().__init__()
+        self._init_common([quantizer], [w_int.shape[1]], wd_scale, bias, weight_bits)
+        self.out_features, self.in_features = w_int.shape
+        self.backend = backend
+        w8, shift = shift_to_int8(w_int)
+        self.kernels = [IntLinearKernel(w8, shift, weight_scale, backend)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale, zero_point = self.act_quantizers[0].codes(x, self.wd_scale, self.channel_axis)
+        return self.kernels[0](codes, scale, zero_point, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}, backend={self.backend}"

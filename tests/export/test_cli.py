@@ -1,0 +1,86 @@
+"""python -m dq.export on a run dir, evaluate.py on its export, and the command's errors."""
+
+import json
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+
+from dq.export import read_export
+from dq.export.__main__ import main
+from dq.quant import QuantConfig, calibrate_activations, quantize_model, save_quant_state
+from dq.sampling import SamplerConfig, sample
+from evaluate import evaluate
+from tests.conftest import write_model_folder
+from tests.evaluate.conftest import STEPS, compose_eval, eval_overrides, make_unet16
+
+
+@pytest.fixture(scope="module")
+def model_and_run(tmp_path_factory):
+    """A tiny 16x16 model folder and a complete W4A4 run dir made from it (what train.py leaves behind)."""
+    model_dir = write_model_folder(make_unet16(), tmp_path_factory.mktemp("model16"))
+    run = tmp_path_factory.mktemp("run")
+    sampler = SamplerConfig(name="ddim", num_steps=STEPS)
+    student = quantize_model(make_unet16(), QuantConfig(weight_bits=4, act_bits=4, num_steps=STEPS, num_groups=STEPS))
+    scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    with calibrate_activations(student):
+        sample(student, scheduler_config, sampler, 4, batch_size=4, progress=False)
+    save_quant_state(student, run / "student.safetensors")
+    config = {"model": {"source": "local", "path": str(model_dir), "sampler": sampler.to_dict()},
+              "method": {"name": "dilatequant"}, "quant": {"name": "w4a4"}, "seed": 0}
+    OmegaConf.save(OmegaConf.create(config), run / "config.yaml")
+    (run / "results.json").write_text(json.dumps({"complete": True, "method": "dilatequant", "quant": "w4a4"}))
+    return model_dir, run
+
+
+def test_export_command_writes_and_checks_the_integer_model(model_and_run, tmp_path, capsys):
+    _, run = model_and_run
+    out = tmp_path / "w4a4.safetensors"
+    assert main([f"run={run}", f"out={out}", "verify=4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"dq: exported {out}" in printed and "integer vs fake-quant student" in printed
+    meta = read_export(out).metadata
+    assert meta["method"] == "dilatequant" and meta["quant"] == "w4a4" and meta["sampler"]["num_steps"] == STEPS
+    assert meta["model_config"]["path"] == str(model_and_run[0]) and len(meta["source"]["student_sha256"]) == 64
+
+
+def test_evaluate_takes_an_export(model_and_run, tmp_path):
+    model_dir, run = model_and_run
+    out = tmp_path / "w4a4.safetensors"
+    assert main([f"run={run}", f"out={out}", "verify=0"]) == 0
+    results = evaluate(compose_eval([*eval_overrides(model_dir, tmp_path / "eval", tmp_path / "cache"), f"export={out}"]))
+    assert results["model_kind"] == "student" and results["execution"] == "integer"
+    assert results["method"] == "dilatequant" and results["weight_bits"] == 4
+    assert 10.0 < results["psnr_vs_fp"] < 80.0
+    assert results["protocol"]["student"]["export"]["path"] == str(out)
+    assert not (run / "metrics.json").exists()  # the fake-quant student's metrics are not overwritten
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run=/nonexistent/run"], "does not exist"),
+    ([], "run=<train.py output dir> is required"),
+    (["run=RUN", "colour=blue"], "unknown argument 'colour=blue'"),
+    (["run=RUN", "float_dtype=float64"], "float_dtype must be one of"),
+    (["run=RUN", "verify=some"], "verify must be a number"),
+    (["run=FP_EVAL_DIR"], "student.safetensors is missing"),
+    (["run=INCOMPLETE"], "did not complete"),
+    (["run=RUN", "out=EXISTING"], "exists; pass overwrite=true"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(model_and_run, tmp_path, capsys, args, message):
+    _, run = model_and_run
+    fp_eval = tmp_path / "fp_eval"
+    fp_eval.mkdir()
+    (fp_eval / "config.yaml").write_text("model: {source: embedded}\n")
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(run, incomplete)
+    (incomplete / "results.json").write_text(json.dumps({"complete": False}))
+    existing = tmp_path / "existing.safetensors"
+    existing.write_text("keep me")
+    names = {"RUN": run, "FP_EVAL_DIR": fp_eval, "INCOMPLETE": incomplete, "EXISTING": existing}
+    args = [a.split("=")[0] + "=" + str(names.get(a.split("=")[1], a.split("=")[1])) for a in args]
+    before = {p: sorted(p.iterdir()) for p in (run, fp_eval, incomplete)}
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dq: error: ") and err.count("\n") == 1 and message in err
+    assert {p: sorted(p.iterdir()) for p in (run, fp_eval, incomplete)} == before
+    assert existing.read_text() == "keep me"

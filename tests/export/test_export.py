@@ -1,0 +1,143 @@
+"""Export → load round trip, the artifact's size and contents, end-to-end fidelity of the integer model, and
+every bad input giving one clear error with nothing written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dq.export import ExportError, export_student, load_int_model, read_export
+from dq.export.artifact import size_breakdown
+from dq.export.kernels import onednn_available
+from dq.metrics import psnr
+from dq.quant import set_step, step_context
+from dq.sampling import SamplerConfig, sample, unet_forward
+from tests.export.conftest import TINY_STEPS, TINY_TIMESTEPS, tiny_student
+
+REPO = Path(__file__).resolve().parents[2]
+BACKENDS = ["gemm"] + (["onednn"] if onednn_available() else [])
+EMBEDDED_FP32_BYTES = 4_469_660  # dq/zoo/embedded/unet/diffusion_pytorch_model.safetensors
+
+
+def _rewrite(src: Path, dst: Path, drop: str | None = None, **metadata_changes) -> Path:
+    with safe_open(str(src), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != drop}  # noqa: SIM118
+    metadata.update({k: json.dumps(v) for k, v in metadata_changes.items()})
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    unet, student = tiny_student()
+    path = export_student(student, tmp_path_factory.mktemp("export") / "tiny.safetensors", TINY_TIMESTEPS, "float32")
+    return unet, student, path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_trip_matches_the_fake_quant_student(tiny_export, backend):
+    unet, student, path = tiny_export
+    model = load_int_model(path, backend=backend)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    for step in range(TINY_STEPS):
+        t = torch.full((2,), TINY_TIMESTEPS[step])
+        with torch.no_grad(), step_context(student, step), step_context(model, step):
+            fake, integer, fp = unet_forward(student, x, t), unet_forward(model, x, t), unet_forward(unet, x, t)
+        quant_error = (fake - fp).pow(2).mean()
+        assert (integer - fake).pow(2).mean() < 1e-4 * quant_error, f"step {step}"
+
+
+def test_artifact_is_self_describing(tiny_export):
+    _, student, path = tiny_export
+    export = read_export(path)
+    meta = export.metadata
+    assert meta["format"] == "dq-int-export" and meta["format_version"] == 1
+    assert meta["timesteps"] == TINY_TIMESTEPS and meta["unet_class"] == "UNet2DModel"
+    assert meta["quant_config"]["weight_bits"] == 4 and meta["float_dtype"] == "float32"
+    layers = meta["layers"]
+    assert layers["conv_in"]["weight_bits"] == 8 and layers["down_blocks.0.resnets.0.conv1"]["weight_bits"] == 4
+    split = [name for name, info in layers.items() if len(info["splits"]) == 2]
+    assert split and all(name.startswith("up_blocks") for name in split)
+    assert meta["attention"]  # the q/k/v/softmax tables travel too
+    codes = export.tensors["down_blocks.0.resnets.0.conv1.weight_codes"]
+    assert codes.dtype == torch.uint8 and codes.numel() == student.down_blocks[0].resnets[0].conv1.weight.numel() // 2
+    assert export.tensors["step_to_group"].tolist() == list(range(TINY_STEPS))
+    assert sum(size_breakdown(path).values()) == path.stat().st_size
+
+
+def test_embedded_w4a4_export_is_a_sixth_of_fp32_and_samples_like_the_student(embedded_w4a4, tmp_path):
+    loaded, student, timesteps = embedded_w4a4
+    path = export_student(student, tmp_path / "w4a4.safetensors", timesteps)  # float32 float parts (the default)
+    assert path.stat().st_size <= EMBEDDED_FP32_BYTES / 6
+    model = load_int_model(path)
+    kwargs = dict(seed=1234, batch_size=32, progress=False)
+    integer = sample(model, loaded.scheduler.config, loaded.sampler, 32, **kwargs).clamp(-1, 1)
+    fake = sample(student, loaded.scheduler.config, loaded.sampler, 32, **kwargs).clamp(-1, 1)
+    assert psnr(integer, fake) >= 45.0
+
+
+def test_loading_imports_no_lightning_hydra_or_wandb(tiny_export):
+    code = (
+        "import sys, torch\n"
+        "from dq.export import load_int_model\n"
+        f"m = load_int_model({str(tiny_export[2])!r})\n"
+        "from dq.quant import step_context\n"
+        "with torch.no_grad(), step_context(m, 0): m(torch.zeros(1, 3, 8, 8), torch.tensor([900]))\n"
+        "bad = sorted({n.split('.')[0] for n in sys.modules} & {'lightning', 'pytorch_lightning', 'hydra', 'wandb'})\n"
+        "print('LOADED-WITH', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "LOADED-WITH []" in out.stdout
+
+
+def test_sampler_drives_the_integer_model_and_refuses_other_step_counts(tiny_export):
+    _, _, path = tiny_export
+    model = load_int_model(path)
+    scheduler_config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": True}
+    images = sample(model, scheduler_config, SamplerConfig(num_steps=TINY_STEPS, spacing="uniform"), 2, progress=False)
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match=f"built for {TINY_STEPS} sampling steps"):
+        sample(model, scheduler_config, SamplerConfig(num_steps=TINY_STEPS + 2), 1, progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        set_step(model, TINY_STEPS)
+
+
+def test_bad_files_give_one_clear_error(tiny_export, tmp_path):
+    path = tiny_export[2]
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    cases = {
+        "no integer export at": tmp_path / "absent.safetensors",
+        "truncated or corrupted": truncated,
+        "format version 2": _rewrite(path, tmp_path / "future.safetensors", format_version=2),
+        "not a dq integer export": _rewrite(path, tmp_path / "other.safetensors", format="something-else"),
+        "missing the tensor 'mid_block.resnets.0.conv1.act.0.scale'": _rewrite(
+            path, tmp_path / "missing.safetensors", drop="mid_block.resnets.0.conv1.act.0.scale"),
+        "2 timesteps for TPQ tables of 3 steps": _rewrite(path, tmp_path / "steps.safetensors", timesteps=[900, 500]),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(ExportError, match=message) as info:
+            load_int_model(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_what_cannot_be_exported_writes_nothing(tmp_path):
+    unet, student = tiny_student()
+    with pytest.raises(ExportError, match="only a quantized student"):
+        export_student(unet, tmp_path / "fp.safetensors", TINY_TIMESTEPS)
+    with pytest.raises(ExportError, match="2 timesteps given for TPQ tables of 3"):
+        export_student(student, tmp_path / "short.safetensors", TINY_TIMESTEPS[:2])
+    with pytest.raises(ExportError, match="float_dtype"):
+        export_student(student, tmp_path / "dtype.safetensors", TINY_TIMESTEPS, "float64")
+    with torch.no_grad():
+        student.conv_in.weight_quantizer.scale[0] = -1.0
+    with pytest.raises(ExportError, match="conv_in.weight_quantizer has a step size that is not a positive"):
+        export_student(student, tmp_path / "negative.safetensors", TINY_TIMESTEPS)
+    assert list(tmp_path.iterdir()) == []

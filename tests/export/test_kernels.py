@@ -1,0 +1,99 @@
+"""The integer kernels against an int64 reference: with unit scales and no bias the float output is the
+integer sum itself (|sum| < 2^24), so equality is bit-exactness."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dq.export.kernels import (
+    IntConvKernel,
+    IntLinearKernel,
+    _gemm_matrix,
+    _int_mm_centred,
+    onednn_available,
+    shift_to_int8,
+)
+
+BACKENDS = ["gemm"] + (["onednn"] if onednn_available() else [])
+
+
+def _codes(shape, bits, seed):
+    return torch.randint(0, 2**bits, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int64).to(torch.uint8)
+
+
+def _weights(shape, bits, seed):
+    """q_w − z_w of a `bits` grid, with a zero point per row (8-bit rows then span past int8)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, shape, generator=g)
+    zero = torch.randint(0, 2**bits, (shape[0],), generator=g)
+    return (codes - zero.view(-1, *[1] * (len(shape) - 1))).to(torch.int32)
+
+
+def test_int_mm_centred_is_exact():
+    codes, w = _codes((5, 37), 8, 0), _weights((11, 37), 7, 1).to(torch.int8)
+    zero_point = torch.tensor(77, dtype=torch.int32)
+    acc = _int_mm_centred(codes, zero_point, _gemm_matrix(w), w.sum(1, dtype=torch.int32), 11)
+    reference = (codes.long() - 77) @ w.long().t()
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), reference)
+
+
+def test_shift_to_int8_splits_rows_exactly():
+    w = _weights((64, 9), 8, 2)
+    w8, shift = shift_to_int8(w)
+    assert w8.dtype == torch.int8 and torch.equal(w8.to(torch.int32) + shift[:, None], w)
+    assert bool((shift != 0).any())  # 8-bit rows with their own zero point do leave int8
+    assert not bool(shift_to_int8(_weights((64, 9), 4, 3))[1].any())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_bits,act_bits", [(4, 4), (6, 6), (8, 8), (4, 8)])
+@pytest.mark.parametrize("stride,padding,dilation,kernel", [(1, 1, 1, 3), (2, 0, 1, 3), (1, 0, 1, 1), (1, 2, 2, 3)])
+def test_conv_kernel_is_bit_exact(backend, weight_bits, act_bits, stride, padding, dilation, kernel):
+    codes = _codes((2, 12, 9, 9), act_bits, 4)
+    w = _weights((16, 12, kernel, kernel), weight_bits, 5)
+    zero_point = torch.tensor(2 ** (act_bits - 1) - 3, dtype=torch.int32)
+    w8, shift = shift_to_int8(w)
+    op = IntConvKernel(w8, shift, torch.ones(16), (stride,) * 2, (padding,) * 2, (dilation,) * 2, backend)
+    out = op(codes, torch.tensor(1.0), zero_point, None)
+    reference = F.conv2d(codes.double() - zero_point.item(), w.double(), None, stride, padding, dilation)
+    assert out.shape == reference.shape
+    assert torch.equal(out.double(), reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_bits,act_bits", [(4, 4), (8, 8), (6, 8)])
+def test_linear_kernel_is_bit_exact(backend, weight_bits, act_bits):
+    codes = _codes((3, 5, 40), act_bits, 6)
+    w = _weights((24, 40), weight_bits, 7)
+    zero_point = torch.tensor(2 ** (act_bits - 1) + 1, dtype=torch.int32)
+    op = IntLinearKernel(*shift_to_int8(w), torch.ones(24), backend)
+    out = op(codes, torch.tensor(1.0), zero_point, None)
+    assert torch.equal(out.double(), (codes.double() - zero_point.item()) @ w.double().t())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scales_and_bias_apply_once(backend):
+    codes, w = _codes((2, 4, 6, 6), 4, 8), _weights((5, 4, 3, 3), 4, 9)
+    scale_w, bias = torch.rand(5) + 0.5, torch.randn(5)
+    op = IntConvKernel(*shift_to_int8(w), scale_w, (1, 1), (1, 1), (1, 1), backend)
+    out = op(codes, torch.tensor(0.25), torch.tensor(3, dtype=torch.int32), bias)
+    sums = F.conv2d(codes.double() - 3, w.double(), None, 1, 1)
+    expected = sums * 0.25 * scale_w.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gemm_kernels_on_cuda_match_the_cpu():
+    codes, w = _codes((4, 16, 8, 8), 8, 10), _weights((32, 16, 3, 3), 8, 11)
+    cpu = IntConvKernel(*shift_to_int8(w), torch.ones(32), (1, 1), (1, 1), (1, 1), "gemm")
+    cuda = IntConvKernel(*shift_to_int8(w), torch.ones(32), (1, 1), (1, 1), (1, 1), "gemm").to(torch.device("cuda"))
+    zero_point = torch.tensor(100, dtype=torch.int32)
+    expected = cpu(codes, torch.tensor(1.0), zero_point, None)
+    got = cuda(codes.cuda(), torch.tensor(1.0).cuda(), zero_point.cuda(), None)
+    assert torch.equal(got.cpu(), expected)
+    lin = IntLinearKernel(*shift_to_int8(_weights((24, 40), 8, 12)), torch.ones(24), "gemm")
+    lin_cuda = IntLinearKernel(*shift_to_int8(_weights((24, 40), 8, 12)), torch.ones(24), "gemm").to(torch.device("cuda"))
+    x = _codes((3, 40), 8, 13)
+    assert torch.equal(lin_cuda(x.cuda(), torch.tensor(1.0).cuda(), zero_point.cuda(), None).cpu(),
+                       lin(x, torch.tensor(1.0), zero_point, None))
