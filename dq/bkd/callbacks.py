@@ -70,7 +70,7 @@ class TemporalGroupCallback(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: BlockDistiller, batch, batch_idx: int) -> None:
         rows = pl_module.shard(batch["index"])
-        set_step(pl_module.student, pl_module.calibration["step"][rows].to(pl_module.device))
+        set_step(pl_module.student, pl_module.calibration_steps(rows))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
         if pl_module.state.block == trainer.current_epoch:  # block not finished (cut short)

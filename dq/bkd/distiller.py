@@ -210,7 +210,12 @@ class BlockDistiller(L.LightningModule):
         return model if name == WHOLE_MODEL else model.get_submodule(name)
 
     def calibration_batch(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        rows = _host_rows(rows)
         return {k: v[rows].to(self.device) for k, v in self.calibration.items() if isinstance(v, torch.Tensor)}
+
+    def calibration_steps(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The step indices of calibration rows (rows may live on the accelerator), on the module's device."""
+        return self.calibration["step"][_host_rows(rows)].to(self.device)
 
     def teacher_autocast(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
         """The context of a teacher forward that produces targets: bfloat16 autocast on the batch's device
@@ -276,7 +281,7 @@ class BlockDistiller(L.LightningModule):
         return rows if isinstance(rows, slice) else rows.to(self.cache.device)
 
     def _set_rows_step(self, rows: torch.Tensor | slice) -> None:
-        set_step(self.student, self.calibration["step"][rows].to(self.device))
+        set_step(self.student, self.calibration_steps(rows))
 
     def learning_rate_factor(self, iteration: int) -> float:
         """Cosine decay over the block's iterations, from 1 to min_lr_ratio."""
@@ -302,7 +307,9 @@ class BlockDistiller(L.LightningModule):
         if self.distill.whole_model:
             self.blocks = [WHOLE_MODEL]
         else:
-            example = self.calibration_batch(slice(0, 2))
+            # Lightning may call setup before it moves the module: run the example where the teacher is
+            device = next(self.teacher.parameters()).device
+            example = {k: v.to(device) for k, v in self.calibration_batch(slice(0, 2)).items()}
             self.blocks = execution_order(self.teacher, candidate_blocks(self.student), example)
         if not self.state.initialized:
             self.state.initialized = [False] * len(self.blocks)
@@ -463,3 +470,8 @@ class BlockDistiller(L.LightningModule):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         missing_teacher = {k: v for k, v in self.teacher.state_dict(prefix="teacher.").items()}
         return super().load_state_dict({**missing_teacher, **state_dict}, strict=strict, assign=assign)
+
+
+def _host_rows(rows: torch.Tensor | slice) -> torch.Tensor | slice:
+    """Row indices for the calibration tensors, which stay on the CPU (a batch's index may be on the GPU)."""
+    return rows if isinstance(rows, slice) else rows.cpu()
