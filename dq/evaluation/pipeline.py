@@ -44,7 +44,7 @@ from dq.metrics.reference import resolve_reference
 from dq.metrics.ssim import ssim_window
 from dq.quant import load_quant_state, quant_config
 from dq.quant.state import atomic_write
-from dq.sampling import SamplerConfig
+from dq.sampling import SamplerConfig, planned_timesteps
 from dq.zoo import ModelComponents, load_components, load_model, model_conditioning, model_folder, to_images
 
 METRICS_VERSION = 1
@@ -64,10 +64,16 @@ class Target(NamedTuple):
     run_config: DictConfig | None
     run_results: dict[str, Any]
     components: ModelComponents | None = None  # FP VAE (latent models decode through it) / text encoder
+    export: dict[str, Any] | None = None  # an integer export's metadata (+ path, sha256) when `unet` runs one
 
 
-def load_target(cfg: DictConfig) -> Target:
-    """The FP model of cfg.model (run=null), or the student of a train.py run dir with that run's model."""
+def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
+    """The FP model of cfg.model (run=null), the student of a train.py run dir with that run's model, or the
+    integer model of an export (export=PATH) with the model it was exported from as the FP reference."""
+    if cfg.get("export") is not None:
+        if cfg.run is not None:
+            raise ValueError("set either run= (a fake-quant student) or export= (an integer export), not both")
+        return _export_target(cfg, device or torch.device("cpu"))
     if cfg.run is None:
         loaded = load_model(cfg.model)
         return Target(loaded.unet, None, dict(loaded.scheduler.config), loaded.sampler, cfg.model, None, None, {},
@@ -85,6 +91,25 @@ def load_target(cfg: DictConfig) -> Target:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     return Target(student.eval(), loaded.unet, dict(loaded.scheduler.config), loaded.sampler, run_config.model,
                   run_dir, run_config, results, load_components(run_config.model))
+
+
+def _export_target(cfg: DictConfig, device: torch.device) -> Target:
+    from dq.export import load_int_model
+
+    path = Path(str(cfg.export)).expanduser()
+    unet = load_int_model(path, device=device, backend=str(cfg.get("int_backend", "auto")))
+    meta = unet.dq_export
+    if "model_config" not in meta:
+        raise ValueError(f"{path} does not record the model it was exported from (export it with python -m dq.export)")
+    model_cfg = OmegaConf.create(meta["model_config"])
+    loaded = load_model(model_cfg)
+    if [int(t) for t in meta["timesteps"]] != [int(t) for t in planned_timesteps(loaded.scheduler.config, loaded.sampler)]:
+        raise ValueError(f"{path} was trained for timesteps {meta['timesteps']}, which the model config's sampler "
+                         "does not visit")
+    export = {**{k: meta.get(k) for k in ("method", "quant", "backend", "float_dtype", "source")},
+              "path": str(path), "sha256": file_sha256(path)}
+    return Target(unet, loaded.unet, dict(loaded.scheduler.config), loaded.sampler, model_cfg, None, None, {},
+                  load_components(model_cfg), export)
 
 
 def conditioning_of(eval_cfg: DictConfig, target: Target | None = None) -> tuple[Any, dict[str, Any]]:
@@ -258,13 +283,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     fabric = L.Fabric(**OmegaConf.to_container(cfg.trainer, resolve=True))
     fabric.launch()
     progress = bool(cfg.progress_bar)
-    target = load_target(cfg)
+    target = load_target(cfg, fabric.device)
     cfg = _with_run_names(cfg, target)
     conditioning, cond_record = conditioning_of(eval_cfg, target)
     plan = plan_metrics(eval_cfg, target) if fabric.global_rank == 0 else None
 
     seconds: dict[str, float] = {}
-    fingerprint = fp_fingerprint = model_fingerprint(target.unet, target.scheduler_config)
+    # an integer model's weights live in its kernels, not its state_dict: the export file is its identity
+    fingerprint = fp_fingerprint = (f"export-{target.export['sha256']}" if target.export
+                                    else model_fingerprint(target.unet, target.scheduler_config))
     identity = _samples_identity(fingerprint, target, eval_cfg, cond_record)
     seconds["sampling"] = _fill_folder(fabric, out_dir / "samples", target.unet, identity, target, eval_cfg,
                                        conditioning, progress, "samples")
@@ -293,6 +320,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in figures.items()},
         "num_samples": num,
         "model_kind": "fp" if target.fp_unet is None else "student",
+        "execution": "integer" if target.export else ("float" if target.fp_unet is None else "fake-quant"),
         **_run_summary(target),
         "run_dir": str(target.run_dir) if target.run_dir else None,
         "evaluation_dir": str(out_dir),
@@ -320,6 +348,9 @@ def _read_prompts(eval_cfg: DictConfig) -> list[str]:
 
 
 def _student_record(target: Target) -> dict[str, Any] | None:
+    if target.export:
+        return {"export": target.export, "quant_config": quant_config(target.unet).to_dict(),
+                "method": target.export["method"], "quant": target.export["quant"]}
     if target.run_dir is None:
         return None
     summary = _run_summary(target)
@@ -329,6 +360,10 @@ def _student_record(target: Target) -> dict[str, Any] | None:
 
 def _run_summary(target: Target) -> dict[str, Any]:
     """method / quant / bits of what was evaluated, at the top level for tables (the FP model: "fp")."""
+    if target.export:
+        config = quant_config(target.unet)
+        return {"method": target.export["method"], "quant": target.export["quant"],
+                "weight_bits": config.weight_bits, "act_bits": config.act_bits}
     if target.run_dir is None:
         return {"method": "fp", "quant": "fp32", "weight_bits": 32, "act_bits": 32}
     config = quant_config(target.unet)
@@ -363,6 +398,12 @@ def _write_json(path: Path, payload: dict) -> None:
 def _with_run_names(cfg: DictConfig, target: Target) -> DictConfig:
     """A copy of cfg with the run's method and quant sections (the logger names and the saved config use
     them); the FP model keeps evaluate.yaml's fp / fp32."""
+    if target.export:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.method.name = f"{target.export['method']}_int"
+            cfg.quant.name = target.export["quant"]
+        return cfg
     if target.run_config is None:
         return cfg
     cfg = cfg.copy()
