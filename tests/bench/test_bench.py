@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from bench import bench_bkd, bench_forward
+from bench import bench_bkd, bench_forward, bench_int
 from bench.architectures import LDM_UNETS, build, random_inputs
 
 
@@ -28,6 +28,21 @@ def test_bench_bkd_prints_and_writes_both_methods(tmp_path, capsys):
 def test_bench_forward_runs(capsys):
     bench_forward.main(["--arch", "small", "--device", "cpu", "--batch", "2", "--repeats", "1"])
     assert "student/FP =" in capsys.readouterr().out
+
+
+def test_bench_int_prints_every_variant_and_a_profile(tmp_path, capsys):
+    out = tmp_path / "int.json"
+    rows = bench_int.main(["--arch", "small", "--batch", "1,2", "--bits", "w4a4", "--repeats", "1", "--profile",
+                           "--json", str(out)])
+    printed = capsys.readouterr().out
+    variants = {row["variant"] for row in rows}
+    assert variants == {"fp32", "fp32 channels-last", "fake-quant w4a4", "integer w4a4"}
+    assert len(rows) == 8 and json.loads(out.read_text()) == rows
+    integer = [row for row in rows if row["variant"] == "integer w4a4"]
+    assert all(row["ms"] > 0 and row["export_mb"] > 0 for row in integer)
+    assert integer[0]["weight_mb"] < rows[0]["weight_mb"] / 3  # int8 weights against float32
+    assert "top_ops" in integer[1] and "top_ops" not in integer[0]  # the largest batch is profiled
+    assert "onednn::qconv2d_pointwise" in printed or "aten::_int_mm" in printed
 
 
 @pytest.mark.parametrize("name", sorted(LDM_UNETS))

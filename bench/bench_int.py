@@ -1,0 +1,186 @@
+"""Forward time and memory of the FP model, the fake-quant student and the integer model, side by side.
+
+    python bench/bench_int.py                                                  # CPU: embedded + ddpm_cifar10, batch 1/8/64
+    python bench/bench_int.py --arch ddpm_cifar10 --batch 8 --bits w8a8,w4a4   # the issue's target row
+    python bench/bench_int.py --device cuda                                    # GPU: also FP16 and BF16
+    python bench/bench_int.py --arch ddpm_cifar10 --batch 8 --profile          # + where the integer forward's time goes
+
+Every variant of one architecture runs in this one process, alternating, after warm-ups: the ratios are
+measured side by side. Students are quantized with the project's policy (conv_in/conv_out and the softmax
+at 8 bits) and TPQ tables for one step, calibrated on random inputs; the integer model is built from the
+student's export (float parts in float32, the default). `embedded` is the shipped digits model; `ddpm_cifar10` and
+`small` have random weights (timing does not depend on them). Rows: ms per forward (median of --repeats)
+and the speed-up against FP32. Memory: on CUDA the peak allocated during one forward (torch.cuda); on the
+CPU the bytes the model's weights take in memory (peak RSS is per process and cannot separate variants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.architectures import build, random_inputs  # noqa: E402
+from dq.export import export_student, load_int_model  # noqa: E402
+from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step  # noqa: E402
+from dq.sampling import unet_forward  # noqa: E402
+
+BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w6a6": (6, 6), "w4a4": (4, 4)}
+
+
+def build_fp(arch: str) -> torch.nn.Module:
+    if arch == "embedded":
+        from omegaconf import OmegaConf
+
+        from dq.zoo import load_model
+
+        return load_model(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/embedded.yaml")).unet
+    return build(arch)
+
+
+def student_and_int(fp: torch.nn.Module, bits: tuple[int, int], x: torch.Tensor, device: torch.device, folder: Path):
+    student = quantize_model(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1], num_steps=1, num_groups=1))
+    t = torch.full((x.shape[0],), 500)
+    with calibrate_activations(student), torch.no_grad():
+        set_step(student, 0)
+        unet_forward(student, x, t)
+    path = export_student(student, folder / f"w{bits[0]}a{bits[1]}.safetensors", [500])
+    integer = load_int_model(path, device=device)
+    set_step(student, 0)
+    set_step(integer, 0)
+    return student.to(device), integer, path.stat().st_size
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the tensors a model holds for its weights (integer kernels: one byte a weight)."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return total + sum(kernel.weight_bytes for module in model.modules() for kernel in getattr(module, "kernels", []))
+
+
+def time_variants(variants: dict, x: torch.Tensor, t: torch.Tensor, repeats: int, device: torch.device) -> dict:
+    """Median ms per forward of each variant, the variants interleaved (each repeat runs all of them)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {name: [] for name in variants}
+    with torch.no_grad():
+        for model, inputs in variants.values():  # warm-up
+            for _ in range(2):
+                unet_forward(model, inputs(x), t)
+        for _ in range(repeats):
+            for name, (model, inputs) in variants.items():
+                sync()
+                start = time.perf_counter()
+                unet_forward(model, inputs(x), t)
+                sync()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def peak_memory_mb(model, inputs, x, t) -> float | None:
+    if x.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        unet_forward(model, inputs(x), t)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def profile_ops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, top: int = 12) -> list[tuple[str, float]]:
+    """The ops taking the most self time in one forward: (name, share of the forward's total self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
+    with torch.no_grad():
+        unet_forward(model, x, t)
+        with profile(activities=activities) as prof:
+            unet_forward(model, x, t)
+    attr = "self_device_time_total" if x.device.type == "cuda" else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attr)) for e in prof.key_averages()]
+    total = sum(v for _, v in events) or 1.0
+    return [(name, value / total) for name, value in sorted(events, key=lambda e: -e[1])[:top]]
+
+
+def bench_arch(arch: str, args, device: torch.device, folder: Path) -> list[dict]:
+    torch.manual_seed(0)
+    fp = build_fp(arch).eval()
+    calib = random_inputs(fp, 8, torch.Generator().manual_seed(0))["x_t"]
+    same = lambda x: x  # noqa: E731
+    variants = {"fp32": (fp.to(device), same)}
+    if device.type == "cpu":
+        fp_cl = build_fp(arch).eval().to(memory_format=torch.channels_last)
+        fp_cl.load_state_dict(fp.state_dict())
+        variants["fp32 channels-last"] = (fp_cl, lambda x: x.contiguous(memory_format=torch.channels_last))
+    else:
+        for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            half = build_fp(arch).eval()
+            half.load_state_dict(fp.state_dict())
+            variants[name] = (half.to(device, dtype), lambda x, dtype=dtype: x.to(dtype))
+    sizes = {}
+    for name in args.bits.split(","):
+        student, integer, size = student_and_int(fp.cpu(), BITS[name], calib, device, folder)
+        fp.to(device)
+        variants[f"fake-quant {name}"] = (student, same)
+        variants[f"integer {name}"] = (integer, same)
+        sizes[name] = size
+    rows = []
+    for batch in [int(b) for b in args.batch.split(",")]:
+        x = random_inputs(fp, batch, torch.Generator().manual_seed(1))["x_t"].to(device)
+        t = torch.full((batch,), 500, device=device)
+        ms = time_variants(variants, x, t, args.repeats, device)
+        for name, value in ms.items():
+            model, inputs = variants[name]
+            rows.append({"arch": arch, "batch": batch, "variant": name, "ms": round(value, 2),
+                         "speedup_vs_fp32": round(ms["fp32"] / value, 2),
+                         "weight_mb": round(weight_bytes(model) / 2**20, 2),
+                         "peak_forward_mb": peak_memory_mb(model, inputs, x, t)})
+            if name.startswith("integer"):
+                rows[-1]["export_mb"] = round(sizes[name.split()[-1]] / 2**20, 3)
+                if args.profile and batch == int(args.batch.split(",")[-1]):
+                    ops = profile_ops(model, x, t)
+                    rows[-1]["top_ops"] = [[op, round(share, 4)] for op, share in ops]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="embedded,ddpm_cifar10", help="comma list of embedded | ddpm_cifar10 | small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", default="1,8,64", help="comma list of batch sizes")
+    parser.add_argument("--bits", default="w8a8,w4a4", help=f"comma list of {sorted(BITS)}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where an integer forward spends its time (largest batch, top ops)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"bench_int: device={name} torch={torch.__version__} repeats={args.repeats}")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for arch in args.arch.split(","):
+            arch_rows = bench_arch(arch, args, device, Path(folder))
+            for row in arch_rows:
+                memory = f"{row['peak_forward_mb']:.1f} MB peak" if row["peak_forward_mb"] is not None else ""
+                export = f", export {row['export_mb']:.3f} MB" if "export_mb" in row else ""
+                print(f"bench_int: {row['arch']:12s} batch {row['batch']:3d} {row['variant']:20s} {row['ms']:9.2f} ms "
+                      f"{row['speedup_vs_fp32']:5.2f}x vs fp32, weights {row['weight_mb']:.2f} MB{export} {memory}")
+                for op, share in row.get("top_ops", []):
+                    print(f"bench_int:     {share * 100:5.1f}% {op}")
+            rows += arch_rows
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
