@@ -3,6 +3,7 @@ model from the same noise, every number stamped with its protocol.
 
     python evaluate.py                                           # embedded FP model: digits domain metrics, N=1000
     python evaluate.py run=outputs/<date>/<time>_dilatequant_w4a4  # a train.py run's student, + PSNR/SSIM vs FP
+    python evaluate.py export=<run dir>/student_int.safetensors    # the integer model of an export (python -m dq.export)
     python evaluate.py eval.num_samples=5000                     # more samples (same first 1000 images)
     python evaluate.py eval=inception eval.reference=digits      # Inception FID/sFID (local TorchScript, offline)
     python evaluate.py eval=cifar10_paper run=DIR trainer=gpu    # the paper's CIFAR-10 protocol (clean-fid, 50k)

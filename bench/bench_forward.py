@@ -4,8 +4,7 @@
     python bench/bench_forward.py --arch small --device cpu --batch 8
 
 Fake quantization simulates integer arithmetic in floating point, so the student is SLOWER than the FP
-model: this measures by how much. Real speed-ups need packed integer weights and int8/int4 kernels
-(export), which this benchmark will compare once they exist.
+model: this measures by how much. The integer model of an export is compared in bench/bench_int.py.
 """
 
 from __future__ import annotations

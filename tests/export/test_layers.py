@@ -34,6 +34,18 @@ def _inputs(shape, seed):
     return make
 
 
+def _assert_twin_matches(layer, make_input, backend):
+    """Calibrate `layer` on per-step inputs, build its integer twin, and compare them at every step."""
+    _calibrated(layer, make_input)
+    twin = int_twin(layer, backend)
+    for step in range(STEPS):
+        x = make_input(step)
+        set_step(layer, step)
+        set_step(twin, step)
+        with torch.no_grad():
+            _close(twin(x), layer(x))
+
+
 def _close(a, b):
     scale = b.abs().max()
     assert (a - b).abs().max() <= 2e-6 * scale, f"max diff {(a - b).abs().max():.3g} at scale {scale:.3g}"
@@ -48,14 +60,7 @@ def test_int_conv_equals_fake_quant_twin(backend, bits, wd, split_at):
     config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], num_steps=STEPS, num_groups=STEPS, weight_dilation=wd)
     layer = QuantConv2d.from_float(nn.Conv2d(12, 16, 3, padding=1), bits[0], bits[1], config, split_at)
     make = _inputs((2, 12, 7, 7), 1)
-    _calibrated(layer, make)
-    twin = int_twin(layer, backend)
-    for step in range(STEPS):
-        x = make(step)
-        set_step(layer, step)
-        set_step(twin, step)
-        with torch.no_grad():
-            _close(twin(x), layer(x))
+    _assert_twin_matches(layer, make, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,14 +71,7 @@ def test_int_linear_equals_fake_quant_twin(backend, bits, wd):
     config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], num_steps=STEPS, num_groups=STEPS, weight_dilation=wd)
     layer = QuantLinear.from_float(nn.Linear(20, 24), bits[0], bits[1], config)
     make = _inputs((3, 9, 20), 2)
-    _calibrated(layer, make)
-    twin = int_twin(layer, backend)
-    for step in range(STEPS):
-        x = make(step)
-        set_step(layer, step)
-        set_step(twin, step)
-        with torch.no_grad():
-            _close(twin(x), layer(x))
+    _assert_twin_matches(layer, make, backend)
 
 
 def test_strided_unpadded_conv_and_one_step_per_call():
