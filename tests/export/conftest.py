@@ -11,13 +11,15 @@ TINY_STEPS = 3
 TINY_TIMESTEPS = [900, 500, 100]
 
 
-def calibrated_student(unet, config: QuantConfig, trajectories: dict[int, torch.Tensor], timesteps) -> torch.nn.Module:
-    """A student whose TPQ tables come from per-step inputs {step: x [B, C, H, W]} (no training)."""
+def calibrated_student(unet, config: QuantConfig, trajectories: dict[int, torch.Tensor], timesteps,
+                       cond: torch.Tensor | None = None) -> torch.nn.Module:
+    """A student whose TPQ tables come from per-step inputs {step: x [B, C, H, W]} (no training); cond:
+    class labels or text embeddings for a conditional UNet."""
     student = quantize_model(unet, config)
     with calibrate_activations(student), torch.no_grad():
         for step, x in trajectories.items():
             set_step(student, step)
-            unet_forward(student, x, torch.full((x.shape[0],), int(timesteps[step])))
+            unet_forward(student, x, torch.full((x.shape[0],), int(timesteps[step])), cond)
     set_step(student, None)
     return student
 

@@ -15,9 +15,11 @@ from dq.export import ExportError, export_student, load_int_model, read_export
 from dq.export.artifact import size_breakdown
 from dq.export.kernels import onednn_available
 from dq.metrics import psnr
-from dq.quant import set_step, step_context
+from dq.quant import QuantConfig, set_step, step_context
 from dq.sampling import SamplerConfig, sample, unet_forward
-from tests.export.conftest import TINY_STEPS, TINY_TIMESTEPS, tiny_student
+from tests.conftest import make_tiny_unet
+from tests.export.conftest import TINY_STEPS, TINY_TIMESTEPS, calibrated_student, tiny_student
+from tests.quant.conftest import tiny_unet2d_condition
 
 REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ["gemm"] + (["onednn"] if onednn_available() else [])
@@ -141,3 +143,19 @@ def test_what_cannot_be_exported_writes_nothing(tmp_path):
     with pytest.raises(ExportError, match="conv_in.weight_quantizer has a step size that is not a positive"):
         export_student(student, tmp_path / "negative.safetensors", TINY_TIMESTEPS)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["text", "class"])
+def test_conditional_unets_export_and_run(kind, tmp_path):
+    """Cross-attention (UNet2DConditionModel, text embeddings) and class-conditional UNet2DModel students."""
+    unet = tiny_unet2d_condition() if kind == "text" else make_tiny_unet(num_class_embeds=11)
+    cond = torch.randn(2, 5, 24) if kind == "text" else torch.tensor([3, 10])  # 10: the null class of CFG
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    config = QuantConfig(weight_bits=8, act_bits=8, num_steps=2, num_groups=2)
+    student = calibrated_student(unet, config, {0: x, 1: x}, [700, 300], cond)
+    model = load_int_model(export_student(student, tmp_path / f"{kind}.safetensors", [700, 300]))
+    with torch.no_grad(), step_context(student, 1), step_context(model, 1):
+        t = torch.full((2,), 300)
+        fake, integer, fp = unet_forward(student, x, t, cond), unet_forward(model, x, t, cond), unet_forward(unet, x, t, cond)
+    assert (integer - fake).pow(2).mean() < 1e-4 * (fake - fp).pow(2).mean()
+
