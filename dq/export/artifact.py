@@ -13,7 +13,7 @@ Tensors (per quantized layer NAME; per attention processor PROC):
     float.KEY                  every other tensor of the UNet's state_dict (norms, embeddings, the biases and
                                weights of layers left in float), in float_dtype
 Metadata: format, format_version, the UNet class and config, the attention head counts, the quant config
-(the precision policy), the per-layer bits and geometry, the trained schedule's timesteps, and whatever the
+(the precision policy), the per-layer bits and input splits, the trained schedule's timesteps, and whatever the
 exporter adds (sampler, model config, method, the source run).
 """
 
@@ -130,6 +130,20 @@ def _check_positive(name: str, scale: torch.Tensor) -> None:
                           "the student cannot be exported")
 
 
+def act_table(prefix: str, quantizer) -> dict[str, torch.Tensor]:
+    """The TPQ table tensors of one calibrated activation quantizer: PREFIX.scale (Δx) and PREFIX.zero_point."""
+    if not quantizer.enabled or not bool(quantizer.calibrated):
+        raise ExportError(f"activation quantizer {prefix} is switched off or was never calibrated; export a trained run")
+    _check_positive(prefix, quantizer.scale.detach())
+    return {f"{prefix}.scale": quantizer.scale.detach().float().contiguous(),
+            f"{prefix}.zero_point": _rounded(quantizer.zero_point)}
+
+
+def input_quantizers(module: QuantConv2d | QuantLinear) -> list:
+    """A quantized layer's activation quantizers, one per input part (two for a split skip input)."""
+    return [module.act_quantizer] + ([module.skip_act_quantizer] if module.split_at is not None else [])
+
+
 def layer_export(name: str, module: QuantConv2d | QuantLinear, float_dtype: str = "float32",
                  weight_dilation: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, layer info) of one quantized layer's weight side: packed codes, Δw, z_w, WD's s, the bias."""
@@ -175,11 +189,7 @@ def export_tensors(student: nn.Module, float_dtype: str = "float32") -> tuple[di
 
     def table(prefix: str, quantizer) -> None:
         nonlocal step_to_group
-        if not quantizer.enabled or not bool(quantizer.calibrated):
-            raise ExportError(f"activation quantizer {prefix} is switched off or was never calibrated; export a trained run")
-        _check_positive(prefix, quantizer.scale.detach())
-        tensors[f"{prefix}.scale"] = quantizer.scale.detach().float().contiguous()
-        tensors[f"{prefix}.zero_point"] = _rounded(quantizer.zero_point)
+        tensors.update(act_table(prefix, quantizer))
         if step_to_group is None:
             step_to_group = quantizer.step_to_group
         elif not torch.equal(step_to_group, quantizer.step_to_group):
@@ -189,8 +199,7 @@ def export_tensors(student: nn.Module, float_dtype: str = "float32") -> tuple[di
         if isinstance(module, (QuantConv2d, QuantLinear)):
             layer_tensors, layers[name] = layer_export(name, module, float_dtype, config.weight_dilation)
             tensors.update(layer_tensors)
-            parts = [module.act_quantizer] + ([module.skip_act_quantizer] if module.split_at is not None else [])
-            for i, part in enumerate(parts):
+            for i, part in enumerate(input_quantizers(module)):
                 table(f"{name}.act.{i}", part)
             claimed.update(f"{name}.{key}" for key in module.state_dict())
         elif isinstance(module, QuantAttnProcessor):
@@ -219,7 +228,7 @@ def export_student(student: nn.Module, path: str | os.PathLike, timesteps: list[
     ExportError when the student cannot be exported or the timesteps do not fit its TPQ tables.
     """
     tensors, fields = export_tensors(student, float_dtype)
-    config = QuantConfig.from_dict(fields["quant_config"])
+    config = quant_config(student)
     timesteps = [int(t) for t in timesteps]
     if len(timesteps) != config.num_steps:
         raise ExportError(f"{len(timesteps)} timesteps given for TPQ tables of {config.num_steps} sampling steps")

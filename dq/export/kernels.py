@@ -58,7 +58,24 @@ def _window_sum_conv(codes: torch.Tensor, zero_point: torch.Tensor, kernel: tupl
     return F.conv2d(centred, ones, None, stride, padding, dilation)
 
 
-class IntConvKernel:
+class _IntKernel:
+    """What the conv and linear kernels share: moving their prepared weights to a device."""
+
+    backend: str
+
+    def to(self, device: torch.device) -> _IntKernel:
+        if self.backend == "onednn":
+            if device.type != "cpu":
+                raise ValueError("the onednn integer backend runs on the CPU only; load the export with backend=gemm")
+            return self
+        for name in ("weight_scale", "matrix", "colsum", "w_zero"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self.shift is not None:
+            self.shift = self.shift.to(device)
+        return self
+
+
+class IntConvKernel(_IntKernel):
     """One integer Conv2d (one input-channel part of it): W8 [O, C, kh, kw], Δw [O], shift c [O]."""
 
     def __init__(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, stride, padding,
@@ -78,17 +95,6 @@ class IntConvKernel:
         else:
             self.matrix = _gemm_matrix(w8.reshape(self.out_channels, -1))  # [N_pad, K_pad]
             self.colsum = w8.reshape(self.out_channels, -1).sum(dim=1, dtype=torch.int32)
-
-    def to(self, device: torch.device) -> IntConvKernel:
-        if self.backend == "onednn":
-            if device.type != "cpu":
-                raise ValueError("the onednn integer backend runs on the CPU only; load the export with backend=gemm")
-            return self
-        for name in ("weight_scale", "matrix", "colsum", "w_zero"):
-            setattr(self, name, getattr(self, name).to(device))
-        if self.shift is not None:
-            self.shift = self.shift.to(device)
-        return self
 
     def __call__(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
@@ -122,7 +128,7 @@ class IntConvKernel:
         return out.view(batch, rows_h, rows_w, self.out_channels).permute(0, 3, 1, 2)
 
 
-class IntLinearKernel:
+class IntLinearKernel(_IntKernel):
     """One integer Linear: W8 [O, C], Δw [O], shift c [O]."""
 
     def __init__(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, backend: str) -> None:
@@ -137,8 +143,6 @@ class IntLinearKernel:
         else:
             self.matrix = _gemm_matrix(w8)
             self.colsum = w8.sum(dim=1, dtype=torch.int32)
-
-    to = IntConvKernel.to
 
     def __call__(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:

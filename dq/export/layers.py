@@ -111,7 +111,6 @@ class IntConv2d(_IntLayer):
         super().__init__()
         self._init_common(quantizers, splits, wd_scale, bias, weight_bits)
         self.out_channels, self.in_channels = w_int.shape[0], w_int.shape[1]
-        self.geometry = (tuple(stride), tuple(padding), tuple(dilation))
         self.backend = backend
         self.kernels = []
         start = 0

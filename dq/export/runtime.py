@@ -12,7 +12,15 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from dq.arch import set_attention_heads
-from dq.export.artifact import Export, ExportError, IntLayerSpec, layer_export, read_export
+from dq.export.artifact import (
+    Export,
+    ExportError,
+    IntLayerSpec,
+    act_table,
+    input_quantizers,
+    layer_export,
+    read_export,
+)
 from dq.export.kernels import resolve_backend
 from dq.export.layers import IntActQuantizer, IntConv2d, IntLinear
 from dq.quant.convert import CONFIG_ATTR
@@ -50,12 +58,11 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
         parent_name, _, short = spec.name.rpartition(".")
         setattr(unet.get_submodule(parent_name) if parent_name else unet, short, layer)
         int_keys.update(f"{spec.name}.{k}" for k in layer.state_dict())
-    softmax_bits = {name: info["softmax_bits"] for name, info in meta["attention"].items()}
     for proc_name, info in meta["attention"].items():
         attn_name = proc_name.removesuffix(".processor")
         attn = _submodule(export, unet, attn_name)
         tables = export.attention_tables(proc_name)
-        bits = {"q": info["qkv_bits"], "k": info["qkv_bits"], "v": info["qkv_bits"], "probs": softmax_bits[proc_name]}
+        bits = {"q": info["qkv_bits"], "k": info["qkv_bits"], "v": info["qkv_bits"], "probs": info["softmax_bits"]}
         quantizers = {q: IntActQuantizer(bits[q], *tables[q], step_to_group) for q in tables}
         processor = QuantAttnProcessor.from_quantizers(**quantizers)
         attn.set_processor(processor)
@@ -106,9 +113,8 @@ def int_twin(layer: QuantConv2d | QuantLinear, backend: str = "auto", float_dtyp
     """The integer layer that a calibrated QuantConv2d / QuantLinear exports to (through the export's own
     tensors), on the CPU; for tests and benchmarks of single layers."""
     tensors, info = layer_export("layer", layer, float_dtype, weight_dilation=True)
-    parts = [layer.act_quantizer] + ([layer.skip_act_quantizer] if layer.split_at is not None else [])
+    parts = input_quantizers(layer)
     for i, part in enumerate(parts):
-        tensors[f"layer.act.{i}.scale"] = part.scale.detach().float()
-        tensors[f"layer.act.{i}.zero_point"] = torch.round(part.zero_point.detach()).to(torch.int16)
+        tensors.update(act_table(f"layer.act.{i}", part))
     spec = Export(Path("<memory>"), {"layers": {"layer": info}}, tensors).layer_specs()[0]
     return int_layer(spec, layer, parts[0].step_to_group, resolve_backend(backend, torch.device("cpu")))
