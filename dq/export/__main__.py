@@ -6,7 +6,7 @@
 Arguments (key=value): run (required), out (default <run>/student_int.safetensors), float_dtype (float16 |
 bfloat16 | float32: the norms, biases and embeddings; default float32), overwrite (default false), verify
 (default 32: that many samples from the same noise by the integer model, the fake-quant student and the FP
-model, and the PSNR between them; 0 skips it).
+model, and the PSNR between them; 0 skips it), verify_seed (default 1234: the noise seed of that check).
 Prints the file's size against the FP32 UNet, what takes the room, and the check. Errors: one `dq: error:`
 line, exit 2, nothing written.
 """
@@ -22,7 +22,7 @@ import torch
 
 from dq.export.artifact import FLOAT_DTYPES, ExportError, export_student, size_breakdown
 
-KEYS = {"run": None, "out": None, "float_dtype": "float32", "overwrite": "false", "verify": "32"}
+KEYS = {"run": None, "out": None, "float_dtype": "float32", "overwrite": "false", "verify": "32", "verify_seed": "1234"}
 
 
 def parse_args(argv: list[str]) -> dict[str, str | None]:
@@ -38,13 +38,15 @@ def parse_args(argv: list[str]) -> dict[str, str | None]:
         raise ExportError(f"float_dtype must be one of {sorted(FLOAT_DTYPES)}, got {args['float_dtype']!r}")
     if not str(args["verify"]).isdigit():
         raise ExportError(f"verify must be a number of samples >= 0, got {args['verify']!r}")
+    if not str(args["verify_seed"]).isdigit():
+        raise ExportError(f"verify_seed must be an int >= 0, got {args['verify_seed']!r}")
     if args["overwrite"] not in ("true", "false"):
         raise ExportError(f"overwrite must be true or false, got {args['overwrite']!r}")
     return args
 
 
 def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str = "float32",
-               overwrite: bool = False, verify: int = 32) -> tuple[Path, dict[str, Any]]:
+               overwrite: bool = False, verify: int = 32, verify_seed: int = 1234) -> tuple[Path, dict[str, Any]]:
     """Export the student of a complete train.py run dir; returns (path, summary with the size figures)."""
     from omegaconf import OmegaConf
 
@@ -86,7 +88,7 @@ def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str 
     if verify:
         components = load_components(run_config.model)
         conditioning = model_conditioning(run_config.model, components, limit=verify)
-        summary["verify"] = verify_export(path, loaded, student, components, conditioning, verify)
+        summary["verify"] = verify_export(path, loaded, student, components, conditioning, verify, verify_seed)
     return path, summary
 
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         path, summary = export_run(args["run"], args["out"], args["float_dtype"], args["overwrite"] == "true",
-                                   int(args["verify"]))
+                                   int(args["verify"]), int(args["verify_seed"]))
     except ExportError as err:
         print(f"dq: error: {err}", file=sys.stderr)
         return 2

@@ -62,6 +62,7 @@ def test_evaluate_takes_an_export(model_and_run, tmp_path):
     (["run=RUN", "colour=blue"], "unknown argument 'colour=blue'"),
     (["run=RUN", "float_dtype=float64"], "float_dtype must be one of"),
     (["run=RUN", "verify=some"], "verify must be a number"),
+    (["run=RUN", "verify_seed=-1"], "verify_seed must be an int"),
     (["run=FP_EVAL_DIR"], "student.safetensors is missing"),
     (["run=INCOMPLETE"], "did not complete"),
     (["run=RUN", "out=EXISTING"], "exists; pass overwrite=true"),
