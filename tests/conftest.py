@@ -1,13 +1,30 @@
 """Shared fixtures: tiny randomly initialised diffusers models (built from config, no network) and the
 offline settings every test runs under."""
 
+import ast
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would retry for ~30 s before failing
+REPO = Path(__file__).resolve().parents[1]
+TRAINING_FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb")
+
+
+def frameworks_imported_by(code: str) -> list[str]:
+    """Run `code` in a fresh Python process (at the repository root) and return which of the training
+    frameworks it imported; fails the test with the process's stderr when the code itself fails."""
+    probe = (f"\nimport sys\nprint('IMPORTED', sorted({{n.split('.')[0] for n in sys.modules}} & "
+             f"{set(TRAINING_FRAMEWORKS)!r}))\n")
+    out = subprocess.run([sys.executable, "-c", code + probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    line = [row for row in out.stdout.splitlines() if row.startswith("IMPORTED")][-1]
+    return ast.literal_eval(line.removeprefix("IMPORTED "))
 
 
 def make_tiny_unet(

@@ -14,7 +14,7 @@ from torch import nn
 
 from dq.export.kernels import IntConvKernel, IntLinearKernel, shift_to_int8
 from dq.quant import ops
-from dq.quant.quantizers import StepIndexed
+from dq.quant.quantizers import StepBlend, StepIndexed
 
 
 class IntActQuantizer(StepIndexed):
@@ -36,6 +36,18 @@ class IntActQuantizer(StepIndexed):
         self.register_buffer("zero_point", zero_point.reshape(num_groups).to(torch.int32).clone())
         self.register_buffer("zero_point_float", self.zero_point.float())
 
+    def row_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Δx 0-dim, z_x int32 0-dim, z_x float 0-dim) of the current call: one step for the whole batch,
+        or one interpolated step (timestep-keyed TPQ, policy "interpolate"; z rounded after blending)."""
+        if isinstance(self.step, StepBlend):
+            if self.step.weight.numel() != 1:
+                raise ValueError("the integer model runs one sampling step per call; got per-sample interpolated steps")
+            scale = self.blended_rows(self.scale)[0]
+            zero_point = self.blended_rows(self.zero_point_float)[0].round()
+            return scale, zero_point.to(torch.int32), zero_point
+        g = self.row()
+        return self.scale[g], self.zero_point[g], self.zero_point_float[g]
+
     def row(self) -> int:
         """The TPQ group of the current call (one step index for the whole batch)."""
         rows = self.group_rows()
@@ -51,14 +63,19 @@ class IntActQuantizer(StepIndexed):
     def codes(self, x: torch.Tensor, wd: torch.Tensor | None, channel_axis: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes uint8 like x, Δx 0-dim, z_x int32 0-dim) of the current step; wd: WD's s [C] or None."""
-        g = self.row()
-        scale = self.scale[g]
+        scale, zero_point, zero_point_float = self.row_params()
         # (x / s) / Δx in the fake quantizer's order, so both round every value alike (ties included)
         q = x / scale if wd is None else torch.div(x, ops.channel_view(wd, x.ndim, channel_axis % x.ndim)).div_(scale)
-        q.round_().add_(self.zero_point_float[g]).clamp_(0, ops.qmax(self.bits))
-        return q.to(torch.uint8), scale, self.zero_point[g]
+        q.round_().add_(zero_point_float).clamp_(0, ops.qmax(self.bits))
+        return q.to(torch.uint8), scale, zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.step, StepBlend):
+            scale, zero_point = self.blended_rows(self.scale), self.blended_rows(self.zero_point_float).round()
+            if scale.numel() == 1:
+                return ops.fake_quantize(x, scale[0], zero_point[0], self.bits)
+            rows = torch.arange(scale.numel(), device=scale.device)
+            return ops.fake_quantize_per_sample(x, scale, zero_point, rows, self.bits)
         rows = self.group_rows()
         if rows.numel() == 1:
             return ops.fake_quantize(x, self.scale[rows[0]], self.zero_point_float[rows[0]], self.bits)

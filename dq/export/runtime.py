@@ -25,21 +25,26 @@ from dq.export.kernels import resolve_backend
 from dq.export.layers import IntActQuantizer, IntConv2d, IntLinear
 from dq.quant.convert import CONFIG_ATTR
 from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
+from dq.quant.timesteps import check_policy, key_by_timestep
 
 UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 EXPORT_ATTR = "dq_export"  # the export's metadata, on the model it built
 
 
-def load_int_model(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
-    """The integer model of the export at `path`, in eval mode on `device`.
+def load_int_model(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto",
+                   tpq_policy: str = "exact") -> nn.Module:
+    """The integer model of the export at `path`, in eval mode on `device`, keyed by the export's trained
+    timesteps with `tpq_policy` (exact | nearest | interpolate: `dq.quant.timesteps`).
 
     backend: "auto" (oneDNN on a CPU, torch._int_mm GEMMs on CUDA), "onednn" or "gemm".
     ExportError (a ValueError) for a file that is not a valid export or does not fit its own UNet config.
     """
-    return int_model_from_export(read_export(path), device, backend)
+    return int_model_from_export(read_export(path), device, backend, tpq_policy)
 
 
-def int_model_from_export(export: Export, device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
+def int_model_from_export(export: Export, device: str | torch.device = "cpu", backend: str = "auto",
+                          tpq_policy: str = "exact") -> nn.Module:
+    check_policy(tpq_policy)
     device = torch.device(device)
     backend = resolve_backend(backend, device)
     meta = export.metadata
@@ -79,7 +84,9 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
     unet.load_state_dict(floats, strict=False)
     setattr(unet, CONFIG_ATTR, export.quant_config)
     setattr(unet, EXPORT_ATTR, dict(meta, path=str(export.path), backend=backend))
-    return unet.to(device).eval().requires_grad_(False)
+    unet = unet.to(device).eval().requires_grad_(False)
+    key_by_timestep(unet, export.timesteps, tpq_policy)
+    return unet
 
 
 def _submodule(export: Export, unet: nn.Module, name: str) -> nn.Module:

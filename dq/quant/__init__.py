@@ -29,15 +29,20 @@ from dq.quant.ops import (
     round_ste,
     step_groups,
 )
-from dq.quant.quantizers import StepIndexed, TemporalActQuantizer, WeightQuantizer
+from dq.quant.quantizers import StepBlend, StepIndexed, TemporalActQuantizer, WeightQuantizer
 from dq.quant.state import load_quant_state, read_quant_state, save_quant_state
+from dq.quant.timesteps import POLICIES as TPQ_POLICIES
+from dq.quant.timesteps import TimestepKeying, key_by_timestep, timestep_keying
 
 __all__ = [
     "QuantAttnProcessor",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
+    "StepBlend",
     "StepIndexed",
+    "TPQ_POLICIES",
+    "TimestepKeying",
     "TemporalActQuantizer",
     "WeightQuantizer",
     "act_quantizers",
@@ -49,6 +54,7 @@ __all__ = [
     "fake_quantize_per_sample",
     "gather_per_sample",
     "is_quantized",
+    "key_by_timestep",
     "load_quant_state",
     "mse_search_range",
     "percentile_range",
@@ -64,6 +70,7 @@ __all__ = [
     "step_context",
     "step_indexed",
     "step_groups",
+    "timestep_keying",
     "tpq_num_steps",
     "weight_quantizers",
 ]

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -82,6 +84,20 @@ class _RangeObserver:
             self.values[group] = kept
 
 
+@dataclass(frozen=True)
+class StepBlend:
+    """A step "between" trained steps (`dq.quant.timesteps`, policy "interpolate"): per row r, the TPQ table
+    value (1 − weight[r]) · table[group(start[r])] + weight[r] · table[group(end[r])]. Rows: 1 for a whole
+    batch, or one per sample. start, end: int64 [R] step indices; weight: float32 [R] in [0, 1]."""
+
+    start: torch.Tensor
+    end: torch.Tensor
+    weight: torch.Tensor
+
+    def to(self, device: torch.device | str) -> StepBlend:
+        return StepBlend(self.start.to(device), self.end.to(device), self.weight.to(device))
+
+
 class StepIndexed(nn.Module):
     """A module with a step→group map that reads the sampling step index set from outside (`set_step`).
 
@@ -106,9 +122,21 @@ class StepIndexed(nn.Module):
                 "no sampling step index is set on this activation quantizer: call "
                 "dq.quant.set_step(model, i) (or pass per-sample indices) before the forward pass"
             )
+        if isinstance(step, StepBlend):
+            raise RuntimeError(
+                "an interpolated step (timestep-keyed TPQ, policy 'interpolate') has no single group; "
+                "set an explicit step index for calibration and training"
+            )
         if isinstance(step, int):
             return self.step_to_group[step : step + 1]
         return self.step_to_group.index_select(0, step)
+
+    def blended_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """[R]: the table value of each row for the current StepBlend (differentiable in `table`)."""
+        step = self.step
+        start = table.index_select(0, self.step_to_group.index_select(0, step.start))
+        end = table.index_select(0, self.step_to_group.index_select(0, step.end))
+        return torch.lerp(start, end, step.weight.to(table.dtype))
 
 
 class TemporalActQuantizer(StepIndexed):
@@ -213,11 +241,15 @@ class TemporalActQuantizer(StepIndexed):
                     "calibration data (dq.quant.calibrate_activations) or load a saved quant state"
                 )
             self._checked_calibrated = True
-        rows = self.group_rows()
         scale, zero_point = self.scale, self.zero_point
         if self.lsq_grad_scale:
             factor = ops.lsq_grad_factor(x[0].numel(), self.bits)
             scale, zero_point = ops.scale_grad(scale, factor), ops.scale_grad(zero_point, factor)
+        if isinstance(self.step, StepBlend):
+            scale, zero_point = self.blended_rows(scale), self.blended_rows(zero_point)
+            rows = torch.arange(scale.numel(), device=scale.device)
+        else:
+            rows = self.group_rows()
         if rows.numel() == 1:
             return ops.fake_quantize(x, scale[rows[0]], zero_point[rows[0]], self.bits)
         return ops.fake_quantize_per_sample(x, scale, zero_point, rows, self.bits)

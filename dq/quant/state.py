@@ -1,8 +1,8 @@
 """Save and load a student's complete quantization state as one safetensors file.
 
 The file holds every TPQ table (Δ_x, z_x, step→group map), every WD factor s, every weight quantizer's
-(Δ_w, z_w), optionally the (dilated) weights themselves, and in its metadata the QuantConfig and a format
-version. Loading checks all of them and refuses, naming the mismatch, anything that does not fit.
+(Δ_w, z_w), optionally the (dilated) weights themselves, and in its metadata the QuantConfig, a format
+version and, for a student keyed by timestep (`dq.quant.key_by_timestep`), its trained schedule. Loading checks all of them and refuses, naming the mismatch, anything that does not fit.
 Writes go to a temporary file renamed into place; loading never executes code from the file.
 """
 
@@ -21,6 +21,7 @@ from torch import nn
 from dq.quant.config import QuantConfig
 from dq.quant.convert import CONFIG_ATTR, is_quantized, quant_config, quantize_model
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
+from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying
 
 FORMAT_NAME = "dq-quant-state"
 FORMAT_VERSION = 1
@@ -55,8 +56,10 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_quant_state(model: nn.Module, path: str | os.PathLike, include_weights: bool = True) -> Path:
-    """Write the student's quantization state (and weights, by default) to `path` (.safetensors)."""
+def save_quant_state(model: nn.Module, path: str | os.PathLike, include_weights: bool = True,
+                     timesteps: list[int | float] | None = None) -> Path:
+    """Write the student's quantization state (and weights, by default) to `path` (.safetensors), with its
+    trained schedule: `timesteps` (step i's timestep) or, by default, the student's timestep keying's."""
     config = quant_config(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in quant_state_dict(model, include_weights).items()}
     metadata = {
@@ -65,6 +68,13 @@ def save_quant_state(model: nn.Module, path: str | os.PathLike, include_weights:
         "quant_config": json.dumps(config.to_dict(), sort_keys=True),
         "includes_weights": json.dumps(include_weights),
     }
+    keying = timestep_keying(model)
+    if timesteps is None and keying is not None:
+        timesteps = keying.timestep_list()
+    if timesteps is not None:
+        if len(timesteps) != config.num_steps:
+            raise ValueError(f"{len(timesteps)} timesteps given for TPQ tables of {config.num_steps} sampling steps")
+        metadata["timesteps"] = json.dumps([int(t) if float(t).is_integer() else float(t) for t in timesteps])
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
@@ -72,6 +82,13 @@ def save_quant_state(model: nn.Module, path: str | os.PathLike, include_weights:
 
 def read_quant_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], QuantConfig, bool]:
     """(tensors, config, includes_weights) of a saved state; ValueError for a file that is not one."""
+    tensors, config, includes_weights, _ = read_quant_state_full(path)
+    return tensors, config, includes_weights
+
+
+def read_quant_state_full(path: str | os.PathLike
+                          ) -> tuple[dict[str, torch.Tensor], QuantConfig, bool, list[int | float] | None]:
+    """(tensors, config, includes_weights, trained timesteps or None) of a saved state."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no quantization state file at {path}")
@@ -93,18 +110,26 @@ def read_quant_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     try:
         config = QuantConfig.from_dict(json.loads(metadata["quant_config"]))
         includes_weights = bool(json.loads(metadata["includes_weights"]))
+        timesteps = json.loads(metadata["timesteps"]) if "timesteps" in metadata else None
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} has a malformed quant-state header: {err}") from err
-    return tensors, config, includes_weights
+    if timesteps is not None and (not isinstance(timesteps, list) or len(timesteps) != config.num_steps
+                                  or not all(isinstance(t, (int, float)) for t in timesteps)):
+        raise ValueError(f"{path} records trained timesteps {timesteps!r} that do not fit its {config.num_steps} TPQ steps")
+    return tensors, config, includes_weights, timesteps
 
 
-def load_quant_state(model: nn.Module, path: str | os.PathLike, inplace: bool = False) -> nn.Module:
+def load_quant_state(model: nn.Module, path: str | os.PathLike, inplace: bool = False,
+                     tpq_policy: str = "exact") -> nn.Module:
     """Load a saved state into `model` and return the student.
 
     A float model is first converted with the saved QuantConfig (a copy unless inplace); a student must
     have been built with the same config. Every key and shape must match; mismatches raise ValueError.
+    A file that records its trained schedule keys the student by timestep with `tpq_policy` ("exact",
+    "nearest" or "interpolate": `dq.quant.timesteps`).
     """
-    tensors, config, includes_weights = read_quant_state(path)
+    check_policy(tpq_policy)
+    tensors, config, includes_weights, timesteps = read_quant_state_full(path)
     if is_quantized(model):
         differences = config.diff(quant_config(model))
         if differences:
@@ -125,4 +150,6 @@ def load_quant_state(model: nn.Module, path: str | os.PathLike, inplace: bool = 
         raise ValueError(f"{path} does not fit this model; shape mismatches (file, model): {dict(list(bad_shapes.items())[:5])}")
     student.load_state_dict(tensors, strict=includes_weights)
     setattr(student, CONFIG_ATTR, config)
+    if timesteps is not None:
+        key_by_timestep(student, timesteps, tpq_policy)
     return student

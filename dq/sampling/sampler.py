@@ -2,13 +2,16 @@
 
 Before every model call the loop tells the model its step index i (0 = the noisiest step) through
 `dq.quant.step_context`, which the TPQ quantizers of a student read (METHOD.md §3); with classifier-free
-guidance the doubled batch (unconditional + conditional) shares that index. Every random draw of sample k
+guidance the doubled batch (unconditional + conditional) shares that index. A student keyed by timestep
+(`dq.quant.key_by_timestep`) sampled with another schedule than its trained one gets no step index: it
+finds its rows from the timesteps under its policy (nearest / interpolate; "exact" refuses before sampling). Every random draw of sample k
 comes from its own generator seeded by `sample_seed(seed, k)`, so batching and sharding never change an
 image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -20,7 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-from dq.quant import step_context, tpq_num_steps
+from dq.quant import step_context, timestep_keying, tpq_num_steps
 from dq.sampling.config import SamplerConfig
 from dq.sampling.ddim import SpacedDDIMScheduler
 from dq.sampling.spacing import sampling_timesteps
@@ -139,15 +142,26 @@ def _expand_rows(tensor: torch.Tensor | None, rows: int, name: str) -> torch.Ten
     return tensor
 
 
-def check_student_steps(unet: nn.Module, num_calls: int, sampler: SamplerConfig) -> None:
-    """ValueError if `unet` is a student whose TPQ tables serve a different number of steps."""
+def check_student_steps(unet: nn.Module, timesteps: torch.Tensor, sampler: SamplerConfig) -> bool:
+    """Whether the loop sets explicit step indices on `unet` for this schedule (timesteps int64 [M], one per
+    model call): True for a float model and for a student's trained schedule; False for a student keyed by
+    timestep whose policy takes this other schedule. ValueError when the student cannot run it."""
     student_steps = tpq_num_steps(unet)
-    if student_steps is not None and student_steps != num_calls:
-        raise ValueError(
-            f"this quantized model's TPQ tables were built for {student_steps} sampling steps, but the "
-            f"sampler {sampler.name} with num_steps={sampler.num_steps} makes {num_calls} model calls per "
-            "sample; sample with the schedule the model was trained for"
-        )
+    if student_steps is None:
+        return True
+    keying = timestep_keying(unet)
+    if keying is None:
+        if student_steps != len(timesteps):
+            raise ValueError(
+                f"this quantized model's TPQ tables were built for {student_steps} sampling steps, but the "
+                f"sampler {sampler.name} with num_steps={sampler.num_steps} makes {len(timesteps)} model calls "
+                "per sample; sample with the schedule the model was trained for"
+            )
+        return True
+    if keying.matches(timesteps):
+        return True
+    keying.check_schedule(timesteps)
+    return False
 
 
 @torch.no_grad()
@@ -171,7 +185,8 @@ def sample(
     cond / uncond: class labels int64 [num_samples] or [1], or embeddings [num_samples or 1, L, D]; uncond
     is needed when sampler.uses_guidance. on_step is called before every model call with the model input
     (e.g. to record calibration data). The model runs on its own device and dtype; a quantized student
-    must have been built for this sampler's number of model calls.
+    must have been built for this sampler's schedule, unless it is keyed by timestep with a policy that
+    takes another one (`check_student_steps`).
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
@@ -184,7 +199,7 @@ def sample(
     config = unet.config
     shape = (int(config.in_channels), *_sample_size(config.sample_size))
     timesteps = planned_timesteps(scheduler_config, sampler)
-    check_student_steps(unet, len(timesteps), sampler)
+    explicit_steps = check_student_steps(unet, timesteps, sampler)
 
     outputs = []
     num_batches = -(-num_samples // batch_size)
@@ -204,7 +219,7 @@ def sample(
                 model_input = scheduler.scale_model_input(x, timestep)
                 if on_step is not None:
                     on_step(step_index, int(timestep), model_input, indices)
-                with step_context(unet, step_index):
+                with step_context(unet, step_index) if explicit_steps else contextlib.nullcontext():
                     output = predict_noise(unet, model_input, int(timestep), batch_cond, batch_uncond,
                                            sampler.guidance_scale)
                 step_kwargs: dict[str, Any] = {}

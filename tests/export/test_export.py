@@ -2,8 +2,6 @@
 every bad input giving one clear error with nothing written."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from dq.export.kernels import onednn_available
 from dq.metrics import psnr
 from dq.quant import QuantConfig, set_step, step_context
 from dq.sampling import SamplerConfig, sample, unet_forward
-from tests.conftest import make_tiny_unet
+from tests.conftest import frameworks_imported_by, make_tiny_unet
 from tests.export.conftest import TINY_STEPS, TINY_TIMESTEPS, calibrated_student, tiny_student
 from tests.quant.conftest import tiny_unet2d_condition
 
@@ -86,27 +84,24 @@ def test_embedded_w4a4_export_is_a_sixth_of_fp32_and_samples_like_the_student(em
 
 def test_loading_imports_no_lightning_hydra_or_wandb(tiny_export):
     code = (
-        "import sys, torch\n"
+        "import torch\n"
         "from dq.export import load_int_model\n"
         f"m = load_int_model({str(tiny_export[2])!r})\n"
         "from dq.quant import step_context\n"
         "with torch.no_grad(), step_context(m, 0): m(torch.zeros(1, 3, 8, 8), torch.tensor([900]))\n"
-        "bad = sorted({n.split('.')[0] for n in sys.modules} & {'lightning', 'pytorch_lightning', 'hydra', 'wandb'})\n"
-        "print('LOADED-WITH', bad)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "LOADED-WITH []" in out.stdout
+    assert frameworks_imported_by(code) == []
 
 
-def test_sampler_drives_the_integer_model_and_refuses_other_step_counts(tiny_export):
+def test_sampler_drives_the_integer_model_and_refuses_other_schedules(tiny_export):
     _, _, path = tiny_export
-    model = load_int_model(path)
     scheduler_config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": True}
-    images = sample(model, scheduler_config, SamplerConfig(num_steps=TINY_STEPS, spacing="uniform"), 2, progress=False)
+    uniform = SamplerConfig(num_steps=TINY_STEPS, spacing="uniform")  # visits 666, 333, 0; trained: 900, 500, 100
+    with pytest.raises(ValueError, match=r"timestep\(s\) 666, 333, 0 are not in the schedule"):
+        sample(load_int_model(path), scheduler_config, uniform, 1, progress=False)
+    model = load_int_model(path, tpq_policy="nearest")
+    images = sample(model, scheduler_config, uniform, 2, progress=False)
     assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
-    with pytest.raises(ValueError, match=f"built for {TINY_STEPS} sampling steps"):
-        sample(model, scheduler_config, SamplerConfig(num_steps=TINY_STEPS + 2), 1, progress=False)
     with pytest.raises(ValueError, match="out of range"):
         set_step(model, TINY_STEPS)
 

@@ -1,0 +1,186 @@
+"""Timestep-keyed TPQ: a student that finds its TPQ row from the timestep it is called with.
+
+The TPQ tables are indexed by a sampling step index i (METHOD.md §3). dq's own sampler sets i before every
+call (`set_step` / `step_context`), and that explicit index always wins. A stock diffusers pipeline only
+passes the timestep t to `unet(x, t, ...)`; `key_by_timestep(student, timesteps, policy)` stores the trained
+schedule (timesteps[i] = the timestep of step i) and installs forward hooks on the student that, when no
+step index was set, look the row up from t, per sample for a batch of mixed timesteps, for the duration of
+that one call. A timestep outside the trained schedule follows the policy:
+
+- "exact" (the default): ValueError naming the timestep and the trained ones;
+- "nearest": the row of the nearest trained timestep (ties: the earlier step, i.e. the larger timestep);
+- "interpolate": Δ and z interpolated linearly in t between the rows of the two neighbouring trained
+  timesteps (the zero point is rounded after interpolation, as every zero point is); beyond the trained
+  range, the end row.
+
+A schedule that visits one timestep at several steps (the "quad" spacing's repeated 0 at 100 steps, PLMS's
+repeated second timestep) keys that timestep to its first step index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dq.quant.quantizers import StepBlend, StepIndexed
+
+POLICIES = ("exact", "nearest", "interpolate")
+_MATCH_TOLERANCE = 1e-4  # |t - t_i| under which a (float) timestep is the trained timestep t_i
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"tpq_policy must be one of {POLICIES}, got {policy!r}")
+    return policy
+
+
+class TimestepKeying:
+    """The trained schedule and the policy of one student, and the forward hooks that use them."""
+
+    def __init__(self, timesteps: Sequence[int | float] | torch.Tensor, policy: str = "exact") -> None:
+        self.policy = check_policy(policy)
+        values = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).cpu()
+        if values.numel() == 0:
+            raise ValueError("the trained schedule needs at least one timestep")
+        self.timesteps = values
+        # the distinct trained timesteps, ascending, each with its first step index
+        unique, inverse = torch.unique(values, sorted=True, return_inverse=True)
+        first = torch.full((unique.numel(),), values.numel(), dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(values.numel()), reduce="amin")
+        self._unique, self._first_step = unique, first
+        self._quantizers: list[StepIndexed] = []
+        self._owns_step = False
+        self._handles: list[Any] = []
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.numel()
+
+    def timestep_list(self) -> list[int | float]:
+        return [int(t) if float(t).is_integer() else float(t) for t in self.timesteps.tolist()]
+
+    def matches(self, timesteps: Sequence[int | float] | torch.Tensor) -> bool:
+        """True when `timesteps` is the trained schedule itself (same steps, same order)."""
+        other = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).cpu()
+        return other.shape == self.timesteps.shape and bool(((other - self.timesteps).abs() <= _MATCH_TOLERANCE).all())
+
+    def unmatched(self, timesteps: torch.Tensor) -> list[int | float]:
+        """The values of `timesteps` that are not trained timesteps."""
+        values = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).cpu()
+        index = self._nearest(values)
+        far = (self._unique[index] - values).abs() > _MATCH_TOLERANCE
+        return sorted({int(t) if float(t).is_integer() else float(t) for t in values[far].tolist()}, reverse=True)
+
+    def check_schedule(self, timesteps: Sequence[int | float] | torch.Tensor) -> None:
+        """ValueError, before any sampling, when the policy is "exact" and `timesteps` leaves the trained schedule."""
+        if self.policy == "exact":
+            missing = self.unmatched(torch.as_tensor(timesteps))
+            if missing:
+                raise ValueError(self._refusal(missing))
+
+    def _refusal(self, missing: list[int | float]) -> str:
+        shown = ", ".join(str(t) for t in missing[:8]) + (", ..." if len(missing) > 8 else "")
+        return (f"timestep(s) {shown} are not in the schedule this student's TPQ tables were trained for "
+                f"({self.num_steps} steps: {self.timestep_list()}); sample with that schedule, or load the student "
+                "with tpq_policy='nearest' or 'interpolate'")
+
+    # ------------------------------------------------------------------ lookup
+
+    def _nearest(self, values: torch.Tensor) -> torch.Tensor:
+        """Index into the distinct trained timesteps of the nearest one (ties: the larger timestep)."""
+        distance = (values[:, None] - self._unique[None, :]).abs()
+        # among equal distances prefer the larger timestep (the earlier step): flip, argmin, flip back
+        flipped = distance.flip(1).argmin(dim=1)
+        return self._unique.numel() - 1 - flipped
+
+    def resolve(self, timestep: Any) -> int | torch.Tensor | StepBlend:
+        """The step index (or blend) for the timestep(s) of one call: an int when the whole batch shares one
+        row, an int64 tensor [B] of per-sample indices, or a StepBlend (policy "interpolate")."""
+        values = torch.as_tensor(timestep).detach().reshape(-1).to(torch.float64).cpu()
+        if values.numel() == 0:
+            raise ValueError("the model was called with an empty timestep tensor")
+        if bool((values == values[0]).all()):
+            values = values[:1]
+        index = self._nearest(values)
+        exact = (self._unique[index] - values).abs() <= _MATCH_TOLERANCE
+        if self.policy == "exact" and not bool(exact.all()):
+            raise ValueError(self._refusal(self.unmatched(values)))
+        if self.policy == "interpolate" and not bool(exact.all()):
+            return self._blend(values, index, exact)
+        steps = self._first_step[index]
+        return int(steps[0]) if steps.numel() == 1 else steps
+
+    def _blend(self, values: torch.Tensor, nearest: torch.Tensor, exact: torch.Tensor) -> StepBlend | int | torch.Tensor:
+        unique = self._unique
+        upper = torch.searchsorted(unique, values, right=False).clamp(max=unique.numel() - 1)  # first >= t
+        lower = (upper - 1).clamp(min=0)
+        inside = (values > unique[0]) & (values < unique[-1]) & ~exact
+        t_hi, t_lo = unique[upper], unique[lower]
+        # the earlier step (larger timestep t_hi) is the blend's start; weight moves toward t_lo as t falls
+        weight = torch.where(inside, (t_hi - values) / (t_hi - t_lo).clamp_min(1e-12), torch.zeros_like(values))
+        start = torch.where(inside, upper, nearest)
+        end = torch.where(inside, lower, nearest)
+        return StepBlend(self._first_step[start], self._first_step[end], weight.to(torch.float32))
+
+    # ------------------------------------------------------------------ hooks
+
+    def attach(self, model: nn.Module) -> None:
+        self._quantizers = [m for m in model.modules() if isinstance(m, StepIndexed)]
+        if not self._quantizers:
+            raise ValueError(f"{type(model).__name__} has no TPQ tables to key by timestep (is it a dq student?)")
+        tables = {q.num_steps for q in self._quantizers}
+        if tables != {self.num_steps}:
+            raise ValueError(f"{self.num_steps} trained timesteps given for TPQ tables of {sorted(tables)} sampling steps")
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
+        ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._owns_step = False
+        if self._quantizers[0].step is not None:  # an explicit step index (dq's sampler, BKD) wins
+            return
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if timestep is None:
+            raise ValueError("this student keys its TPQ tables by timestep, but it was called without one")
+        step = self.resolve(timestep)
+        device = self._quantizers[0].step_to_group.device
+        if isinstance(step, (torch.Tensor, StepBlend)):
+            step = step.to(device)
+        for quantizer in self._quantizers:
+            quantizer.step = step
+        self._owns_step = True
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._owns_step:
+            for quantizer in self._quantizers:
+                quantizer.step = None
+            self._owns_step = False
+
+
+def timestep_keying(model: nn.Module) -> TimestepKeying | None:
+    """The TimestepKeying installed on `model` by `key_by_timestep`, or None."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, TimestepKeying):
+            return owner
+    return None
+
+
+def key_by_timestep(model: nn.Module, timesteps: Sequence[int | float] | torch.Tensor, policy: str = "exact") -> TimestepKeying:
+    """Key the TPQ tables of `model` (a dq student or integer model) by timestep: `timesteps[i]` is the
+    timestep of step index i in the trained schedule (call order). Replaces an earlier keying; returns it."""
+    keying = TimestepKeying(timesteps, policy)
+    old = timestep_keying(model)
+    if old is not None:
+        old.detach()
+    keying.attach(model)
+    return keying
