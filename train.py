@@ -7,9 +7,10 @@
     python train.py model=local model.path=/dir              # any diffusers model folder
     python train.py hydra.run.dir=<old run dir> ckpt_path=last       # resume an interrupted run
 
-Outputs (in the run dir): student.safetensors (quant state + weights, loadable with
-dq.quant.load_quant_state), config.yaml (resolved), results.json, samples.png (FP row over student row),
-tpq_ranges.json, logs/, checkpoints/.
+Outputs (in the run dir): student/ (the student as one folder: `dq.load_student(dir)` gives a diffusers UNet,
+keyed by timestep, for stock pipelines), student.safetensors (the same quant state + weights, a hard link
+into student/; loadable with dq.quant.load_quant_state), config.yaml (resolved), results.json, samples.png
+(FP row over student row), tpq_ranges.json, logs/, checkpoints/.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from dq.bkd import (
 )
 from dq.bkd.callbacks import BlockProgressBar, group_ranges
 from dq.metrics import mse, psnr
-from dq.quant import QuantConfig, TemporalActQuantizer, save_quant_state
+from dq.pretrained import STATE_FILE, place_file, save_student
+from dq.quant import QuantConfig, TemporalActQuantizer, key_by_timestep
 from dq.quant.state import atomic_write
 from dq.sampling import planned_timesteps, sample
 from dq.sampling.grid import image_grid, write_png
@@ -202,7 +204,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 1),
         "peak_memory_mb": round(_peak_memory_mb(), 1),
     }
-    save_quant_state(student, out_dir / "student.safetensors")
+    timesteps = planned_timesteps(loaded.scheduler.config, loaded.sampler)
+    key_by_timestep(student, timesteps)  # stock pipelines pass only t: the student finds its TPQ row from it
+    save_student(student, out_dir / "student", scheduler_config=loaded.scheduler.config,
+                 sampler=loaded.sampler.to_dict(), overwrite=True)
+    place_file(out_dir / "student" / STATE_FILE, out_dir / STATE_FILE)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     _write_json(out_dir / "tpq_ranges.json", tpq_ranges(student))
     results.update(fidelity(cfg, loaded, student, out_dir, components, conditioning))
@@ -243,7 +249,8 @@ def main(cfg: DictConfig) -> None:
         print(
             f"dq: {results['method']} {results['quant']} done in {results['wall_seconds']:.0f} s; "
             f"PSNR vs FP {results['psnr_vs_fp']:.2f} dB, MSE vs FP {results['mse_vs_fp']:.5f}\n"
-            f"dq: outputs in {cfg.output_dir} (student.safetensors, results.json, samples.png)"
+            f"dq: outputs in {cfg.output_dir} (student/ for dq.load_student, student.safetensors, results.json, "
+            "samples.png)"
         )
 
 

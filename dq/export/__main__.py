@@ -1,6 +1,7 @@
 """Export a train.py run's student as an integer model (packed weight codes + per-step TPQ tables).
 
     python -m dq.export run=outputs/<date>/<time>_dilatequant_w4a4            # -> <run>/student_int.safetensors
+                                                                              #    (and into <run>/student/)
     python -m dq.export run=DIR out=/tmp/w4a4.safetensors float_dtype=bfloat16 overwrite=true
 
 Arguments (key=value): run (required), out (default <run>/student_int.safetensors), float_dtype (float16 |
@@ -82,6 +83,11 @@ def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str 
         "source": {"run_dir": str(run_dir), "student_sha256": file_sha256(run_dir / "student.safetensors")},
     }
     path = export_student(student, out_path, timesteps, float_dtype, extra)
+    folder = run_dir / "student"
+    if out is None and (folder / "dq_student.json").is_file():  # the run's student folder gets the export too
+        from dq.pretrained import add_export
+
+        add_export(folder, path)
     fp32_bytes = sum(t.numel() * 4 for t in loaded.unet.state_dict().values() if t.is_floating_point())
     summary = {"path": str(path), "bytes": path.stat().st_size, "fp32_unet_bytes": fp32_bytes,
                "breakdown": size_breakdown(path)}

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dq.quant import load_quant_state, set_step
+import dq
+from dq.quant import load_quant_state, set_step, timestep_keying
 from dq.zoo import load_model_folder
 from tests.train.conftest import compose_config, fast_overrides
 from train import build_quant_config, train
@@ -37,6 +38,16 @@ def test_run_writes_a_self_describing_loadable_student(tiny_model_dir, tmp_path)
     set_step(student, 0)
     with torch.no_grad():
         assert torch.isfinite(student(torch.randn(1, 3, 8, 8), torch.tensor([999])).sample).all()
+    # the run's student/ folder: one call gives the student keyed by its trained timesteps
+    assert (out / "student" / "student.safetensors").samefile(out / "student.safetensors") or \
+        (out / "student" / "student.safetensors").read_bytes() == (out / "student.safetensors").read_bytes()
+    folder_student = dq.load_student(out / "student")
+    timesteps = timestep_keying(folder_student).timestep_list()
+    assert len(timesteps) == saved["num_steps"]
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        keyed = folder_student(x, torch.tensor([timesteps[0]])).sample
+        assert torch.equal(keyed, student(x, torch.tensor([timesteps[0]])).sample)
 
 
 @pytest.mark.parametrize("method", METHODS)
