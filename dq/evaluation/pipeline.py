@@ -42,7 +42,7 @@ from dq.metrics.backends import FeatureBackend, build_backend, display_path, fil
 from dq.metrics.clip_score import clip_score
 from dq.metrics.reference import resolve_reference
 from dq.metrics.ssim import ssim_window
-from dq.quant import load_quant_state, quant_config
+from dq.quant import key_by_timestep, load_quant_state, quant_config, timestep_keying
 from dq.quant.state import atomic_write
 from dq.sampling import SamplerConfig, planned_timesteps
 from dq.zoo import ModelComponents, load_components, load_model, model_conditioning, model_folder, to_images
@@ -65,6 +65,29 @@ class Target(NamedTuple):
     run_results: dict[str, Any]
     components: ModelComponents | None = None  # FP VAE (latent models decode through it) / text encoder
     export: dict[str, Any] | None = None  # an integer export's metadata (+ path, sha256) when `unet` runs one
+    remap: dict[str, Any] | None = None  # a student sampled off its trained schedule: policy and schedules
+
+
+def eval_sampler(cfg: DictConfig, trained: SamplerConfig) -> SamplerConfig:
+    """The sampler of an evaluation: the model's (a run's: the one it was trained for), with the settings of
+    cfg.sampler that are not null put over it (sampling a student off its trained schedule: cfg.tpq_policy)."""
+    overrides = {k: v for k, v in (cfg.get("sampler") or {}).items() if v is not None}
+    if not overrides:
+        return trained
+    return SamplerConfig.from_mapping({**trained.to_dict(), **overrides})
+
+
+def _remap(cfg: DictConfig, unet: torch.nn.Module, scheduler_config: dict[str, Any], sampler: SamplerConfig
+           ) -> dict[str, Any] | None:
+    """The remap record of a student sampled with `sampler` (None on its trained schedule); ValueError when
+    its policy refuses that schedule (before any sampling)."""
+    keying = timestep_keying(unet)
+    timesteps = planned_timesteps(scheduler_config, sampler)
+    if keying is None or keying.matches(timesteps):
+        return None
+    keying.check_schedule(timesteps)
+    return {"tpq_policy": keying.policy, "trained_timesteps": keying.timestep_list(),
+            "sampled_timesteps": timesteps.tolist(), "off_schedule": keying.unmatched(timesteps)}
 
 
 def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
@@ -76,8 +99,8 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
         return _export_target(cfg, device or torch.device("cpu"))
     if cfg.run is None:
         loaded = load_model(cfg.model)
-        return Target(loaded.unet, None, dict(loaded.scheduler.config), loaded.sampler, cfg.model, None, None, {},
-                      load_components(cfg.model))
+        return Target(loaded.unet, None, dict(loaded.scheduler.config), eval_sampler(cfg, loaded.sampler), cfg.model,
+                      None, None, {}, load_components(cfg.model))
     run_dir = Path(str(cfg.run)).expanduser()
     for name in ("config.yaml", "student.safetensors"):
         if not (run_dir / name).is_file():
@@ -86,30 +109,36 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
     if "model" not in run_config:
         raise ValueError(f"{run_dir / 'config.yaml'} has no `model` section")
     loaded = load_model(run_config.model)  # the model and sampler the student was trained for
-    student = load_quant_state(loaded.unet, run_dir / "student.safetensors")  # a quantized copy; FP unet kept
+    policy = str(cfg.get("tpq_policy", "exact"))
+    # a quantized copy (the FP unet is kept), keyed by timestep with the policy
+    student = load_quant_state(loaded.unet, run_dir / "student.safetensors", tpq_policy=policy)
+    if timestep_keying(student) is None:  # a run from before students recorded their schedule
+        key_by_timestep(student, planned_timesteps(loaded.scheduler.config, loaded.sampler), policy)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    return Target(student.eval(), loaded.unet, dict(loaded.scheduler.config), loaded.sampler, run_config.model,
-                  run_dir, run_config, results, load_components(run_config.model))
+    sampler = eval_sampler(cfg, loaded.sampler)
+    scheduler_config = dict(loaded.scheduler.config)
+    return Target(student.eval(), loaded.unet, scheduler_config, sampler, run_config.model, run_dir, run_config,
+                  results, load_components(run_config.model), remap=_remap(cfg, student, scheduler_config, sampler))
 
 
 def _export_target(cfg: DictConfig, device: torch.device) -> Target:
     from dq.export import load_int_model
 
     path = Path(str(cfg.export)).expanduser()
-    unet = load_int_model(path, device=device, backend=str(cfg.get("int_backend", "auto")))
+    unet = load_int_model(path, device=device, backend=str(cfg.get("int_backend", "auto")),
+                          tpq_policy=str(cfg.get("tpq_policy", "exact")))
     meta = unet.dq_export
     if "model_config" not in meta:
         raise ValueError(f"{path} does not record the model it was exported from (export it with python -m dq.export)")
     model_cfg = OmegaConf.create(meta["model_config"])
     loaded = load_model(model_cfg)
-    if [int(t) for t in meta["timesteps"]] != [int(t) for t in planned_timesteps(loaded.scheduler.config, loaded.sampler)]:
-        raise ValueError(f"{path} was trained for timesteps {meta['timesteps']}, which the model config's sampler "
-                         "does not visit")
     export = {**{k: meta.get(k) for k in ("method", "quant", "backend", "float_dtype", "source")},
               "path": str(path), "sha256": file_sha256(path)}
-    return Target(unet, loaded.unet, dict(loaded.scheduler.config), loaded.sampler, model_cfg, None, None, {},
-                  load_components(model_cfg), export)
+    sampler = eval_sampler(cfg, loaded.sampler)
+    scheduler_config = dict(loaded.scheduler.config)
+    return Target(unet, loaded.unet, scheduler_config, sampler, model_cfg, None, None, {},
+                  load_components(model_cfg), export, _remap(cfg, unet, scheduler_config, sampler))
 
 
 def conditioning_of(eval_cfg: DictConfig, target: Target | None = None) -> tuple[Any, dict[str, Any]]:
@@ -168,10 +197,14 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _samples_identity(fingerprint: str, target: Target, eval_cfg: DictConfig, cond_record: dict) -> dict:
+def _samples_identity(fingerprint: str, target: Target, eval_cfg: DictConfig, cond_record: dict,
+                      remap: dict[str, Any] | None = None) -> dict:
     """What a folder of samples depends on: resuming into a folder with another identity is refused."""
-    return {"model": fingerprint, "sampler": target.sampler.to_dict(), "seed": int(eval_cfg.seed),
-            "conditioning": cond_record}
+    identity = {"model": fingerprint, "sampler": target.sampler.to_dict(), "seed": int(eval_cfg.seed),
+                "conditioning": cond_record}
+    if remap is not None:  # off its trained schedule a student's samples depend on its TPQ policy
+        identity["tpq_policy"] = remap["tpq_policy"]
+    return identity
 
 
 def _fill_folder(fabric: L.Fabric, folder: Path, unet: torch.nn.Module, identity: dict, target: Target,
@@ -260,6 +293,7 @@ def build_protocol(plan: MetricPlan, target: Target, eval_cfg: DictConfig, cond_
         "model": {"source": target.model_cfg.get("source"), "path": display_path(model_folder(target.model_cfg)),
                   "fingerprint": fp_fingerprint},
         "student": _student_record(target),
+        "remap": target.remap,
         "fidelity": None if target.fp_unet is None else (
             "the FP model's samples from the same noise (same seed and indices), uint8 pixels compared in [0, 1] "
             f"units; PSNR averaged per image; SSIM Gaussian window {ssim_window(*image_size)}, sigma 1.5"),
@@ -292,7 +326,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # an integer model's weights live in its kernels, not its state_dict: the export file is its identity
     fingerprint = fp_fingerprint = (f"export-{target.export['sha256']}" if target.export
                                     else model_fingerprint(target.unet, target.scheduler_config))
-    identity = _samples_identity(fingerprint, target, eval_cfg, cond_record)
+    identity = _samples_identity(fingerprint, target, eval_cfg, cond_record, target.remap)
     seconds["sampling"] = _fill_folder(fabric, out_dir / "samples", target.unet, identity, target, eval_cfg,
                                        conditioning, progress, "samples")
     fp_dir = None

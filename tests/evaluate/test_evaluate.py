@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,21 @@ def test_student_run_dir_gets_fidelity_and_a_copy_of_the_metrics(model16_dir, st
     assert len(list(cache.glob("*/*.png"))) == 12
     again = evaluate(compose_eval([*eval_overrides(model16_dir, tmp_path / "eval2", cache), f"run={student_run_dir}"]))
     assert again["psnr_vs_fp"] == results["psnr_vs_fp"]
+
+
+def test_student_off_its_schedule_follows_the_tpq_policy(model16_dir, student_run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(student_run_dir, run)
+    base = [*eval_overrides(model16_dir, tmp_path / "eval", tmp_path / "cache"), f"run={run}", "sampler.num_steps=6",
+            "eval.metrics=[fidelity]"]
+    with pytest.raises(ValueError, match="not in the schedule this student's TPQ tables were trained for"):
+        evaluate(compose_eval(base))
+    assert not (tmp_path / "eval" / "samples").exists()  # refused before any sampling
+    results = evaluate(compose_eval([*base, "tpq_policy=nearest"]))
+    protocol = results["protocol"]
+    assert protocol["steps"] == 6 and protocol["remap"]["tpq_policy"] == "nearest"
+    assert len(protocol["remap"]["trained_timesteps"]) == 4 and len(protocol["remap"]["sampled_timesteps"]) == 6
+    assert 10.0 < results["psnr_vs_fp"] < 80.0
 
 
 def test_resume_skips_written_samples_and_remakes_lost_ones(model16_dir, tmp_path):
