@@ -59,3 +59,37 @@ def test_ldm_architectures(name):
     if name == "ldm_church":  # 8 heads at 192, 384 and 768 channels: only the applied head counts say so
         heads = {m.heads for n, m in unet.named_modules() if n.endswith("attentions.0") and hasattr(m, "heads")}
         assert heads == {8}
+
+
+def test_remap_table_scores_every_policy_against_the_retrained_student(tmp_path):
+    from diffusers import DDPMScheduler
+    from omegaconf import OmegaConf
+
+    from bench import remap_table
+    from dq.quant import QuantConfig, calibrate_activations, quantize_model, save_quant_state
+    from dq.sampling import SamplerConfig, sample
+    from tests.conftest import write_model_folder
+    from tests.evaluate.conftest import make_unet16
+
+    model16_dir = write_model_folder(make_unet16(), tmp_path / "model")
+    scheduler = DDPMScheduler.from_pretrained(model16_dir / "scheduler")
+    runs = {}
+    for steps in (4, 6):  # a 4-step student to remap, and a student trained for 6 steps
+        sampler = SamplerConfig(name="ddim", num_steps=steps)
+        student = quantize_model(make_unet16(), QuantConfig(weight_bits=8, act_bits=8, num_steps=steps, num_groups=steps))
+        with calibrate_activations(student):
+            sample(student, scheduler.config, sampler, 2, batch_size=2, progress=False)
+        run = runs[steps] = tmp_path / f"run{steps}"
+        save_quant_state(student, run / "student.safetensors")
+        model = {"source": "local", "path": str(model16_dir), "sampler": sampler.to_dict()}
+        OmegaConf.save(OmegaConf.create({"model": model}), run / "config.yaml")
+    remap_table.main(["--student", str(runs[4]), "--schedule", f"ddim:6={runs[6]}", "--num-samples", "3",
+                      "--seeds", "1", "2", "--out", str(tmp_path / "table")])
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert [(r["schedule"], r["policy"]) for r in rows] == [
+        ("ddim 4", "trained (own schedule)"), ("ddim 6", "exact"), ("ddim 6", "trained"), ("ddim 6", "nearest"),
+        ("ddim 6", "interpolate")]
+    assert rows[1]["refused"] is True
+    assert all(len(r["psnr"]["values"]) == 2 and r["psnr"]["mean"] > 10 for r in rows if "psnr" in r)
+    table = (tmp_path / "table.md").read_text()
+    assert "refused (one-line error)" in table and "student trained for this schedule" in table
