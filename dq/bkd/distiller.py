@@ -38,6 +38,7 @@ from dq.bkd.blocks import (
     execution_order,
 )
 from dq.quant import (
+    MIN_STEP_SIZE,
     QuantConfig,
     TemporalActQuantizer,
     WeightQuantizer,
@@ -411,6 +412,7 @@ class BlockDistiller(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         optimizer.step()
+        keep_step_sizes_positive(optimizer)
         self.state.iteration += 1
         reported = loss.detach()
         if self._trainer is not None and self.trainer.world_size > 1:  # the whole batch's loss, not this shard's
@@ -475,3 +477,13 @@ class BlockDistiller(L.LightningModule):
 def _host_rows(rows: torch.Tensor | slice) -> torch.Tensor | slice:
     """Row indices for the calibration tensors, which stay on the CPU (a batch's index may be on the GPU)."""
     return rows if isinstance(rows, slice) else rows.cpu()
+
+
+@torch.no_grad()
+def keep_step_sizes_positive(optimizer: torch.optim.Optimizer) -> None:
+    """Project every quantizer step size Δ (the optimizer's "quantizer" groups) back onto Δ >= MIN_STEP_SIZE
+    after a step: a long schedule or a high learning rate can otherwise drive Δ to zero or below, where
+    fake quantization divides by it. A no-op while every Δ stays above the floor (the usual case)."""
+    for group in optimizer.param_groups:
+        if "quantizer" in group:
+            group["params"][0].clamp_(min=MIN_STEP_SIZE)

@@ -18,6 +18,8 @@ from dq.quant import ops
 
 # per group, the most activation values an observer keeps for percentile / MSE initialisation
 MAX_OBSERVED_VALUES = 1 << 16
+# the smallest step size Δ training may leave (the floor of initialisation too: ops.qparams_from_range)
+MIN_STEP_SIZE = ops._EPS
 
 
 class WeightQuantizer(nn.Module):

@@ -15,7 +15,16 @@ from dq.bkd import (
     capture_block,
     execution_order,
 )
-from dq.quant import QuantConfig, QuantConv2d, QuantLinear, set_step
+from dq.bkd import distiller as distiller_module
+from dq.quant import (
+    MIN_STEP_SIZE,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    TemporalActQuantizer,
+    WeightQuantizer,
+    set_step,
+)
 from tests.quant.conftest import tiny_unet2d
 
 T = 4
@@ -207,3 +216,21 @@ def test_bad_settings_are_refused():
     distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), DistillConfig(batch_size=8), {"x_t": torch.ones(1)})
     with pytest.raises(ValueError, match="lacks 'timestep'"):
         distiller.setup("fit")
+
+
+def _step_sizes(distiller: BlockDistiller) -> torch.Tensor:
+    return torch.cat([m.scale.detach().flatten() for m in distiller.student.modules()
+                      if isinstance(m, (TemporalActQuantizer, WeightQuantizer))])
+
+
+@pytest.mark.parametrize("floor", [True, False])
+def test_step_sizes_stay_positive_under_a_schedule_that_would_cross_zero(floor, monkeypatch):
+    if not floor:  # the premise: this schedule does drive step sizes through zero without the projection
+        monkeypatch.setattr(distiller_module, "keep_step_sizes_positive", lambda optimizer: None)
+    distiller = _distiller(iters=4, lr_quant=50.0)  # Adam moves each Δ by ~50 |Δ| a step
+    _trainer(distiller, max_steps=8).fit(distiller)
+    scales = _step_sizes(distiller)
+    if floor:
+        assert bool(scales.min() >= torch.tensor(MIN_STEP_SIZE, dtype=scales.dtype))  # the floor, in float32
+    else:
+        assert float(scales.min()) < 0.0
