@@ -137,7 +137,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.output_dir)
     loaded = load_model(cfg.model)
-    num_steps = len(planned_timesteps(loaded.scheduler.config, loaded.sampler))
+    timesteps = planned_timesteps(loaded.scheduler.config, loaded.sampler)
+    num_steps = len(timesteps)
     quant_config = build_quant_config(cfg, num_steps)
     distill = DistillConfig(**OmegaConf.to_container(cfg.method.distill, resolve=True))
     components = load_components(cfg.model)  # FP VAE / text encoder: outside BKD, never quantized
@@ -204,7 +205,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 1),
         "peak_memory_mb": round(_peak_memory_mb(), 1),
     }
-    timesteps = planned_timesteps(loaded.scheduler.config, loaded.sampler)
     key_by_timestep(student, timesteps)  # stock pipelines pass only t: the student finds its TPQ row from it
     save_student(student, out_dir / "student", scheduler_config=loaded.scheduler.config,
                  sampler=loaded.sampler.to_dict(), overwrite=True)

@@ -29,8 +29,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dq.metrics import mse, psnr  # noqa: E402
-from dq.quant import key_by_timestep, load_quant_state, timestep_keying  # noqa: E402
-from dq.sampling import SamplerConfig, planned_timesteps, sample  # noqa: E402
+from dq.quant import load_quant_state, timestep_keying  # noqa: E402
+from dq.sampling import SamplerConfig, key_by_trained_sampler, planned_timesteps, sample  # noqa: E402
 from dq.zoo import load_components, load_model, to_images  # noqa: E402
 
 POLICIES = ("nearest", "interpolate")
@@ -41,9 +41,7 @@ def load_run_student(run: Path, policy: str = "exact"):
     cfg = OmegaConf.load(run / "config.yaml")
     loaded = load_model(cfg.model)
     student = load_quant_state(loaded.unet, run / "student.safetensors", tpq_policy=policy)
-    if timestep_keying(student) is None:  # a run from before students recorded their schedule
-        key_by_timestep(student, planned_timesteps(loaded.scheduler.config, loaded.sampler), policy)
-    return loaded, cfg, student.eval()
+    return loaded, cfg, key_by_trained_sampler(student, loaded.scheduler.config, loaded.sampler, policy).eval()
 
 
 def parse_schedule(text: str) -> tuple[str, int, Path]:

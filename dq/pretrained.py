@@ -32,20 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from dq.arch import attention_heads, set_attention_heads
+from dq.arch import UNET_CLASSES, attention_heads, build_unet
 from dq.quant import QuantConfig, load_quant_state, quant_config, save_quant_state
 from dq.quant.state import atomic_write
-from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying
+from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying, timestep_values
 
 FORMAT_NAME = "dq-student"
 FORMAT_VERSION = 1
 MANIFEST = "dq_student.json"
 STATE_FILE = "student.safetensors"
 EXPORT_FILE = "student_int.safetensors"
-UNET_CLASSES: dict[str, type[nn.Module]] = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 
 
 class StudentFolderError(ValueError):
@@ -75,7 +73,7 @@ def save_student(student: nn.Module, directory: str | os.PathLike, *,
         if keying is None:
             raise ValueError("the student is not keyed by timestep: pass timesteps= (its trained schedule)")
         timesteps = keying.timestep_list()
-    timesteps = [int(t) if float(t).is_integer() else float(t) for t in timesteps]
+    timesteps = timestep_values(timesteps)
     if len(timesteps) != config.num_steps:
         raise ValueError(f"{len(timesteps)} timesteps given for TPQ tables of {config.num_steps} sampling steps")
     if directory.exists() and not overwrite:
@@ -93,8 +91,8 @@ def save_student(student: nn.Module, directory: str | os.PathLike, *,
         student.save_config(staging)
         if scheduler_config is not None:
             (staging / "scheduler").mkdir()
-            payload = {k: v for k, v in dict(scheduler_config).items()}
-            (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+            text = json.dumps(dict(scheduler_config), indent=2, default=_jsonable)
+            (staging / "scheduler" / "scheduler_config.json").write_text(text + "\n")
         files = [STATE_FILE]
         if export is not None:
             link_or_copy(Path(export), staging / EXPORT_FILE)
@@ -176,13 +174,11 @@ def load_student(directory: str | os.PathLike, *, tpq_policy: str = "exact", int
         from dq.export import load_int_model
 
         return load_int_model(directory / EXPORT_FILE, device=device, backend=backend, tpq_policy=tpq_policy)
-    unet_class = UNET_CLASSES[manifest["unet_class"]]
     try:
         unet_config = json.loads((directory / "config.json").read_text())
-        unet = unet_class.from_config(unet_config)
-        set_attention_heads(unet, manifest["attention_heads"])
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise StudentFolderError(f"{directory / 'config.json'} does not build a {manifest['unet_class']}: {err}") from err
+        unet = build_unet(manifest["unet_class"], unet_config, manifest["attention_heads"])
+    except (json.JSONDecodeError, ValueError) as err:
+        raise StudentFolderError(f"{directory / 'config.json'}: {err}") from err
     try:
         student = load_quant_state(unet, directory / STATE_FILE, inplace=True, tpq_policy=tpq_policy)
     except (ValueError, FileNotFoundError) as err:
@@ -218,8 +214,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
+    """JSON for the values diffusers configs hold besides JSON types: tensors / arrays, tuples, sets."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (set, tuple)):

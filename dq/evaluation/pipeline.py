@@ -42,9 +42,9 @@ from dq.metrics.backends import FeatureBackend, build_backend, display_path, fil
 from dq.metrics.clip_score import clip_score
 from dq.metrics.reference import resolve_reference
 from dq.metrics.ssim import ssim_window
-from dq.quant import key_by_timestep, load_quant_state, quant_config, timestep_keying
+from dq.quant import load_quant_state, quant_config, timestep_keying
 from dq.quant.state import atomic_write
-from dq.sampling import SamplerConfig, planned_timesteps
+from dq.sampling import SamplerConfig, check_student_steps, key_by_trained_sampler, planned_timesteps
 from dq.zoo import ModelComponents, load_components, load_model, model_conditioning, model_folder, to_images
 
 METRICS_VERSION = 1
@@ -81,11 +81,10 @@ def _remap(cfg: DictConfig, unet: torch.nn.Module, scheduler_config: dict[str, A
            ) -> dict[str, Any] | None:
     """The remap record of a student sampled with `sampler` (None on its trained schedule); ValueError when
     its policy refuses that schedule (before any sampling)."""
-    keying = timestep_keying(unet)
     timesteps = planned_timesteps(scheduler_config, sampler)
-    if keying is None or keying.matches(timesteps):
+    if check_student_steps(unet, timesteps, sampler):  # explicit steps: the trained schedule (or a float model)
         return None
-    keying.check_schedule(timesteps)
+    keying = timestep_keying(unet)
     return {"tpq_policy": keying.policy, "trained_timesteps": keying.timestep_list(),
             "sampled_timesteps": timesteps.tolist(), "off_schedule": keying.unmatched(timesteps)}
 
@@ -112,8 +111,7 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
     policy = str(cfg.get("tpq_policy", "exact"))
     # a quantized copy (the FP unet is kept), keyed by timestep with the policy
     student = load_quant_state(loaded.unet, run_dir / "student.safetensors", tpq_policy=policy)
-    if timestep_keying(student) is None:  # a run from before students recorded their schedule
-        key_by_timestep(student, planned_timesteps(loaded.scheduler.config, loaded.sampler), policy)
+    key_by_trained_sampler(student, loaded.scheduler.config, loaded.sampler, policy)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     sampler = eval_sampler(cfg, loaded.sampler)

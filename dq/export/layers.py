@@ -70,16 +70,7 @@ class IntActQuantizer(StepIndexed):
         return q.to(torch.uint8), scale, zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.step, StepBlend):
-            scale, zero_point = self.blended_rows(self.scale), self.blended_rows(self.zero_point_float).round()
-            if scale.numel() == 1:
-                return ops.fake_quantize(x, scale[0], zero_point[0], self.bits)
-            rows = torch.arange(scale.numel(), device=scale.device)
-            return ops.fake_quantize_per_sample(x, scale, zero_point, rows, self.bits)
-        rows = self.group_rows()
-        if rows.numel() == 1:
-            return ops.fake_quantize(x, self.scale[rows[0]], self.zero_point_float[rows[0]], self.bits)
-        return ops.fake_quantize_per_sample(x, self.scale, self.zero_point_float, rows, self.bits)
+        return self.fake_quantize_step(x, self.scale, self.zero_point_float, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.scale.numel()}, steps={self.num_steps}"

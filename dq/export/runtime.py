@@ -8,10 +8,9 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from dq.arch import set_attention_heads
+from dq.arch import build_unet
 from dq.export.artifact import (
     Export,
     ExportError,
@@ -27,7 +26,6 @@ from dq.quant.convert import CONFIG_ATTR
 from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
 from dq.quant.timesteps import check_policy, key_by_timestep
 
-UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 EXPORT_ATTR = "dq_export"  # the export's metadata, on the model it built
 
 
@@ -48,14 +46,10 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
     device = torch.device(device)
     backend = resolve_backend(backend, device)
     meta = export.metadata
-    unet_class = UNET_CLASSES.get(meta["unet_class"])
-    if unet_class is None:
-        raise ExportError(f"{export.path}: UNet class {meta['unet_class']!r} is not one of {sorted(UNET_CLASSES)}")
     try:
-        unet = unet_class.from_config(meta["unet_config"])
-        set_attention_heads(unet, meta["attention_heads"])
-    except (TypeError, ValueError) as err:
-        raise ExportError(f"{export.path}: its UNet config does not build a {meta['unet_class']}: {err}") from err
+        unet = build_unet(meta["unet_class"], meta["unet_config"], meta["attention_heads"])
+    except ValueError as err:
+        raise ExportError(f"{export.path}: {err}") from err
     step_to_group = export.tensors["step_to_group"].long()
     int_keys: set[str] = set()
     for spec in export.layer_specs():

@@ -140,6 +140,19 @@ class StepIndexed(nn.Module):
         end = table.index_select(0, self.step_to_group.index_select(0, step.end))
         return torch.lerp(start, end, step.weight.to(table.dtype))
 
+    def fake_quantize_step(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+                           ) -> torch.Tensor:
+        """Fake-quantize x with the current step's row(s) of the tables scale, zero_point [G]: one row for
+        the batch, one per sample, or rows interpolated for a StepBlend (z is rounded after the blend)."""
+        if isinstance(self.step, StepBlend):
+            scale, zero_point = self.blended_rows(scale), self.blended_rows(zero_point)
+            rows = torch.arange(scale.numel(), device=scale.device)
+        else:
+            rows = self.group_rows()
+        if rows.numel() == 1:
+            return ops.fake_quantize(x, scale[rows[0]], zero_point[rows[0]], bits)
+        return ops.fake_quantize_per_sample(x, scale, zero_point, rows, bits)
+
 
 class TemporalActQuantizer(StepIndexed):
     """Per-tensor activation quantizer with one (Δ, z) per timestep group (TPQ, eqs 13-14).
@@ -247,14 +260,7 @@ class TemporalActQuantizer(StepIndexed):
         if self.lsq_grad_scale:
             factor = ops.lsq_grad_factor(x[0].numel(), self.bits)
             scale, zero_point = ops.scale_grad(scale, factor), ops.scale_grad(zero_point, factor)
-        if isinstance(self.step, StepBlend):
-            scale, zero_point = self.blended_rows(scale), self.blended_rows(zero_point)
-            rows = torch.arange(scale.numel(), device=scale.device)
-        else:
-            rows = self.group_rows()
-        if rows.numel() == 1:
-            return ops.fake_quantize(x, scale[rows[0]], zero_point[rows[0]], self.bits)
-        return ops.fake_quantize_per_sample(x, scale, zero_point, rows, self.bits)
+        return self.fake_quantize_step(x, scale, zero_point, self.bits)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._checked_calibrated = False

@@ -2,7 +2,8 @@
 
 The file holds every TPQ table (Δ_x, z_x, step→group map), every WD factor s, every weight quantizer's
 (Δ_w, z_w), optionally the (dilated) weights themselves, and in its metadata the QuantConfig, a format
-version and, for a student keyed by timestep (`dq.quant.key_by_timestep`), its trained schedule. Loading checks all of them and refuses, naming the mismatch, anything that does not fit.
+version and, for a student keyed by timestep (`dq.quant.key_by_timestep`), its trained schedule. Loading
+checks all of them and refuses, naming the mismatch, anything that does not fit.
 Writes go to a temporary file renamed into place; loading never executes code from the file.
 """
 
@@ -21,7 +22,7 @@ from torch import nn
 from dq.quant.config import QuantConfig
 from dq.quant.convert import CONFIG_ATTR, is_quantized, quant_config, quantize_model
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
-from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying
+from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying, timestep_values
 
 FORMAT_NAME = "dq-quant-state"
 FORMAT_VERSION = 1
@@ -74,7 +75,7 @@ def save_quant_state(model: nn.Module, path: str | os.PathLike, include_weights:
     if timesteps is not None:
         if len(timesteps) != config.num_steps:
             raise ValueError(f"{len(timesteps)} timesteps given for TPQ tables of {config.num_steps} sampling steps")
-        metadata["timesteps"] = json.dumps([int(t) if float(t).is_integer() else float(t) for t in timesteps])
+        metadata["timesteps"] = json.dumps(timestep_values(timesteps))
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path

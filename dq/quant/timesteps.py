@@ -31,6 +31,12 @@ POLICIES = ("exact", "nearest", "interpolate")
 _MATCH_TOLERANCE = 1e-4  # |t - t_i| under which a (float) timestep is the trained timestep t_i
 
 
+def timestep_values(timesteps: Sequence[int | float] | torch.Tensor) -> list[int | float]:
+    """Timesteps as JSON-ready numbers: ints where they are whole, floats otherwise."""
+    values = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).tolist()
+    return [int(t) if float(t).is_integer() else float(t) for t in values]
+
+
 def check_policy(policy: str) -> str:
     if policy not in POLICIES:
         raise ValueError(f"tpq_policy must be one of {POLICIES}, got {policy!r}")
@@ -60,7 +66,7 @@ class TimestepKeying:
         return self.timesteps.numel()
 
     def timestep_list(self) -> list[int | float]:
-        return [int(t) if float(t).is_integer() else float(t) for t in self.timesteps.tolist()]
+        return timestep_values(self.timesteps)
 
     def matches(self, timesteps: Sequence[int | float] | torch.Tensor) -> bool:
         """True when `timesteps` is the trained schedule itself (same steps, same order)."""
@@ -72,7 +78,7 @@ class TimestepKeying:
         values = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).cpu()
         index = self._nearest(values)
         far = (self._unique[index] - values).abs() > _MATCH_TOLERANCE
-        return sorted({int(t) if float(t).is_integer() else float(t) for t in values[far].tolist()}, reverse=True)
+        return sorted(set(timestep_values(values[far])), reverse=True)
 
     def check_schedule(self, timesteps: Sequence[int | float] | torch.Tensor) -> None:
         """ValueError, before any sampling, when the policy is "exact" and `timesteps` leaves the trained schedule."""

@@ -5,7 +5,9 @@ from dq.sampling.config import SAMPLER_NAMES, SPACINGS, SamplerConfig
 from dq.sampling.ddim import SpacedDDIMScheduler, ddim_update
 from dq.sampling.sampler import (
     build_scheduler,
+    check_student_steps,
     cond_kwargs,
+    key_by_trained_sampler,
     planned_timesteps,
     predict_noise,
     sample,
@@ -20,8 +22,10 @@ __all__ = [
     "SamplerConfig",
     "SpacedDDIMScheduler",
     "build_scheduler",
+    "check_student_steps",
     "cond_kwargs",
     "ddim_update",
+    "key_by_trained_sampler",
     "planned_timesteps",
     "predict_noise",
     "quad_timesteps",

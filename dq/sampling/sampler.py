@@ -4,9 +4,9 @@ Before every model call the loop tells the model its step index i (0 = the noisi
 `dq.quant.step_context`, which the TPQ quantizers of a student read (METHOD.md §3); with classifier-free
 guidance the doubled batch (unconditional + conditional) shares that index. A student keyed by timestep
 (`dq.quant.key_by_timestep`) sampled with another schedule than its trained one gets no step index: it
-finds its rows from the timesteps under its policy (nearest / interpolate; "exact" refuses before sampling). Every random draw of sample k
-comes from its own generator seeded by `sample_seed(seed, k)`, so batching and sharding never change an
-image.
+finds its rows from the timesteps under its policy (nearest / interpolate; "exact" refuses before
+sampling). Every random draw of sample k comes from its own generator seeded by `sample_seed(seed, k)`, so
+batching and sharding never change an image.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-from dq.quant import step_context, timestep_keying, tpq_num_steps
+from dq.quant import key_by_timestep, step_context, timestep_keying, tpq_num_steps
 from dq.sampling.config import SamplerConfig
 from dq.sampling.ddim import SpacedDDIMScheduler
 from dq.sampling.spacing import sampling_timesteps
@@ -140,6 +140,15 @@ def _expand_rows(tensor: torch.Tensor | None, rows: int, name: str) -> torch.Ten
     if tensor.shape[0] != rows:
         raise ValueError(f"{name} has {tensor.shape[0]} rows; expected 1 or {rows} (one per sample)")
     return tensor
+
+
+def key_by_trained_sampler(student: nn.Module, scheduler_config: Mapping[str, Any], sampler: SamplerConfig,
+                           policy: str = "exact") -> nn.Module:
+    """Key a student by the timesteps of the sampler it was trained with, unless its saved state already
+    recorded its schedule (files from before dq recorded it have none). Returns the student."""
+    if timestep_keying(student) is None:
+        key_by_timestep(student, planned_timesteps(scheduler_config, sampler), policy)
+    return student
 
 
 def check_student_steps(unet: nn.Module, timesteps: torch.Tensor, sampler: SamplerConfig) -> bool:

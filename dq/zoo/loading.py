@@ -16,20 +16,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import diffusers
-from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dq.arch import set_attention_heads
+from dq.arch import UNET_CLASSES, set_attention_heads
 from dq.sampling.config import SamplerConfig
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
 MODEL_SOURCES = ("embedded", "local", "hub")
-UNET_CLASSES: dict[str, type[nn.Module]] = {
-    "UNet2DModel": UNet2DModel,
-    "UNet2DConditionModel": UNet2DConditionModel,
-}
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 ATTENTION_HEADS_FILE = "attention_heads.json"  # per-layer head counts UNet2DModel's config cannot express
 
