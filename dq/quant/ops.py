@@ -133,12 +133,15 @@ def percentile_range(x: torch.Tensor, percentile: float) -> tuple[torch.Tensor, 
 
 
 def mse_search_range(
-    x: torch.Tensor, bits: int, axis: int | None = None, grid: int = 80, norm: float = 2.0
+    x: torch.Tensor, bits: int, axis: int | None = None, grid: int = 80, norm: float = 2.0,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) minimising the Lp quantization error over shrunk min-max ranges α·[min, max].
 
     axis=None: one range for the whole tensor (returns 0-dim tensors); axis=k: one per slice along k
     (returns [x.shape[k]] tensors), searched independently per channel. α runs over (0, 1] in `grid` steps.
+    bounds: the (min, max) to shrink from when x is a sample of a larger tensor whose exact range is known
+    (an observer's streaming min/max); default x's own min/max.
     """
     data = x.detach().float()
     if axis is None:
@@ -146,6 +149,9 @@ def mse_search_range(
     else:
         data = data.movedim(axis, 0).reshape(data.shape[axis], -1)
     lo0, hi0 = data.amin(dim=1), data.amax(dim=1)
+    if bounds is not None:
+        lo0 = torch.as_tensor(bounds[0], dtype=lo0.dtype, device=lo0.device).reshape(lo0.shape)
+        hi0 = torch.as_tensor(bounds[1], dtype=hi0.dtype, device=hi0.device).reshape(hi0.shape)
     best_err = torch.full_like(lo0, float("inf"))
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for i in range(grid):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,28 +63,53 @@ class WeightQuantizer(nn.Module):
 
 
 class _RangeObserver:
-    """Per-group running min/max and a bounded random sample of values, for initialising TPQ tables."""
+    """Per group, the exact running min/max of everything seen and a uniform random sample (a reservoir)
+    of at most MAX_OBSERVED_VALUES values, for initialising TPQ tables.
+
+    The sample is uniform over all values seen, whatever the chunking: when a chunk of m values arrives
+    after n, the number c of its values that enter a full reservoir of K is drawn from the hypergeometric
+    law (K draws from n + m, m of them new), c random kept values are dropped and c random values of the
+    chunk join. A random subset of a uniform sample is uniform, so every K-subset of the n + m values is
+    equally likely, as in one subsample of the whole stream."""
 
     def __init__(self, num_groups: int, keep_values: bool, generator_seed: int = 0) -> None:
         self.lo: list[torch.Tensor | None] = [None] * num_groups
         self.hi: list[torch.Tensor | None] = [None] * num_groups
         self.values: list[torch.Tensor | None] = [None] * num_groups
+        self.seen = [0] * num_groups
         self.keep_values = keep_values
-        self.generator = torch.Generator().manual_seed(generator_seed)
+        self.rng = np.random.default_rng(generator_seed)
 
     def update(self, group: int, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1)
+        if x.numel() == 0:
+            return
         lo, hi = x.min(), x.max()
         self.lo[group] = lo if self.lo[group] is None else torch.minimum(self.lo[group], lo)
         self.hi[group] = hi if self.hi[group] is None else torch.maximum(self.hi[group], hi)
         if self.keep_values:
-            kept = x.cpu()
-            if self.values[group] is not None:
-                kept = torch.cat([self.values[group], kept])
-            if kept.numel() > MAX_OBSERVED_VALUES:
-                pick = torch.randperm(kept.numel(), generator=self.generator)[:MAX_OBSERVED_VALUES]
-                kept = kept[pick]
-            self.values[group] = kept
+            self.values[group] = self._sample(self.values[group], self.seen[group], x)
+        self.seen[group] += x.numel()
+
+    def _pick(self, population: int, count: int) -> torch.Tensor:
+        """`count` distinct random indices below `population` (O(count) for a large population)."""
+        return torch.from_numpy(self.rng.choice(population, size=count, replace=False))
+
+    def _sample(self, kept: torch.Tensor | None, seen: int, new: torch.Tensor) -> torch.Tensor:
+        """A uniform sample of the seen values plus `new`, from `kept` (a uniform sample of the seen)."""
+        size = MAX_OBSERVED_VALUES
+        if kept is None or seen + new.numel() <= size or kept.numel() < size:
+            pool = new.cpu() if kept is None else torch.cat([kept, new.cpu()])
+            return pool if pool.numel() <= size else pool[self._pick(pool.numel(), size)]
+        if max(seen, new.numel()) < 10**9:  # numpy's limit for the exact law
+            entering = int(self.rng.hypergeometric(new.numel(), seen, size))
+        else:  # its binomial limit, exact to O(K / n) at that size
+            entering = int(self.rng.binomial(size, new.numel() / (seen + new.numel())))
+        if entering == 0:
+            return kept
+        kept = kept.clone()
+        kept[self._pick(size, entering)] = new[self._pick(new.numel(), entering).to(new.device)].cpu()
+        return kept
 
 
 @dataclass(frozen=True)
@@ -216,7 +242,7 @@ class TemporalActQuantizer(StepIndexed):
             elif self.init_method == "percentile":
                 lo, hi = ops.percentile_range(obs.values[g], self.percentile)
             elif self.init_method == "mse":
-                lo, hi = ops.mse_search_range(obs.values[g], self.bits, grid=50)
+                lo, hi = ops.mse_search_range(obs.values[g], self.bits, grid=50, bounds=(obs.lo[g], obs.hi[g]))
             else:
                 raise ValueError(f"unknown activation init method {self.init_method!r}")
             lo_all.append(lo.reshape(()))

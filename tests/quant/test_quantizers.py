@@ -106,3 +106,50 @@ def test_weight_quantizer_per_channel_init_and_gradients():
     assert (wq.scale.detach() <= (flat.amax(1) - flat.amin(1)) / 15 + 1e-6).all()
     with pytest.raises(ValueError, match="init method"):
         wq.init_from(w, "kl")
+
+
+def test_observer_sample_is_uniform_over_chunks():
+    """20 chunks, each labelled by its index: a uniform sample keeps about 1/20 from each, whatever
+    the order (the old concat-and-subsample kept ~71% from the last chunk and none from chunks 1-9)."""
+    from dq.quant.quantizers import MAX_OBSERVED_VALUES, _RangeObserver
+
+    obs = _RangeObserver(num_groups=1, keep_values=True, generator_seed=3)
+    chunk = MAX_OBSERVED_VALUES // 4
+    for k in range(20):
+        obs.update(0, torch.full((chunk,), float(k)))
+    kept = obs.values[0]
+    assert kept.numel() == MAX_OBSERVED_VALUES
+    shares = torch.bincount(kept.long(), minlength=20).float() / kept.numel()
+    # binomial sd of one share at K = 65536: sqrt(0.05 * 0.95 / K) ~ 0.00085; allow ~6 sd
+    assert (shares - 0.05).abs().max() < 0.005, shares
+    assert obs.seen[0] == 20 * chunk
+    assert float(obs.lo[0]) == 0.0 and float(obs.hi[0]) == 19.0
+
+
+def test_observer_uneven_chunks_and_exact_range():
+    """Chunks of different sizes weigh by their size; the streaming min/max is exact even when the sample
+    misses the extremes."""
+    from dq.quant.quantizers import MAX_OBSERVED_VALUES, _RangeObserver
+
+    obs = _RangeObserver(num_groups=2, keep_values=True, generator_seed=0)
+    big, small = 3 * MAX_OBSERVED_VALUES, MAX_OBSERVED_VALUES // 2
+    obs.update(1, torch.zeros(small))
+    obs.update(1, torch.ones(big))
+    obs.update(1, torch.tensor([-50.0, 70.0]))  # two extremes a 65,536-sample is unlikely to hold
+    share_small = float((obs.values[1] == 0).float().mean())
+    assert abs(share_small - small / (small + big + 2)) < 0.01
+    assert float(obs.lo[1]) == -50.0 and float(obs.hi[1]) == 70.0
+    assert obs.values[0] is None and obs.seen[0] == 0
+
+
+def test_mse_init_searches_from_the_exact_range():
+    """The MSE search shrinks the observer's exact [min, max], not the sample's: an outlier outside the
+    sample still bounds the search."""
+    from dq.quant import ops
+
+    x = torch.linspace(-1, 1, 1000)
+    lo, hi = ops.mse_search_range(x, bits=8, grid=10, bounds=(torch.tensor(-4.0), torch.tensor(4.0)))
+    assert float(hi) <= 4.0 and float(hi) > 1.0 - 1e-6  # from the bound, α = 1 - i/10 multiples of 4
+    assert abs(float(hi) / 4.0 * 10 - round(float(hi) / 4.0 * 10)) < 1e-5
+    lo_s, hi_s = ops.mse_search_range(x, bits=8, grid=10)
+    assert float(hi_s) <= 1.0
