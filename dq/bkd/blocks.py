@@ -169,6 +169,35 @@ def capture_block(
     return BlockIO(leaves, spec, captured.get("output"))
 
 
+def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run `model` on `batch` once and return the outputs of the blocks `names` (given in execution order);
+    the pass stops after the last of them. The same values as one capture_block per name: a forward stopped
+    early computes its prefix exactly as a full one does."""
+    outputs: dict[str, torch.Tensor] = {}
+    last = names[-1]
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            outputs[name] = main_tensor(output)
+            if name == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+    try:
+        run_model(model, batch)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise RuntimeError(f"blocks {missing} did not run in the forward pass")
+    return outputs
+
+
 def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO:
     """Join the BlockIO of consecutive calibration chunks along the batch dimension, on `device`."""
     first = parts[0]

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from dq.bkd.blocks import (
     BlockIO,
     candidate_blocks,
     capture_block,
+    capture_outputs,
     concat_block_io,
     execution_order,
 )
@@ -69,6 +71,9 @@ class DistillConfig:
       (stored as fp32; the student and the loss stay fp32).
     - compile: run the current block through torch.compile(mode=compile_mode, backend=compile_backend) in
       the training steps (initialisation and capture stay eager; the student's modules are not replaced).
+    - target_cache_mb: one teacher pass yields the targets of as many consecutive blocks as fit in this
+      many MiB of host memory (at least one block), kept until their blocks come; 0 = one pass per block.
+      The targets are the same either way; fewer passes make block preparation cheaper.
     """
 
     iters_per_block: int = 200
@@ -86,6 +91,7 @@ class DistillConfig:
     compile: bool = False  # torch.compile the current block for its training steps
     compile_mode: str | None = None  # torch.compile(mode=...): None, "reduce-overhead", "max-autotune", ...
     compile_backend: str = "inductor"  # torch.compile(backend=...); "aot_eager" compiles fast (tests)
+    target_cache_mb: float = 1024.0  # host memory for teacher targets captured ahead of their block
 
     def __post_init__(self) -> None:
         if self.iters_per_block < 0:
@@ -105,6 +111,8 @@ class DistillConfig:
             )
         if not 0.0 < self.cache_gpu_fraction <= 1.0:
             raise ValueError(f"cache_gpu_fraction must lie in (0, 1], got {self.cache_gpu_fraction}")
+        if not self.target_cache_mb >= 0:
+            raise ValueError(f"target_cache_mb must be >= 0, got {self.target_cache_mb}")
         if self.teacher_precision not in TEACHER_PRECISIONS:
             allowed = ", ".join(TEACHER_PRECISIONS)
             raise ValueError(f"teacher_precision must be one of {allowed}, got {self.teacher_precision!r}")
@@ -203,6 +211,11 @@ class BlockDistiller(L.LightningModule):
         self._compiled: dict[str, nn.Module] = {}
         self._compiled_checked = False  # whether the compiled block's quantizers ran once eagerly
         self.cache_devices: dict[str, str] = {}  # where each block's cache was kept (block name -> device)
+        # wall seconds of block preparation in this process: "cache" (teacher + student prefix passes over
+        # all N tuples, build_cache) and "init" (the activation quantizers' initialisation pass)
+        self.prep_seconds = {"cache": 0.0, "init": 0.0}
+        self._targets: dict[str, torch.Tensor] = {}  # teacher targets captured ahead of their blocks
+        self._target_row_bytes: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -233,17 +246,13 @@ class BlockDistiller(L.LightningModule):
         Each capture chunk is moved to the CPU as it is made (so the accelerator holds one chunk at a time,
         not the whole cache), the chunks are joined there, and the cache then goes where `cache_device`
         says; "auto" decides from its exact size."""
-        inputs, targets = [], []
+        inputs = []
         step = self.distill.capture_batch_size
         for start in range(0, self.num_samples, step):
             batch = self.calibration_batch(slice(start, start + step))
-            with self.teacher_autocast(batch):
-                target = capture_block(self.teacher, name, batch, want_output=True).output
-            # fp32 targets whatever the teacher's precision: the loss is computed in fp32
-            targets.append(target.float().cpu())
             inputs.append(capture_block(self.student, name, batch, want_output=False).to("cpu"))
         cache = concat_block_io(inputs, "cpu")
-        cache.output = torch.cat(targets).contiguous()
+        cache.output = self.teacher_targets(name)
         device = self.cache_device_for(cache.nbytes)
         self.cache_devices[name] = str(device)
         # said aloud only when "auto" had to leave a GPU run's cache on the CPU (slower steps)
@@ -251,6 +260,44 @@ class BlockDistiller(L.LightningModule):
         level = logging.INFO if spilled else logging.DEBUG
         log.log(level, "BKD block %s: cache of %.1f MiB on %s", name or "model", cache.nbytes / 2**20, device)
         return cache.to(device)
+
+    @torch.no_grad()
+    def teacher_targets(self, name: str) -> torch.Tensor:
+        """The teacher's output of block `name` for every calibration row (fp32, on the CPU), from the
+        targets captured ahead (target_cache_mb) or a new teacher pass that also captures the next blocks'."""
+        if name not in self._targets:
+            names = self.target_group(name)
+            parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+            step = self.distill.capture_batch_size
+            for start in range(0, self.num_samples, step):
+                batch = self.calibration_batch(slice(start, start + step))
+                with self.teacher_autocast(batch):
+                    if name == WHOLE_MODEL:
+                        outputs = {name: capture_block(self.teacher, name, batch, want_output=True).output}
+                    else:
+                        outputs = capture_outputs(self.teacher, names, batch)
+                for n in names:  # fp32 targets whatever the teacher's precision: the loss is computed in fp32
+                    parts[n].append(outputs[n].float().cpu())
+            self._targets = {n: torch.cat(p).contiguous() for n, p in parts.items()}
+        return self._targets.pop(name)
+
+    def target_group(self, name: str) -> list[str]:
+        """Block `name` and the blocks after it whose targets fit with it in target_cache_mb (fp32, all N rows)."""
+        if name == WHOLE_MODEL or self.distill.target_cache_mb == 0:
+            return [name]
+        if self._target_row_bytes is None:  # one teacher pass on one row: each block's output size
+            example = self.calibration_batch(slice(0, 1))
+            with torch.no_grad():
+                sizes = capture_outputs(self.teacher, self.blocks, example)
+            self._target_row_bytes = {n: t[0].numel() * 4 for n, t in sizes.items()}
+        budget, k = self.distill.target_cache_mb * 2**20, self.blocks.index(name)
+        group, total = [name], self._target_row_bytes[name] * self.num_samples
+        for other in self.blocks[k + 1 :]:
+            total += self._target_row_bytes[other] * self.num_samples
+            if total > budget:
+                break
+            group.append(other)
+        return group
 
     def cache_device_for(self, nbytes: int) -> torch.device:
         """The device of a block cache of `nbytes` bytes, from distill.cache_device ("auto": the module's
@@ -270,12 +317,14 @@ class BlockDistiller(L.LightningModule):
         block = self.block_module(name)
         if not any(isinstance(m, TemporalActQuantizer) for m in block.modules()):
             return
-        step = self.distill.capture_batch_size
+        # one sampling step per chunk: each TPQ observer then takes one update per chunk, not one per step
+        # present in a mixed chunk (the update, with its reservoir draw, is what costs on a small model)
+        steps = self.calibration["step"]
         with calibrate_activations(block, seed=self.seed):
-            for start in range(0, self.num_samples, step):
-                rows = slice(start, start + step)
-                self._set_rows_step(rows)
-                self.cache.call(block, self._device_rows(rows))
+            for value in steps.unique().tolist():
+                for rows in torch.nonzero(steps == value).flatten().split(self.distill.capture_batch_size):
+                    self._set_rows_step(rows)
+                    self.cache.call(block, self._device_rows(rows))
 
     def _device_rows(self, rows: torch.Tensor | slice) -> torch.Tensor | slice:
         """Row indices on the device of the current cache (the device it was actually placed on)."""
@@ -322,10 +371,14 @@ class BlockDistiller(L.LightningModule):
         if k != self.state.block:  # a new block, not a resume into the middle of one
             self.state.block, self.state.iteration = k, 0
         name = self.blocks[k]
+        started = time.perf_counter()
         self.cache = self.build_cache(name)
+        cached = time.perf_counter()
+        self.prep_seconds["cache"] += cached - started
         if not self.state.initialized[k]:
             self.initialize_block(name)
             self.state.initialized[k] = True
+        self.prep_seconds["init"] += time.perf_counter() - cached
         self._compiled.clear()
         if self.distill.compile:  # lazy: torch.compile compiles at the block's first training step
             self._compiled[name] = torch.compile(

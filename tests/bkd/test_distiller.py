@@ -234,3 +234,42 @@ def test_step_sizes_stay_positive_under_a_schedule_that_would_cross_zero(floor, 
         assert bool(scales.min() >= torch.tensor(MIN_STEP_SIZE, dtype=scales.dtype))  # the floor, in float32
     else:
         assert float(scales.min()) < 0.0
+
+
+def _caches_of_every_block(target_cache_mb: float) -> tuple[list[list[str]], list]:
+    """Initialise block by block (as BKD does), recording each block's cache and the teacher passes' groups."""
+    distill = DistillConfig(iters_per_block=0, batch_size=8, capture_batch_size=16, target_cache_mb=target_cache_mb)
+    distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
+    distiller.setup("fit")
+    groups, caches = [], []
+    for k in range(len(distiller.blocks)):
+        if distiller.blocks[k] not in distiller._targets:
+            groups.append(distiller.target_group(distiller.blocks[k]))
+        distiller.begin_block(k)
+        caches.append(distiller.cache)
+        distiller.end_block()
+    return groups, caches
+
+
+def test_one_teacher_pass_for_several_blocks_leaves_every_cache_unchanged():
+    one_per_block, reference = _caches_of_every_block(0)
+    assert all(len(g) == 1 for g in one_per_block)
+    probe = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), DistillConfig(), _calibration())
+    probe.setup("fit")
+    probe.target_group(probe.blocks[0])
+    row_bytes = probe._target_row_bytes
+    small = 2.5 * sorted(row_bytes.values())[len(row_bytes) // 2] * N / 2**20  # ~2-3 blocks a pass
+    for budget_mb in (small, 1024):
+        groups, caches = _caches_of_every_block(budget_mb)
+        assert [n for g in groups for n in g] == [g[0] for g in one_per_block]  # every block once, in order
+        assert all(len(g) == 1 or sum(row_bytes[n] for n in g) * N <= budget_mb * 2**20 for g in groups)
+        assert (1 < len(groups) < len(one_per_block)) if budget_mb == small else len(groups) == 1
+        for got, want in zip(caches, reference):  # bitwise: the same passes, only fewer of them
+            assert torch.equal(got.output, want.output)
+            for a, b in zip(got.leaves, want.leaves):
+                assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_target_cache_budget_is_checked():
+    with pytest.raises(ValueError, match="target_cache_mb"):
+        DistillConfig(target_cache_mb=-1)
