@@ -37,7 +37,8 @@ from dq.bkd import (
     candidate_blocks,
 )
 from dq.bkd.callbacks import BlockProgressBar, group_ranges
-from dq.metrics import mse, psnr
+from dq.metrics import kernel_distance, mse, psnr, ssim, to_uint8
+from dq.metrics.backends import build_backend
 from dq.pretrained import STATE_FILE, place_file, save_student
 from dq.quant import QuantConfig, TemporalActQuantizer, key_by_timestep
 from dq.quant.state import atomic_write
@@ -110,22 +111,45 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def fidelity_seed(cfg: DictConfig) -> int:
+    """The fidelity samples' noise seed: fidelity.seed, or 1234 + the run's seed when it is null."""
+    return int(cfg.fidelity.seed) if cfg.fidelity.get("seed") is not None else 1234 + int(cfg.seed)
+
+
 @torch.no_grad()
 def fidelity(cfg: DictConfig, loaded, student: torch.nn.Module, out_dir: Path,
              components: ModelComponents | None = None, conditioning: ModelConditioning | None = None
              ) -> dict[str, float]:
     """FP teacher and student sample from the same noise (and conditioning: sample k gets class / prompt
-    k % P); MSE and PSNR of the final images, decoded by the FP VAE for a latent model."""
+    k % P); MSE, PSNR and SSIM of the final images (decoded by the FP VAE for a latent model), and the
+    kernel distance of the student's samples to the teacher's on a feature network (fidelity.features)."""
     f = cfg.fidelity
     cond, uncond = (conditioning or ModelConditioning()).for_indices(torch.arange(f.num_samples))
-    kwargs = dict(seed=f.seed, batch_size=f.batch_size, progress=cfg.progress_bar, cond=cond, uncond=uncond)
+    kwargs = dict(seed=fidelity_seed(cfg), batch_size=f.batch_size, progress=cfg.progress_bar, cond=cond, uncond=uncond)
     config = loaded.scheduler.config
     teacher_images = to_images(components, sample(loaded.unet, config, loaded.sampler, f.num_samples, **kwargs))
     student_images = to_images(components, sample(student, config, loaded.sampler, f.num_samples, **kwargs))
     shown = min(8, f.num_samples)
     grid = image_grid(torch.cat([teacher_images[:shown], student_images[:shown]]), rows=2, scale=4)
     write_png(grid, out_dir / "samples.png")  # FP row over student row
-    return {"psnr_vs_fp": psnr(student_images, teacher_images), "mse_vs_fp": mse(student_images, teacher_images)}
+    figures = {"psnr_vs_fp": psnr(student_images, teacher_images), "mse_vs_fp": mse(student_images, teacher_images),
+               "ssim_vs_fp": ssim(student_images, teacher_images)}
+    features = fidelity_features(cfg)
+    if features is not None:
+        backend = build_backend(features, batch_size=f.batch_size)
+        student_features = backend.extract(to_uint8(student_images))["fid"]
+        teacher_features = backend.extract(to_uint8(teacher_images))["fid"]
+        figures["kid_vs_fp"] = kernel_distance(student_features, teacher_features, standardize=True)
+    return figures
+
+
+def fidelity_features(cfg: DictConfig) -> str | None:
+    """The feature network of the kernel distance to the FP samples: fidelity.features, where "auto" is the
+    digit classifier for the embedded model and none otherwise (an Inception pass is not free)."""
+    choice = cfg.fidelity.get("features", "auto")
+    if choice == "auto":
+        return "digits" if cfg.model.get("source") == "embedded" else None
+    return None if choice in (None, "none") else str(choice)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -203,6 +227,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "iters_per_block": distill.iters_per_block,
         "block_final_losses": distiller.state.final_losses,
         "train_seconds": round(train_seconds, 1),
+        # block preparation inside train_seconds (this process only, when resumed): caches and initialisation
+        "prep_seconds": {k: round(v, 1) for k, v in distiller.prep_seconds.items()},
         "peak_memory_mb": round(_peak_memory_mb(), 1),
     }
     key_by_timestep(student, timesteps)  # stock pipelines pass only t: the student finds its TPQ row from it
@@ -216,9 +242,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results["quant_config"] = quant_config.to_dict()
     results["sampler"] = loaded.sampler.to_dict()
     results["fidelity_protocol"] = {
-        "num_samples": cfg.fidelity.num_samples, "seed": cfg.fidelity.seed,
+        "num_samples": cfg.fidelity.num_samples, "seed": fidelity_seed(cfg),
         "images": "final samples (decoded by the FP VAE for a latent model) clamped to [-1, 1], compared in "
-                  "[0, 1] units; PSNR averaged per image",
+                  "[0, 1] units; PSNR averaged per image; SSIM with an 11x11 Gaussian window (or the image side)",
+        "kid_features": fidelity_features(cfg),
+        "kid": "unbiased MMD^2, kernel (a.b/d + 1)^3, on the feature network's FID features standardised by the "
+               "FP samples' per-dimension mean and std",
         "conditioning": conditioning.record(),
         "latent_decode": components.decode_record(),
     }

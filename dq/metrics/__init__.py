@@ -6,6 +6,7 @@ from dq.metrics.fidelity import mse, psnr
 from dq.metrics.frechet import FeatureStats, frechet_distance
 from dq.metrics.images import to_uint8
 from dq.metrics.inception_score import inception_score
+from dq.metrics.kernel import kernel_distance
 from dq.metrics.ssim import ssim
 
-__all__ = ["FeatureStats", "frechet_distance", "inception_score", "mse", "psnr", "ssim", "to_uint8"]
+__all__ = ["FeatureStats", "frechet_distance", "inception_score", "kernel_distance", "mse", "psnr", "ssim", "to_uint8"]

@@ -16,7 +16,7 @@ from tests.train.conftest import compose_config, fast_overrides
 from train import build_quant_config, train
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ["dilatequant", "no_wd", "no_tpq", "no_bkd", "ptq_minmax", "qat_full"]
+METHODS = ["dilatequant", "no_wd", "no_tpq", "no_bkd", "ptq_minmax", "tpq_minmax", "qat_full"]
 
 
 def test_run_writes_a_self_describing_loadable_student(tiny_model_dir, tmp_path):
@@ -27,8 +27,13 @@ def test_run_writes_a_self_describing_loadable_student(tiny_model_dir, tmp_path)
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    for key in ("psnr_vs_fp", "mse_vs_fp", "block_final_losses", "train_seconds", "peak_memory_mb", "method"):
+    for key in ("psnr_vs_fp", "mse_vs_fp", "ssim_vs_fp", "block_final_losses", "train_seconds", "prep_seconds",
+                "peak_memory_mb", "method"):
         assert key in saved, key
+    assert 0 < saved["ssim_vs_fp"] <= 1 and "kid_vs_fp" not in saved  # no feature network for a local model
+    assert set(saved["prep_seconds"]) == {"cache", "init"}
+    assert 0 < sum(saved["prep_seconds"].values()) <= saved["train_seconds"]
+    assert saved["fidelity_protocol"]["seed"] == 1234 + cfg.seed and saved["calibration"]["seed"] == cfg.seed
     assert saved["method"] == "dilatequant" and saved["weight_bits"] == 4
     assert len(saved["block_final_losses"]) == saved["num_blocks"]
     assert saved["psnr_vs_fp"] > 5.0 and 0 < saved["mse_vs_fp"] < 0.5
@@ -55,10 +60,22 @@ def test_method_configs_compose(method, tiny_model_dir, tmp_path):
     cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path, tmp_path, iters=None), f"method={method}"])
     quant = build_quant_config(cfg, num_steps=4)
     assert cfg.method.name == method
-    assert quant.weight_dilation == (method not in ("no_wd", "ptq_minmax"))
+    assert quant.weight_dilation == (method not in ("no_wd", "ptq_minmax", "tpq_minmax"))
     assert quant.num_groups == (1 if method in ("no_tpq", "ptq_minmax") else 4)
-    assert (cfg.method.distill.iters_per_block == 0) == (method in ("no_bkd", "ptq_minmax"))
+    assert (cfg.method.distill.iters_per_block == 0) == (method in ("no_bkd", "ptq_minmax", "tpq_minmax"))
     assert cfg.method.distill.whole_model == (method == "qat_full")
+    if method in ("ptq_minmax", "tpq_minmax"):
+        assert quant.act_init == quant.weight_init == "minmax"
+
+
+def test_one_seed_sets_calibration_batches_and_fidelity_noise(tiny_model_dir, tmp_path):
+    cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path, tmp_path), "seed=7"])
+    assert cfg.data.seed == 7
+    from train import fidelity_seed
+
+    assert fidelity_seed(cfg) == 1241  # 1234 + seed
+    pinned = compose_config([*fast_overrides(tiny_model_dir, tmp_path, tmp_path), "seed=7", "fidelity.seed=5"])
+    assert fidelity_seed(pinned) == 5
 
 
 @pytest.mark.parametrize("bits", ["w4a4", "w4a8", "w6a6", "w8a8"])
@@ -134,3 +151,14 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_pa
     for name, loss in full["block_final_losses"].items():
         assert resumed["block_final_losses"][name] == pytest.approx(loss, rel=1e-4), name
     assert resumed["psnr_vs_fp"] == pytest.approx(full["psnr_vs_fp"], abs=1e-3)
+
+
+def test_kid_feature_network_choice(tiny_model_dir, tmp_path):
+    from train import fidelity_features
+
+    local = compose_config(fast_overrides(tiny_model_dir, tmp_path, tmp_path))
+    assert fidelity_features(local) is None
+    embedded = compose_config(["model=embedded", f"output_dir={tmp_path}"])
+    assert fidelity_features(embedded) == "digits"
+    off = compose_config(["model=embedded", f"output_dir={tmp_path}", "fidelity.features=none"])
+    assert fidelity_features(off) is None
