@@ -3,6 +3,11 @@
     python train.py -m method=ptq_minmax,no_bkd,no_wd,no_tpq,dilatequant quant=w4a4,w6a6,w4a8,w8a8
     python -m dq.evaluation.sweep multirun/<date>/<time>                      # + report.md, fid_vs_bits.png
     python -m dq.evaluation.sweep multirun/<date>/<time> eval.num_samples=2000   # evaluate.py overrides
+    python -m dq.evaluation.sweep --fidelity multirun/A multirun/B --out docs/sweep  # mean ± std over seeds
+
+--fidelity evaluates nothing: it groups the runs' results.json by configuration (all overrides but the
+seed) and reports PSNR / SSIM / MSE / KID against the FP model as mean ± std over seeds (report.md and a
+plot), with BKD's wall time; see dq.evaluation.seeds.
 
 Each run dir gets `eval/` (evaluate.py's outputs) and a metrics.json copy; the FP model of the runs is
 evaluated into `<sweep>/fp_eval/`. Runs that already hold a metrics.json are skipped (pass --force to
@@ -19,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dq.evaluation.pipeline import evaluate
 from dq.evaluation.report import write_report
+from dq.evaluation.seeds import write_seed_report
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -62,10 +68,23 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, m
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("overrides", nargs="*", help="evaluate.py overrides, e.g. eval.num_samples=2000")
+    parser.add_argument("overrides", nargs="*", help="evaluate.py overrides, e.g. eval.num_samples=2000; with "
+                        "--fidelity, more sweep dirs")
     parser.add_argument("--force", action="store_true", help="re-evaluate runs that already hold metrics.json")
     parser.add_argument("--metric", default="fid", help="the report's table and plot metric")
+    parser.add_argument("--fidelity", action="store_true", help="no evaluate.py: group the runs' results.json by "
+                        "configuration and report fidelity to FP as mean ± std over seeds (dq.evaluation.seeds)")
+    parser.add_argument("--out", type=Path, default=None, help="--fidelity: the report's dir (default: the sweep dir)")
     args = parser.parse_args(argv)
+    if args.fidelity:
+        roots = [args.sweep_dir, *map(Path, args.overrides)]
+        missing = [str(r) for r in roots if not r.is_dir()]
+        if missing:
+            raise SystemExit(f"sweep: error: {missing[0]} is not a directory")
+        path = write_seed_report(roots, args.out or args.sweep_dir)
+        print(path.read_text())
+        print(f"report -> {path}")
+        return
     path = evaluate_sweep(args.sweep_dir, args.overrides, args.force, args.metric)
     print(path.read_text())
     print(f"report -> {path}")

@@ -1,0 +1,62 @@
+"""The fidelity report over seeds (python -m dq.evaluation.sweep --fidelity)."""
+
+import json
+
+import pytest
+
+from dq.evaluation.seeds import collect_groups, render, write_seed_report
+from dq.evaluation.sweep import main
+
+
+def _run(root, name, method, bits, seed, psnr, overrides=(), complete=True):
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    lines = [f"- {o}" for o in (*overrides, f"seed={seed}", "hydra.run.dir=/x")]
+    (run / ".hydra" / "overrides.yaml").write_text("\n".join(lines) + "\n")
+    (run / "config.yaml").write_text(f"seed: {seed}\n")
+    w, a = bits
+    results = {"complete": complete, "method": method, "weight_bits": w, "act_bits": a, "psnr_vs_fp": psnr,
+               "ssim_vs_fp": 0.9, "mse_vs_fp": 1e-3, "kid_vs_fp": 2e-3, "train_seconds": 100.0,
+               "prep_seconds": {"cache": 20.0, "init": 5.0}}
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for seed, psnr in enumerate([30.0, 31.0, 32.0]):
+        _run(tmp_path, f"a{seed}", "dilatequant", (4, 4), seed, psnr, ["method.distill.lr_weights=1e-4"])
+        _run(tmp_path, f"b{seed}", "dilatequant", (4, 4), seed, psnr - 2, ["method.distill.lr_weights=1e-5"])
+        _run(tmp_path, f"c{seed}", "ptq_minmax", (4, 4), seed, 20.0, ["method=ptq_minmax"])
+    _run(tmp_path, "d0", "dilatequant", (4, 4), 3, 99.0, ["method.distill.lr_weights=1e-4"], complete=False)
+    return tmp_path
+
+
+def test_groups_by_overrides_without_the_seed(sweep):
+    groups = {g.label: g for g in collect_groups([sweep])}
+    assert set(groups) == {"method.distill.lr_weights=1e-4", "method.distill.lr_weights=1e-5", "method=ptq_minmax"}
+    best = groups["method.distill.lr_weights=1e-4"]
+    assert sorted(best.seeds) == [0, 1, 2]  # the incomplete seed-3 run is left out
+    mean, std, n = best.stats("psnr_vs_fp")
+    assert (mean, n) == (31.0, 3) and std == pytest.approx(1.0)
+    assert best.prep_share() == pytest.approx(0.25)
+    assert groups["method=ptq_minmax"].stats("psnr_vs_fp")[1] == 0.0
+
+
+def test_report_marks_the_best_mean_and_cli_writes_it(sweep, capsys):
+    text = render(collect_groups([sweep]), None)
+    assert "**31.00 ± 1.00**" in text and "29.00 ± 1.00" in text and "**29.00" not in text
+    assert "| W4A4 | ptq_minmax |" in text and "25%" in text
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib: pip install -r requirements-dev.txt")
+    out = sweep / "report"
+    main(["--fidelity", str(sweep), "--out", str(out)])
+    assert (out / "report.md").read_text() == render(collect_groups([sweep]), "psnr_over_seeds.png")
+    assert (out / "psnr_over_seeds.png").read_bytes()[:4] == b"\x89PNG"
+    assert "report ->" in capsys.readouterr().out
+
+
+def test_empty_and_missing_dirs(tmp_path):
+    with pytest.raises(ValueError, match="no complete train.py results.json"):
+        write_seed_report([tmp_path], tmp_path)
+    with pytest.raises(SystemExit, match="is not a directory"):
+        main(["--fidelity", str(tmp_path / "nope")])
