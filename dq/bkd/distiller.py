@@ -252,7 +252,8 @@ class BlockDistiller(L.LightningModule):
             batch = self.calibration_batch(slice(start, start + step))
             inputs.append(capture_block(self.student, name, batch, want_output=False).to("cpu"))
         cache = concat_block_io(inputs, "cpu")
-        cache.output = self.teacher_targets(name)
+        # initialisation needs only the student's inputs: PTQ (no iterations) never asks the teacher
+        cache.output = self.teacher_targets(name) if self.distill.iters_per_block > 0 else None
         device = self.cache_device_for(cache.nbytes)
         self.cache_devices[name] = str(device)
         # said aloud only when "auto" had to leave a GPU run's cache on the CPU (slower steps)

@@ -238,7 +238,7 @@ def test_step_sizes_stay_positive_under_a_schedule_that_would_cross_zero(floor, 
 
 def _caches_of_every_block(target_cache_mb: float) -> tuple[list[list[str]], list]:
     """Initialise block by block (as BKD does), recording each block's cache and the teacher passes' groups."""
-    distill = DistillConfig(iters_per_block=0, batch_size=8, capture_batch_size=16, target_cache_mb=target_cache_mb)
+    distill = DistillConfig(iters_per_block=1, batch_size=8, capture_batch_size=16, target_cache_mb=target_cache_mb)
     distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
     distiller.setup("fit")
     groups, caches = [], []
@@ -268,6 +268,18 @@ def test_one_teacher_pass_for_several_blocks_leaves_every_cache_unchanged():
             assert torch.equal(got.output, want.output)
             for a, b in zip(got.leaves, want.leaves):
                 assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_initialisation_only_never_runs_the_teacher(monkeypatch):
+    distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T),
+                               DistillConfig(iters_per_block=0, batch_size=8, capture_batch_size=16), _calibration())
+    distiller.setup("fit")  # orders the blocks on the teacher; after that PTQ needs only the student's inputs
+    monkeypatch.setattr(distiller.teacher, "forward", lambda *a, **k: pytest.fail("the teacher ran"))
+    for k in range(len(distiller.blocks)):
+        distiller.begin_block(k)
+        assert distiller.cache.output is None
+        distiller.end_block()
+    assert all(distiller.state.initialized)
 
 
 def test_target_cache_budget_is_checked():

@@ -1,0 +1,149 @@
+"""What Weight Dilation does to each quantized layer of a model (METHOD.md §2), measured.
+
+    python bench/wd_report.py                                  # the embedded model, W4A4 -> docs/wd_report.{md,json}
+    python bench/wd_report.py --model conf/model/ddpm_cifar10.yaml --tuples 512 --out /tmp/wd
+
+Per quantized Conv2d / Linear of the student: the input channels whose factor s is 1 (the channels that
+hold some row's max or min, or are all zero), the median and largest s, and what s does to the input
+range the per-tensor activation quantizer has to cover: per sampling step, range(X / s) / range(X) over
+calibration tuples drawn from the FP model's own trajectories (with min-max initialisation this ratio is
+the change of that step's Δ_x; below 1 means a finer activation grid). A layer with a skip split
+(concatenated inputs quantized apart) reports the mean over its two quantizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dq.bkd.blocks import run_model  # noqa: E402
+from dq.calibration import CalibrationDataModule  # noqa: E402
+from dq.quant import QuantConfig, QuantConv2d, QuantLinear, quantize_model  # noqa: E402
+from dq.quant.state import atomic_write  # noqa: E402
+from dq.sampling import planned_timesteps  # noqa: E402
+from dq.zoo import load_model  # noqa: E402
+
+
+def input_ranges(teacher: torch.nn.Module, names: list[str], tuples: dict[str, torch.Tensor], num_steps: int,
+                 scales: dict[str, torch.Tensor], splits: dict[str, int | None], batch: int = 128) -> dict:
+    """Per layer and quantizer part: [steps] ranges of X and of X / s over the tuples (FP path)."""
+    lo = {n: torch.full((2, 2, num_steps), float("inf")) for n in names}  # [X | X/s][part][step]
+    hi = {n: torch.full((2, 2, num_steps), -float("inf")) for n in names}
+
+    def hook_for(name: str, axis: int):
+        def hook(module, args):
+            x, steps = args[0].detach(), current["step"]
+            s = scales[name].reshape([-1 if d == axis % x.ndim else 1 for d in range(x.ndim)])
+            split = splits[name]
+            for variant, value in enumerate((x, x / s)):
+                parts = [value] if split is None else list(torch.split(value, [split, value.shape[axis] - split], axis))
+                for part_index, part in enumerate(parts):
+                    flat = part.reshape(part.shape[0], -1)
+                    for step in steps.unique().tolist():
+                        rows = flat[steps == step]
+                        lo[name][variant, part_index, step] = min(lo[name][variant, part_index, step], rows.min())
+                        hi[name][variant, part_index, step] = max(hi[name][variant, part_index, step], rows.max())
+        return hook
+
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        module = teacher.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(hook_for(name, 1 if isinstance(module, torch.nn.Conv2d) else -1)))
+    try:
+        with torch.no_grad():
+            for start in range(0, tuples["x_t"].shape[0], batch):
+                chunk = {k: v[start:start + batch] for k, v in tuples.items()}
+                current["step"] = chunk["step"]
+                run_model(teacher, chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: (hi[n] - lo[n]) for n in names}
+
+
+def layer_rows(student: torch.nn.Module, ranges: dict[str, torch.Tensor]) -> list[dict]:
+    rows = []
+    for name, module in student.named_modules():
+        if not isinstance(module, (QuantConv2d, QuantLinear)):
+            continue
+        s = module.wd_scale.float()
+        span = ranges[name]  # [variant, part, step]
+        parts = 1 if module.split_at is None else 2
+        ratio = (span[1, :parts] / span[0, :parts].clamp_min(1e-12)).mean().item()
+        rows.append({
+            "layer": name, "kind": type(module).__name__.removeprefix("Quant"),
+            "shape": list(module.weight.shape), "ones": round(float((s == 1).float().mean()), 4),
+            "median_s": round(float(s.median()), 4), "max_s": round(float(s.max()), 3),
+            "delta_x_ratio": round(ratio, 4),
+        })
+    return rows
+
+
+def render(rows: list[dict], header: dict) -> str:
+    ones = [r["ones"] for r in rows]
+    ratios = [r["delta_x_ratio"] for r in rows]
+    lines = [
+        "# Weight Dilation per layer", "",
+        f"Model `{header['model']}`, W{header['weight_bits']}A{header['act_bits']}, {header['tuples']} calibration "
+        f"tuples from {header['trajectories']} FP trajectories ({header['steps']} steps, seed {header['seed']}). "
+        f"Command: `{header['command']}`.", "",
+        f"Over the {len(rows)} quantized layers: channels with s = 1: median {statistics.median(ones):.1%} "
+        f"(min {min(ones):.1%}, max {max(ones):.1%}); Δ_x ratio range(X/s)/range(X): median "
+        f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}).", "",
+        "| layer | kind | weight shape | s = 1 | median s | max s | Δ_x ratio |", "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['kind']} | {'×'.join(map(str, r['shape']))} | {r['ones']:.1%} | "
+                     f"{r['median_s']:.3f} | {r['max_s']:.2f} | {r['delta_x_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "conf" / "model" / "embedded.yaml")
+    parser.add_argument("--quant", type=Path, default=ROOT / "conf" / "quant" / "w4a4.yaml")
+    parser.add_argument("--tuples", type=int, default=1024)
+    parser.add_argument("--trajectories", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args(argv)
+    model_cfg, q = OmegaConf.load(args.model), OmegaConf.load(args.quant)
+    loaded = load_model(model_cfg)
+    steps = len(planned_timesteps(loaded.scheduler.config, loaded.sampler))
+    config = QuantConfig(weight_bits=q.weight_bits, act_bits=q.act_bits, first_layer_bits=q.first_layer_bits,
+                         last_layer_bits=q.last_layer_bits, softmax_bits=q.softmax_bits, num_steps=steps,
+                         num_groups=steps, weight_dilation=True, weight_init="minmax", act_init="minmax")
+    student = quantize_model(loaded.unet, config)
+    with tempfile.TemporaryDirectory() as cache:
+        data = CalibrationDataModule(loaded.unet, loaded.scheduler.config, loaded.sampler, num_samples=args.tuples,
+                                     num_trajectories=args.trajectories, seed=args.seed, cache_dir=cache)
+        data.setup("fit")
+        tuples = {k: v for k, v in data.tuples.items() if k in ("x_t", "timestep", "step", "cond")}
+    layers = [n for n, m in student.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    scales = {n: student.get_submodule(n).wd_scale for n in layers}
+    splits = {n: student.get_submodule(n).split_at for n in layers}
+    rows = layer_rows(student, input_ranges(loaded.unet, layers, tuples, steps, scales, splits))
+    header = {"model": model_cfg.get("source") or str(model_cfg.get("path")), "weight_bits": q.weight_bits,
+              "act_bits": q.act_bits, "tuples": args.tuples, "trajectories": args.trajectories, "steps": steps,
+              "seed": args.seed, "command": "python bench/" + Path(__file__).name + " " + " ".join(argv or sys.argv[1:])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = render(rows, header)
+    atomic_write(args.out / "wd_report.md", lambda tmp: Path(tmp).write_text(text))
+    payload = json.dumps({**header, "layers": rows}, indent=1)
+    atomic_write(args.out / "wd_report.json", lambda tmp: Path(tmp).write_text(payload + "\n"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
