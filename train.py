@@ -39,6 +39,7 @@ from dq.bkd import (
 from dq.bkd.callbacks import BlockProgressBar, group_ranges
 from dq.metrics import kernel_distance, mse, psnr, ssim, to_uint8
 from dq.metrics.backends import build_backend
+from dq.metrics.kernel import KID_PROTOCOL
 from dq.pretrained import STATE_FILE, place_file, save_student
 from dq.quant import QuantConfig, TemporalActQuantizer, key_by_timestep
 from dq.quant.state import atomic_write
@@ -139,7 +140,7 @@ def fidelity(cfg: DictConfig, loaded, student: torch.nn.Module, out_dir: Path,
         backend = build_backend(features, batch_size=f.batch_size)
         student_features = backend.extract(to_uint8(student_images))["fid"]
         teacher_features = backend.extract(to_uint8(teacher_images))["fid"]
-        figures["kid_vs_fp"] = kernel_distance(student_features, teacher_features, standardize=True)
+        figures["kid_vs_fp"] = kernel_distance(student_features, teacher_features, standardize=True, paired=True)
     return figures
 
 
@@ -246,8 +247,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "images": "final samples (decoded by the FP VAE for a latent model) clamped to [-1, 1], compared in "
                   "[0, 1] units; PSNR averaged per image; SSIM with an 11x11 Gaussian window (or the image side)",
         "kid_features": fidelity_features(cfg),
-        "kid": "unbiased MMD^2, kernel (a.b/d + 1)^3, on the feature network's FID features standardised by the "
-               "FP samples' per-dimension mean and std",
+        "kid": KID_PROTOCOL,
         "conditioning": conditioning.record(),
         "latent_decode": components.decode_record(),
     }

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dq.metrics.kernel import KID_PROTOCOL
 from dq.quant.state import atomic_write
 from dq.zoo.loading import read_json_object
 
@@ -42,7 +43,10 @@ class SeedGroup:
     seeds: list[int] = field(default_factory=list)
 
     def values(self, key: str) -> list[float]:
-        return [float(r[key]) for r in self.runs if isinstance(r.get(key), (int, float))]
+        runs = self.runs
+        if key == "kid_vs_fp":  # only the paired estimator's figure (earlier runs' is biased below zero)
+            runs = [r for r in runs if (r.get("fidelity_protocol") or {}).get("kid") == KID_PROTOCOL]
+        return [float(r[key]) for r in runs if isinstance(r.get(key), (int, float))]
 
     def stats(self, key: str) -> tuple[float, float, int] | None:
         """(mean, sample std, n) of a figure over the seeds; std is 0 for one seed."""

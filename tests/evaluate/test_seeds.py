@@ -6,9 +6,10 @@ import pytest
 
 from dq.evaluation.seeds import collect_groups, render, write_seed_report
 from dq.evaluation.sweep import main
+from dq.metrics.kernel import KID_PROTOCOL
 
 
-def _run(root, name, method, bits, seed, psnr, overrides=(), complete=True):
+def _run(root, name, method, bits, seed, psnr, overrides=(), complete=True, kid_protocol=KID_PROTOCOL):
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     lines = [f"- {o}" for o in (*overrides, f"seed={seed}", "hydra.run.dir=/x")]
@@ -17,7 +18,7 @@ def _run(root, name, method, bits, seed, psnr, overrides=(), complete=True):
     w, a = bits
     results = {"complete": complete, "method": method, "weight_bits": w, "act_bits": a, "psnr_vs_fp": psnr,
                "ssim_vs_fp": 0.9, "mse_vs_fp": 1e-3, "kid_vs_fp": 2e-3, "train_seconds": 100.0,
-               "prep_seconds": {"cache": 20.0, "init": 5.0}}
+               "prep_seconds": {"cache": 20.0, "init": 5.0}, "fidelity_protocol": {"kid": kid_protocol}}
     (run / "results.json").write_text(json.dumps(results))
     return run
 
@@ -27,7 +28,7 @@ def sweep(tmp_path):
     for seed, psnr in enumerate([30.0, 31.0, 32.0]):
         _run(tmp_path, f"a{seed}", "dilatequant", (4, 4), seed, psnr, ["method.distill.lr_weights=1e-4"])
         _run(tmp_path, f"b{seed}", "dilatequant", (4, 4), seed, psnr - 2, ["method.distill.lr_weights=1e-5"])
-        _run(tmp_path, f"c{seed}", "ptq_minmax", (4, 4), seed, 20.0, ["method=ptq_minmax"])
+        _run(tmp_path, f"c{seed}", "ptq_minmax", (4, 4), seed, 20.0, ["method=ptq_minmax"], kid_protocol="old")
     _run(tmp_path, "d0", "dilatequant", (4, 4), 3, 99.0, ["method.distill.lr_weights=1e-4"], complete=False)
     return tmp_path
 
@@ -41,6 +42,8 @@ def test_groups_by_overrides_without_the_seed(sweep):
     assert (mean, n) == (31.0, 3) and std == pytest.approx(1.0)
     assert best.prep_share() == pytest.approx(0.25)
     assert groups["method=ptq_minmax"].stats("psnr_vs_fp")[1] == 0.0
+    assert best.stats("kid_vs_fp")[0] == pytest.approx(2e-3)
+    assert groups["method=ptq_minmax"].stats("kid_vs_fp") is None  # an earlier KID estimator: not shown
 
 
 def test_report_marks_the_best_mean_and_cli_writes_it(sweep, capsys):

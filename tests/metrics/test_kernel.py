@@ -43,3 +43,16 @@ def test_standardize_makes_the_figure_scale_free():
     base = kernel_distance(a + 0.3, b, standardize=True)
     assert kernel_distance(100 * (a + 0.3), 100 * b, standardize=True) == pytest.approx(base, rel=1e-6)
     assert base > 0
+
+
+def test_paired_sets_are_not_pulled_below_zero():
+    """Student and teacher samples from the same noise are correlated pair by pair: the plain estimator
+    goes negative for two equal distributions; the paired one (cross term without i = i) stays near 0."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(400, 8, generator=g)
+    a, b = base + 0.1 * torch.randn(400, 8, generator=g), base + 0.1 * torch.randn(400, 8, generator=g)
+    assert kernel_distance(a, b) < -0.02
+    assert abs(kernel_distance(a, b, paired=True)) < 0.02
+    assert kernel_distance(a + 0.5, b, paired=True) > 0.1
+    with pytest.raises(ValueError, match="same size"):
+        kernel_distance(a, b[:10], paired=True)
