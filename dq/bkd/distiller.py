@@ -78,9 +78,10 @@ class DistillConfig:
 
     iters_per_block: int = 200
     batch_size: int = 32
-    lr_weights: float = 1e-5  # Adam on the raw weights (STE)
-    lr_quant: float = 1e-3  # Adam on each step size Δ, relative to its magnitude (fraction of |Δ| per step)
-    lr_zero_point: float = 1e-2  # Adam on zero points, in grid codes per step
+    # the learning rates of conf/method/dilatequant.yaml, chosen by bench/defaults_sweep.py
+    lr_weights: float = 1e-4  # Adam on the raw weights (STE)
+    lr_quant: float = 1e-2  # Adam on each step size Δ, relative to its magnitude (fraction of |Δ| per step)
+    lr_zero_point: float = 1e-1  # Adam on zero points, in grid codes per step
     train_weights: bool = True
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio
     cache_device: str = "auto"  # "cpu" | "cuda" | "cuda:N" | "auto"
