@@ -132,6 +132,17 @@ class BlockIO:
         return BlockIO(leaves, self.spec, None if self.output is None else self.output.to(device))
 
 
+def _run_until_stopped(model: nn.Module, batch: dict[str, torch.Tensor], handles: list) -> None:
+    """One forward of `model` on `batch` that a hook may end early (_StopForward); the hooks are removed."""
+    try:
+        run_model(model, batch)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def capture_block(
     model: nn.Module, block_name: str, batch: dict[str, torch.Tensor], want_output: bool
 ) -> BlockIO:
@@ -156,13 +167,7 @@ def capture_block(
     handles = [block.register_forward_pre_hook(before, with_kwargs=True)]
     if want_output:
         handles.append(block.register_forward_hook(after, with_kwargs=True))
-    try:
-        run_model(model, batch)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_until_stopped(model, batch, handles)
     if "inputs" not in captured:
         raise RuntimeError(f"block {block_name!r} did not run in the forward pass")
     leaves, spec = pytree.tree_flatten(captured["inputs"])
@@ -184,14 +189,7 @@ def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.T
 
         return hook
 
-    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
-    try:
-        run_model(model, batch)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_until_stopped(model, batch, [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names])
     missing = [n for n in names if n not in outputs]
     if missing:
         raise RuntimeError(f"blocks {missing} did not run in the forward pass")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from dq.metrics.kernel import KID_PROTOCOL
 from dq.quant.state import atomic_write
 from dq.zoo.loading import read_json_object
@@ -72,8 +74,6 @@ def run_overrides(run_dir: Path) -> list[str]:
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return []
-    from omegaconf import OmegaConf  # the report module stays importable without it for tests of the maths
-
     items = OmegaConf.to_container(OmegaConf.load(path))
     return sorted(str(o) for o in items if not str(o).startswith(IGNORED_OVERRIDES))
 
@@ -81,8 +81,6 @@ def run_overrides(run_dir: Path) -> list[str]:
 def run_seed(run_dir: Path, results: dict[str, Any]) -> int | None:
     path = run_dir / "config.yaml"
     if path.is_file():
-        from omegaconf import OmegaConf
-
         seed = OmegaConf.load(path).get("seed")
         return int(seed) if seed is not None else None
     return results.get("seed")
