@@ -22,6 +22,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from dq.cli import discard_if_untouched, reported_errors, run_hydra_entry
 from dq.evaluation.pipeline import evaluate
 
 __all__ = ["evaluate"]
@@ -29,7 +30,8 @@ __all__ = ["evaluate"]
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    results = evaluate(cfg)
+    with discard_if_untouched(cfg.output_dir), reported_errors():
+        results = evaluate(cfg)
     if results:
         shown = ", ".join(f"{k} {results[k]:.4g}" for k in ("fid", "sfid", "is", "psnr_vs_fp", "ssim_vs_fp", "clip_score")
                           if isinstance(results.get(k), float))
@@ -42,4 +44,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_entry(main)

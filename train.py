@@ -37,12 +37,17 @@ from dq.bkd import (
     candidate_blocks,
 )
 from dq.bkd.callbacks import BlockProgressBar, group_ranges
+from dq.calibration import calibration_cache_key
+from dq.cli import discard_if_untouched, reported_errors, run_hydra_entry
+from dq.config_values import config_bool, config_choice, config_int, config_str, known_fields
+from dq.io import check_writable_dir
 from dq.metrics import kernel_distance, mse, psnr, ssim, to_uint8
 from dq.metrics.backends import build_backend
 from dq.metrics.kernel import KID_PROTOCOL
 from dq.pretrained import STATE_FILE, place_file, save_student
 from dq.quant import QuantConfig, TemporalActQuantizer, key_by_timestep
 from dq.quant.state import atomic_write
+from dq.resume import check_checkpoint, phase, resolve_checkpoint, run_identity
 from dq.sampling import planned_timesteps, sample
 from dq.sampling.grid import image_grid, write_png
 from dq.zoo import (
@@ -99,6 +104,7 @@ def calibration_source(cfg: DictConfig, loaded, conditioning: ModelConditioning 
     )
 
     def load(trainer: L.Trainer | None) -> dict[str, torch.Tensor]:
+        phase("calibration")
         datamodule.trainer = trainer
         datamodule.setup("fit")
         return datamodule.tuples
@@ -110,6 +116,40 @@ def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+FEATURE_CHOICES = ("auto", "digits", "inception", "none", None)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The run's own settings checked before any work (the groups' configs check themselves when built):
+    a wrong type or range is a UserError naming the key."""
+    config_int(cfg, "seed", minimum=0)
+    config_int(cfg, "fidelity.num_samples", minimum=2)
+    config_int(cfg, "fidelity.batch_size", minimum=1)
+    config_int(cfg, "fidelity.seed", minimum=0, optional=True)
+    config_choice(cfg, "fidelity.features", FEATURE_CHOICES)
+    config_int(cfg, "checkpoint_every_n_steps", minimum=1)
+    config_bool(cfg, "progress_bar")
+    config_str(cfg, "ckpt_path", optional=True)
+    config_int(cfg, "data.num_samples", minimum=1)
+    config_int(cfg, "data.num_trajectories", minimum=1, optional=True)
+    config_int(cfg, "method.tpq_groups", minimum=1, optional=True)
+    config_int(cfg, "model.sampler.num_steps", minimum=1)
+    distill_config(cfg)
+
+
+def distill_config(cfg: DictConfig) -> DistillConfig:
+    return DistillConfig(**known_fields(DistillConfig, OmegaConf.to_container(cfg.method.distill, resolve=True),
+                                        "method.distill."))
+
+
+def identity_of(cfg: DictConfig, datamodule, quant_config: QuantConfig) -> dict[str, Any]:
+    """The run's identity for its checkpoints (dq.resume): hashes the model weights once."""
+    identity = datamodule.identity()
+    return run_identity(model=identity["model"], calibration_key=calibration_cache_key(identity),
+                        quant=quant_config.to_dict(), method=OmegaConf.to_container(cfg.method, resolve=True),
+                        seed=cfg.seed)
 
 
 def fidelity_seed(cfg: DictConfig) -> int:
@@ -159,13 +199,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # teacher and student stay in eval mode on purpose (no dropout; BKD trains weights and quantizers only)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
-    L.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.output_dir)
+    check_config(cfg)
+    out_dir = check_writable_dir(cfg.output_dir, "output_dir")
+    check_writable_dir(cfg.data.cache_dir, "data.cache_dir")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     loaded = load_model(cfg.model)
     timesteps = planned_timesteps(loaded.scheduler.config, loaded.sampler)
     num_steps = len(timesteps)
     quant_config = build_quant_config(cfg, num_steps)
-    distill = DistillConfig(**OmegaConf.to_container(cfg.method.distill, resolve=True))
+    distill = distill_config(cfg)
     components = load_components(cfg.model)  # FP VAE / text encoder: outside BKD, never quantized
     # encode only the prompts calibration trajectories and fidelity samples use (k % P is then the same)
     limit = max(int(cfg.data.num_trajectories or cfg.data.num_samples), int(cfg.fidelity.num_samples))
@@ -173,6 +215,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule, load_calibration = calibration_source(cfg, loaded, conditioning)
     distiller = BlockDistiller(loaded.unet, quant_config, distill, load_calibration, seed=cfg.seed)
     num_blocks = 1 if distill.whole_model else len(candidate_blocks(distiller.student))
+
+    checkpoint = None
+    if distill.iters_per_block > 0:  # checkpoints record what the student depends on; a resume must match it
+        distiller.run_identity = identity_of(cfg, datamodule, quant_config)
+        checkpoint = resolve_checkpoint(cfg.ckpt_path, out_dir / "checkpoints")
+        if checkpoint is not None:
+            check_checkpoint(checkpoint, distiller.run_identity)
 
     if distill.iters_per_block == 0:  # initialisation only: no optimisation, no Lightning loop needed
         distiller._calibration_source = lambda: load_calibration(None)
@@ -199,7 +248,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             default_root_dir=out_dir,
         )
         distiller._calibration_source = lambda: load_calibration(trainer)
-        trainer.fit(distiller, ckpt_path=cfg.ckpt_path)
+        trainer.fit(distiller, ckpt_path=checkpoint)
         rank = trainer.global_rank
         if distiller.state.block < len(distiller.blocks):  # interrupted (Ctrl-C, max_steps, time limit)
             last = out_dir / "checkpoints" / "last.ckpt"
@@ -233,12 +282,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_mb": round(_peak_memory_mb(), 1),
     }
     key_by_timestep(student, timesteps)  # stock pipelines pass only t: the student finds its TPQ row from it
+    # results.json is written last and says complete: true; an earlier run's copy goes first, so that an
+    # interrupted rewrite never leaves new files beside an old results.json
+    (out_dir / "results.json").unlink(missing_ok=True)
     save_student(student, out_dir / "student", scheduler_config=loaded.scheduler.config,
                  sampler=loaded.sampler.to_dict(), overwrite=True)
     place_file(out_dir / "student" / STATE_FILE, out_dir / STATE_FILE)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     _write_json(out_dir / "tpq_ranges.json", tpq_ranges(student))
+    phase("fidelity")
     results.update(fidelity(cfg, loaded, student, out_dir, components, conditioning))
+    phase("write")
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     results["quant_config"] = quant_config.to_dict()
     results["sampler"] = loaded.sampler.to_dict()
@@ -273,7 +327,8 @@ def _write_json(path: Path, payload: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    results = train(cfg)
+    with discard_if_untouched(cfg.output_dir), reported_errors():
+        results = train(cfg)
     if results.get("complete"):
         print(
             f"dq: {results['method']} {results['quant']} done in {results['wall_seconds']:.0f} s; "
@@ -284,4 +339,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_entry(main)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from dq.arch import UNET_CLASSES, attention_heads, build_unet
+from dq.errors import MissingFileError, OutputExistsError, UserError
 from dq.quant import QuantConfig, load_quant_state, quant_config, save_quant_state
 from dq.quant.state import atomic_write
 from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying, timestep_values
@@ -46,7 +47,7 @@ STATE_FILE = "student.safetensors"
 EXPORT_FILE = "student_int.safetensors"
 
 
-class StudentFolderError(ValueError):
+class StudentFolderError(UserError):
     """A folder that is not a complete dq student folder (missing, unreadable or inconsistent parts)."""
 
 
@@ -67,19 +68,19 @@ def save_student(student: nn.Module, directory: str | os.PathLike, *,
     directory = Path(directory)
     config = quant_config(student)
     if not hasattr(student, "config") or type(student).__name__ not in UNET_CLASSES:
-        raise ValueError(f"save_student takes a student of {sorted(UNET_CLASSES)}, got {type(student).__name__}")
+        raise UserError(f"save_student takes a student of {sorted(UNET_CLASSES)}, got {type(student).__name__}")
     keying = timestep_keying(student)
     if timesteps is None:
         if keying is None:
-            raise ValueError("the student is not keyed by timestep: pass timesteps= (its trained schedule)")
+            raise UserError("the student is not keyed by timestep: pass timesteps= (its trained schedule)")
         timesteps = keying.timestep_list()
     timesteps = timestep_values(timesteps)
     if len(timesteps) != config.num_steps:
-        raise ValueError(f"{len(timesteps)} timesteps given for TPQ tables of {config.num_steps} sampling steps")
+        raise UserError(f"{len(timesteps)} timesteps given for TPQ tables of {config.num_steps} sampling steps")
     if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{directory} exists; pass overwrite=True to replace it")
     if export is not None and not Path(export).is_file():
-        raise FileNotFoundError(f"export file {export} does not exist")
+        raise MissingFileError(f"export file {export} does not exist")
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))

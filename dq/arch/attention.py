@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from dq.errors import UserError
+
 
 def attention_heads(unet: nn.Module) -> dict[str, int]:
     """{name of each diffusers Attention module: its head count}."""
@@ -25,11 +27,11 @@ def set_attention_heads(unet: nn.Module, heads: Mapping[str, int]) -> None:
         try:
             module = unet.get_submodule(name)
         except AttributeError as err:
-            raise ValueError(f"attention heads given for {name!r}, which is not a module of this UNet") from err
+            raise UserError(f"attention heads given for {name!r}, which is not a module of this UNet") from err
         if not isinstance(module, Attention):
-            raise ValueError(f"attention heads given for {name!r}, a {type(module).__name__}, not an Attention module")
+            raise UserError(f"attention heads given for {name!r}, a {type(module).__name__}, not an Attention module")
         if not isinstance(count, int) or count < 1 or module.inner_dim % count:
-            raise ValueError(f"{name}: {count!r} heads do not split its {module.inner_dim} channels")
+            raise UserError(f"{name}: {count!r} heads do not split its {module.inner_dim} channels")
         module.heads = module.sliceable_head_dim = count
         if module.scale_qk:
             module.scale = (module.inner_dim // count) ** -0.5

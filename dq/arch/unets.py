@@ -10,6 +10,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from dq.arch.attention import set_attention_heads
+from dq.errors import UserError
 
 UNET_CLASSES: dict[str, type[nn.Module]] = {
     "UNet2DModel": UNet2DModel,
@@ -22,10 +23,10 @@ def build_unet(class_name: str, config: Mapping[str, Any], heads: Mapping[str, i
     a class dq does not know, or a config / head count that does not build one."""
     unet_class = UNET_CLASSES.get(class_name)
     if unet_class is None:
-        raise ValueError(f"UNet class {class_name!r} is not one of {sorted(UNET_CLASSES)}")
+        raise UserError(f"UNet class {class_name!r} is not one of {sorted(UNET_CLASSES)}")
     try:
         unet = unet_class.from_config(dict(config))
         set_attention_heads(unet, heads)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"its UNet config does not build a {class_name}: {err}") from err
+        raise UserError(f"its UNet config does not build a {class_name}: {err}") from err
     return unet

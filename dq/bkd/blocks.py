@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from dq.errors import UserError
 from dq.quant import QuantConv2d, QuantLinear, act_quantizers, set_step, weight_quantizers
 from dq.sampling import cond_kwargs, unet_forward
 
@@ -81,7 +82,7 @@ def execution_order(model: nn.Module, names: Iterable[str], example: dict[str, t
     missing = [n for n in names if n not in calls]
     repeated = [n for n, c in calls.items() if c > 1]
     if missing or repeated:
-        raise ValueError(f"BKD needs every block to run once per forward; never ran: {missing}, ran twice: {repeated}")
+        raise UserError(f"BKD needs every block to run once per forward; never ran: {missing}, ran twice: {repeated}")
     return order
 
 
@@ -207,7 +208,7 @@ def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO
             leaves.append(torch.cat([p.leaves[i].detach().to(device) for p in parts]).contiguous())
         else:
             if any(p.leaves[i] != leaf for p in parts):
-                raise ValueError(f"a non-tensor input of the block changes between batches: {leaf!r}")
+                raise UserError(f"a non-tensor input of the block changes between batches: {leaf!r}")
             leaves.append(leaf)
     output = None if first.output is None else torch.cat([p.output.detach().to(device) for p in parts]).contiguous()
     return BlockIO(leaves, first.spec, output)

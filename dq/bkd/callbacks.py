@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from dq.bkd.distiller import BlockDistiller
+from dq.errors import UserError
 from dq.quant import TemporalActQuantizer, act_quantizers, set_step
 
 
@@ -29,7 +30,7 @@ class BlockScheduleCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
         if trainer.max_epochs is None or trainer.max_epochs > len(pl_module.blocks):  # fewer: a partial run (bench)
-            raise ValueError(f"the trainer runs {trainer.max_epochs} epochs but the student has {len(pl_module.blocks)} blocks")
+            raise UserError(f"the trainer runs {trainer.max_epochs} epochs but the student has {len(pl_module.blocks)} blocks")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
         self._begin(trainer, pl_module)
@@ -61,12 +62,12 @@ class TemporalGroupCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
         quantizers = act_quantizers(pl_module.student)
         if quantizers and quantizers[0].num_steps != self.num_steps:
-            raise ValueError(
+            raise UserError(
                 f"the student's TPQ tables serve {quantizers[0].num_steps} steps but the sampler makes {self.num_steps}"
             )
         steps = pl_module.calibration["step"]
         if int(steps.min()) < 0 or int(steps.max()) >= self.num_steps:
-            raise ValueError(f"calibration step indices must lie in [0, {self.num_steps}), got [{int(steps.min())}, {int(steps.max())}]")
+            raise UserError(f"calibration step indices must lie in [0, {self.num_steps}), got [{int(steps.min())}, {int(steps.max())}]")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: BlockDistiller, batch, batch_idx: int) -> None:
         rows = pl_module.shard(batch["index"])

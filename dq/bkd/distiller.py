@@ -39,6 +39,8 @@ from dq.bkd.blocks import (
     concat_block_io,
     execution_order,
 )
+from dq.config_values import check_field_types
+from dq.errors import UserError
 from dq.quant import (
     MIN_STEP_SIZE,
     QuantConfig,
@@ -48,6 +50,7 @@ from dq.quant import (
     quantize_model,
     set_step,
 )
+from dq.resume import IDENTITY_KEY, fault_point, phase
 from dq.sampling import unet_forward
 
 log = logging.getLogger(__name__)
@@ -95,28 +98,29 @@ class DistillConfig:
     target_cache_mb: float = 1024.0  # host memory for teacher targets captured ahead of their block
 
     def __post_init__(self) -> None:
+        check_field_types(self, "method.distill.")
         if self.iters_per_block < 0:
-            raise ValueError(f"iters_per_block must be >= 0, got {self.iters_per_block}")
+            raise UserError(f"iters_per_block must be >= 0, got {self.iters_per_block}")
         if self.batch_size < 1 or self.capture_batch_size < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size}, {self.capture_batch_size}")
+            raise UserError(f"batch sizes must be >= 1, got {self.batch_size}, {self.capture_batch_size}")
         if self.lr_weights < 0 or self.lr_quant <= 0 or self.lr_zero_point < 0:
-            raise ValueError(
+            raise UserError(
                 "learning rates must be lr_weights >= 0, lr_quant > 0, lr_zero_point >= 0; got "
                 f"{self.lr_weights}, {self.lr_quant}, {self.lr_zero_point}"
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+            raise UserError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if not isinstance(self.cache_device, str) or not _CACHE_DEVICE.fullmatch(self.cache_device):
-            raise ValueError(
+            raise UserError(
                 f"cache_device must be 'cpu', 'auto', 'cuda' or 'cuda:N', got {self.cache_device!r}"
             )
         if not 0.0 < self.cache_gpu_fraction <= 1.0:
-            raise ValueError(f"cache_gpu_fraction must lie in (0, 1], got {self.cache_gpu_fraction}")
+            raise UserError(f"cache_gpu_fraction must lie in (0, 1], got {self.cache_gpu_fraction}")
         if not self.target_cache_mb >= 0:
-            raise ValueError(f"target_cache_mb must be >= 0, got {self.target_cache_mb}")
+            raise UserError(f"target_cache_mb must be >= 0, got {self.target_cache_mb}")
         if self.teacher_precision not in TEACHER_PRECISIONS:
             allowed = ", ".join(TEACHER_PRECISIONS)
-            raise ValueError(f"teacher_precision must be one of {allowed}, got {self.teacher_precision!r}")
+            raise UserError(f"teacher_precision must be one of {allowed}, got {self.teacher_precision!r}")
 
 
 def choose_cache_device(
@@ -217,6 +221,8 @@ class BlockDistiller(L.LightningModule):
         self.prep_seconds = {"cache": 0.0, "init": 0.0}
         self._targets: dict[str, torch.Tensor] = {}  # teacher targets captured ahead of their blocks
         self._target_row_bytes: dict[str, int] | None = None
+        # what the student depends on (dq.resume.run_identity), stored in every checkpoint; set by train.py
+        self.run_identity: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -348,10 +354,10 @@ class BlockDistiller(L.LightningModule):
         self.calibration = dict(source() if callable(source) else source)
         for key in ("x_t", "timestep", "step"):
             if key not in self.calibration:
-                raise ValueError(f"calibration data lacks {key!r}; it has {sorted(self.calibration)}")
+                raise UserError(f"calibration data lacks {key!r}; it has {sorted(self.calibration)}")
         self.num_samples = int(self.calibration["x_t"].shape[0])
         if self.num_samples < self.distill.batch_size:
-            raise ValueError(f"{self.num_samples} calibration samples are fewer than one batch ({self.distill.batch_size})")
+            raise UserError(f"{self.num_samples} calibration samples are fewer than one batch ({self.distill.batch_size})")
         self.setup_blocks()
 
     def setup_blocks(self) -> None:
@@ -369,10 +375,11 @@ class BlockDistiller(L.LightningModule):
     def begin_block(self, k: int) -> None:
         """Cache block k's inputs and targets, initialise its quantizers (once), build its optimizer."""
         if self._resume is not None and self._resume["blocks"] != self.blocks:
-            raise ValueError("the checkpoint was written for another block list (another model or method)")
+            raise UserError("the checkpoint was written for another block list (another model or method)")
         if k != self.state.block:  # a new block, not a resume into the middle of one
             self.state.block, self.state.iteration = k, 0
         name = self.blocks[k]
+        phase("prepare", f"block {k + 1}/{len(self.blocks)}: {name}")
         started = time.perf_counter()
         self.cache = self.build_cache(name)
         cached = time.perf_counter()
@@ -455,6 +462,7 @@ class BlockDistiller(L.LightningModule):
         return unet_forward(self.student, x, timesteps, cond)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        fault_point("train")
         name = self.blocks[self.state.block]
         rows = self.shard(batch["index"])
         prediction = self._block_forward(name, self._device_rows(rows))
@@ -509,10 +517,12 @@ class BlockDistiller(L.LightningModule):
             "rng": torch.get_rng_state(),
             "recent_losses": list(self._losses),
         }
+        if self.run_identity is not None:
+            checkpoint[IDENTITY_KEY] = self.run_identity
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "bkd" not in checkpoint:
-            raise ValueError("this checkpoint has no BKD state: was it written by dq's train.py?")
+            raise UserError("this checkpoint has no BKD state: was it written by dq's train.py?")
         saved = checkpoint["bkd"]
         self.state = BlockState(saved["block"], saved["iteration"], list(saved["initialized"]), dict(saved["final_losses"]))
         self._resume = saved

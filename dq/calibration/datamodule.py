@@ -11,8 +11,12 @@ Trajectory k is seeded by (seed, k), so the tuples do not depend on the world si
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,41 @@ from dq.calibration.tuples import (
     save_tuples,
     shard_range,
 )
+from dq.errors import CorruptFileError, UserError
 from dq.sampling import SamplerConfig, planned_timesteps
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `<path>.lock` (fcntl, released when the process dies): one writer per cache
+    entry across processes that share the cache dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def remove_stale_staging(path: Path) -> None:
+    """Remove `<path>*.tmp-<pid>` files left by processes that died while writing (pid no longer alive)."""
+    for staging in path.parent.glob(f"{path.name}*.tmp-*"):
+        pid = staging.name.rsplit(".tmp-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            staging.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 REQUIRED_KEYS = ("x_t", "timestep", "step")
 
@@ -44,10 +82,10 @@ class CalibrationTuples(Dataset):
     def __init__(self, tuples: Mapping[str, torch.Tensor]) -> None:
         missing = [key for key in REQUIRED_KEYS if key not in tuples]
         if missing:
-            raise ValueError(f"calibration tuples lack {missing}; got keys {sorted(tuples)}")
+            raise UserError(f"calibration tuples lack {missing}; got keys {sorted(tuples)}")
         lengths = {key: len(tensor) for key, tensor in tuples.items()}
         if len(set(lengths.values())) != 1:
-            raise ValueError(f"calibration tensors must have the same number of rows, got {lengths}")
+            raise UserError(f"calibration tensors must have the same number of rows, got {lengths}")
         self.tuples = dict(tuples)
         self.length = lengths["x_t"]
 
@@ -97,9 +135,9 @@ class CalibrationDataModule(L.LightningDataModule):
         if not isinstance(sampler, SamplerConfig):
             sampler = SamplerConfig.from_mapping(sampler)
         if batch_size < 1 or generation_batch_size < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {generation_batch_size}")
+            raise UserError(f"batch sizes must be >= 1, got {batch_size} and {generation_batch_size}")
         if sampler.uses_guidance and uncond_class is None and uncond_embeds is None:
-            raise ValueError(f"guidance_scale={sampler.guidance_scale} needs uncond_class or uncond_embeds")
+            raise UserError(f"guidance_scale={sampler.guidance_scale} needs uncond_class or uncond_embeds")
         self.unet = unet
         self.scheduler_config = dict(scheduler_config)
         self.sampler = sampler
@@ -159,15 +197,40 @@ class CalibrationDataModule(L.LightningDataModule):
         identity = self.identity()
         path = self.cache_dir / f"calibration-{calibration_cache_key(identity)}.safetensors"
         self._check_same_key_on_all_ranks(path.name)
+        _, world_size = self._rank_and_world_size()
+        if world_size == 1:
+            self.tuples, self.metadata = self._load_or_generate(path, identity)
+            return
         found = path.is_file()
         self._barrier()  # every rank decides on the same state of the cache
         if not found:
             self._generate_into(path, identity)
+        self.tuples, self.metadata = self._read_checked(path)
+
+    def _read_checked(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The cache file's tuples; CorruptFileError when it is unreadable or holds another key."""
         tuples, metadata = load_tuples(path)
         expected_key = path.stem.removeprefix("calibration-")
         if metadata.get("key") != expected_key:
-            raise ValueError(f"{path} holds tuples for key {metadata.get('key')!r}, expected {expected_key!r}; delete it")
-        self.tuples, self.metadata = tuples, metadata
+            raise CorruptFileError(f"{path} holds tuples for key {metadata.get('key')!r}, expected {expected_key!r}")
+        return tuples, metadata
+
+    def _load_or_generate(self, path: Path, identity: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """One process: read the cache, or generate it under a file lock (a second process sharing the cache
+        dir waits, then reads what the first wrote). A cache that fails to load is moved aside to
+        `<name>.corrupt` with one warning, and generated again."""
+        with cache_lock(path):
+            if path.is_file():
+                try:
+                    return self._read_checked(path)
+                except CorruptFileError as err:
+                    aside = path.with_name(path.name + ".corrupt")
+                    os.replace(path, aside)
+                    log.warning("dq: calibration cache %s is unusable (%s); moved aside to %s, generating it again",
+                                path, err, aside.name)
+            remove_stale_staging(path)
+            self._generate_into(path, identity)
+            return self._read_checked(path)
 
     def _generate_into(self, path: Path, identity: dict[str, Any]) -> None:
         rank, world_size = self._rank_and_world_size()
@@ -204,7 +267,7 @@ class CalibrationDataModule(L.LightningDataModule):
             shard_paths = [path.with_name(f"{path.stem}.rank{r}-of-{world_size}.safetensors") for r in range(world_size)]
             missing = [str(p) for p in shard_paths if not p.is_file()]
             if missing:
-                raise ValueError(f"calibration shards {missing} not found: cache_dir must be shared by all ranks")
+                raise UserError(f"calibration shards {missing} not found: cache_dir must be shared by all ranks")
             shards = [load_tuples(p)[0] for p in shard_paths]
             merged = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
             save_tuples(path, merged, metadata)
@@ -221,7 +284,7 @@ class CalibrationDataModule(L.LightningDataModule):
         names: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(names, name)
         if len(set(names)) != 1:
-            raise ValueError(f"ranks disagree on the calibration data (model weights or settings differ): {names}")
+            raise UserError(f"ranks disagree on the calibration data (model weights or settings differ): {names}")
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -245,7 +308,7 @@ class CalibrationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.tuples is None:
-            raise ValueError("call setup() before train_dataloader() (the Trainer does it)")
+            raise UserError("call setup() before train_dataloader() (the Trainer does it)")
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(CalibrationTuples(self.tuples), batch_size=self.batch_size, shuffle=True,
                           generator=generator, num_workers=self.num_workers)

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dq.errors import CorruptFileError, UserError
 from dq.sampling import SamplerConfig, sample
 
 CACHE_FORMAT_VERSION = 1
@@ -42,12 +43,12 @@ def draw_plan(num_trajectories: int, num_steps: int, num_samples: int, seed: int
     random without replacement. A pure function of its arguments: the same on every rank.
     """
     if num_samples < 1 or num_steps < 1 or num_trajectories < 1:
-        raise ValueError(
+        raise UserError(
             f"num_samples, num_steps and num_trajectories must be >= 1, got {num_samples}, {num_steps}, {num_trajectories}"
         )
     per_step_max = -(-num_samples // num_steps)
     if per_step_max > num_trajectories:
-        raise ValueError(
+        raise UserError(
             f"{num_samples} tuples over {num_steps} steps need >= {per_step_max} trajectories, got {num_trajectories}"
         )
     generator = _seeded_generator("dq-calibration-plan", seed)
@@ -65,7 +66,7 @@ def draw_plan(num_trajectories: int, num_steps: int, num_samples: int, seed: int
 def shard_range(num_trajectories: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop): the contiguous block of trajectories rank `rank` of `world_size` generates."""
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+        raise UserError(f"rank must lie in [0, {world_size}), got {rank}")
     return (num_trajectories * rank // world_size, num_trajectories * (rank + 1) // world_size)
 
 
@@ -80,32 +81,32 @@ def trajectory_conditioning(
     embedding k % P of prompt_embeds [P, L, D] (float [B, L, D]); uncond: uncond_class as int64 [B], or
     uncond_embeds [1, L, D] expanded to [B, L, D]; None where not given."""
     if num_classes is not None and prompt_embeds is not None:
-        raise ValueError("give num_classes (class-conditional) or prompt_embeds (text-conditional), not both")
+        raise UserError("give num_classes (class-conditional) or prompt_embeds (text-conditional), not both")
     if num_classes is not None:
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise UserError(f"num_classes must be >= 1, got {num_classes}")
         if uncond_embeds is not None:
-            raise ValueError("a class-conditional model takes uncond_class, not uncond_embeds")
+            raise UserError("a class-conditional model takes uncond_class, not uncond_embeds")
         cond = trajectories % num_classes
         uncond = None if uncond_class is None else torch.full_like(trajectories, int(uncond_class))
         return cond, uncond
     if prompt_embeds is not None:
         if prompt_embeds.ndim != 3:
-            raise ValueError(f"prompt_embeds must be [P, L, D], got shape {tuple(prompt_embeds.shape)}")
+            raise UserError(f"prompt_embeds must be [P, L, D], got shape {tuple(prompt_embeds.shape)}")
         if uncond_class is not None:
-            raise ValueError("a text-conditional model takes uncond_embeds, not uncond_class")
+            raise UserError("a text-conditional model takes uncond_embeds, not uncond_class")
         cond = prompt_embeds[trajectories % prompt_embeds.shape[0]].float()
         uncond = None
         if uncond_embeds is not None:
             if uncond_embeds.ndim != 3 or uncond_embeds.shape[0] != 1 or uncond_embeds.shape[1:] != prompt_embeds.shape[1:]:
-                raise ValueError(
+                raise UserError(
                     f"uncond_embeds must be [1, {prompt_embeds.shape[1]}, {prompt_embeds.shape[2]}], "
                     f"got shape {tuple(uncond_embeds.shape)}"
                 )
             uncond = uncond_embeds.float().expand(len(trajectories), -1, -1)
         return cond, uncond
     if uncond_class is not None or uncond_embeds is not None:
-        raise ValueError("unconditional conditioning given for a model without conditioning")
+        raise UserError("unconditional conditioning given for a model without conditioning")
     return None, None
 
 
@@ -140,7 +141,7 @@ def generate_shard(
 
     def record(step_index: int, timestep: int, model_input: torch.Tensor, sample_indices: torch.Tensor) -> None:
         if int(timesteps[step_index]) != timestep:
-            raise ValueError(f"step {step_index} ran at timestep {timestep}, planned {int(timesteps[step_index])}")
+            raise UserError(f"step {step_index} ran at timestep {timestep}, planned {int(timesteps[step_index])}")
         targets = row_of[sample_indices - start, step_index]
         keep = targets >= 0
         if bool(keep.any()):
@@ -153,7 +154,7 @@ def generate_shard(
         sample(unet, scheduler_config, sampler, stop - start, seed=seed, first_index=start, batch_size=batch_size,
                cond=cond, uncond=uncond, on_step=record, progress=progress)
     if not bool(filled.all()):
-        raise ValueError(f"{int((~filled).sum())} planned tuples were not visited by the sampler")
+        raise UserError(f"{int((~filled).sum())} planned tuples were not visited by the sampler")
     tuples = {
         "x_t": x_t,
         "timestep": timesteps[local_plan[:, 1]].clone(),
@@ -192,11 +193,24 @@ def calibration_cache_key(identity: Mapping[str, Any]) -> str:
     return hashlib.blake2b(payload.encode(), digest_size=10).hexdigest()
 
 
+def content_hash(tuples: Mapping[str, torch.Tensor]) -> str:
+    """Hex digest of every tensor (name, dtype, shape and bytes): the check that a cache file was read back
+    whole (safetensors checks its header, not its data)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tuples):
+        tensor = tuples[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_tuples(path: str | Path, tuples: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
-    """Write tuples to `path` (safetensors, metadata JSON in its header) and a readable `<path>.json` copy
-    of the metadata; each file is written beside its target and renamed into place."""
+    """Write tuples to `path` (safetensors, metadata JSON in its header, with the tensors' content hash) and
+    a readable `<path>.json` copy of the metadata; each file is written beside its target and renamed into
+    place, so a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {**metadata, "content_hash": content_hash(tuples)}
     metadata_json = json.dumps(dict(metadata), sort_keys=True, default=str)
     staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     save_file({name: tensor.contiguous() for name, tensor in tuples.items()}, str(staging),
@@ -209,14 +223,28 @@ def save_tuples(path: str | Path, tuples: Mapping[str, torch.Tensor], metadata: 
 
 
 def load_tuples(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tuples, metadata) from a file written by `save_tuples`."""
+    """(tuples, metadata) from a file written by `save_tuples`. CorruptFileError when the file cannot be
+    read (truncated, bytes flipped), is not a dq calibration cache, or its tensors differ from the content
+    hash it records."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-        if METADATA_KEY not in header:
-            raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: not a dq calibration cache")
-        tuples = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    return tuples, json.loads(header[METADATA_KEY])
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if METADATA_KEY not in header:
+                raise CorruptFileError(f"{path} has no {METADATA_KEY!r} metadata: not a dq calibration cache")
+            tuples = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        metadata = json.loads(header[METADATA_KEY])
+    except CorruptFileError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors' SafetensorError, a JSON error in the header, a short read
+        raise CorruptFileError(f"{path} is not a readable calibration cache (truncated or corrupted?): "
+                               f"{type(err).__name__}: {err}") from err
+    recorded = metadata.get("content_hash") if isinstance(metadata, dict) else None
+    if recorded is not None and recorded != content_hash(tuples):
+        raise CorruptFileError(f"{path}: its tensors do not match the content hash it records (bytes changed)")
+    return tuples, metadata
 
 
 def _sample_shape(unet: nn.Module) -> tuple[int, int, int]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dq.errors import UserError
+
 DIGITS_SIZE = 16  # side of the embedded model's images, in pixels
 
 
@@ -19,7 +21,7 @@ def load_digit_images(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tens
     Needs scikit-learn (requirements-dev.txt); it is imported here only, so the runtime does not need it.
     """
     if size < 8 or size % 8:
-        raise ValueError(f"size must be a multiple of 8 and >= 8, got {size}")
+        raise UserError(f"size must be a multiple of 8 and >= 8, got {size}")
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # the runtime stack does not ship scikit-learn on purpose

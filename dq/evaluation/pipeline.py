@@ -26,6 +26,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dq.calibration import model_fingerprint, shard_range, trajectory_conditioning
+from dq.config_values import config_bool, config_choice, config_int, config_str
+from dq.errors import UserError
 from dq.evaluation import (
     check_identity,
     code_version,
@@ -37,6 +39,8 @@ from dq.evaluation import (
     write_identity,
     write_npz,
 )
+from dq.export.kernels import BACKENDS as INT_BACKENDS
+from dq.io import check_writable_dir
 from dq.metrics import inception_score, mse, psnr, ssim
 from dq.metrics.backends import FeatureBackend, build_backend, display_path, file_sha256
 from dq.metrics.clip_score import clip_score
@@ -44,6 +48,7 @@ from dq.metrics.reference import resolve_reference
 from dq.metrics.ssim import ssim_window
 from dq.quant import load_quant_state, quant_config, timestep_keying
 from dq.quant.state import atomic_write
+from dq.quant.timesteps import POLICIES
 from dq.sampling import SamplerConfig, check_student_steps, key_by_trained_sampler, planned_timesteps
 from dq.zoo import ModelComponents, load_components, load_model, model_conditioning, model_folder, to_images
 
@@ -94,7 +99,7 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
     integer model of an export (export=PATH) with the model it was exported from as the FP reference."""
     if cfg.get("export") is not None:
         if cfg.run is not None:
-            raise ValueError("set either run= (a fake-quant student) or export= (an integer export), not both")
+            raise UserError("set either run= (a fake-quant student) or export= (an integer export), not both")
         return _export_target(cfg, device or torch.device("cpu"))
     if cfg.run is None:
         loaded = load_model(cfg.model)
@@ -103,10 +108,10 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
     run_dir = Path(str(cfg.run)).expanduser()
     for name in ("config.yaml", "student.safetensors"):
         if not (run_dir / name).is_file():
-            raise ValueError(f"run={run_dir} is not a train.py output dir: {name} is missing")
+            raise UserError(f"run={run_dir} is not a train.py output dir: {name} is missing")
     run_config = OmegaConf.load(run_dir / "config.yaml")
     if "model" not in run_config:
-        raise ValueError(f"{run_dir / 'config.yaml'} has no `model` section")
+        raise UserError(f"{run_dir / 'config.yaml'} has no `model` section")
     loaded = load_model(run_config.model)  # the model and sampler the student was trained for
     policy = str(cfg.get("tpq_policy", "exact"))
     # a quantized copy (the FP unet is kept), keyed by timestep with the policy
@@ -128,7 +133,7 @@ def _export_target(cfg: DictConfig, device: torch.device) -> Target:
                           tpq_policy=str(cfg.get("tpq_policy", "exact")))
     meta = unet.dq_export
     if "model_config" not in meta:
-        raise ValueError(f"{path} does not record the model it was exported from (export it with python -m dq.export)")
+        raise UserError(f"{path} does not record the model it was exported from (export it with python -m dq.export)")
     model_cfg = OmegaConf.create(meta["model_config"])
     loaded = load_model(model_cfg)
     export = {**{k: meta.get(k) for k in ("method", "quant", "backend", "float_dtype", "source")},
@@ -154,13 +159,13 @@ def conditioning_of(eval_cfg: DictConfig, target: Target | None = None) -> tuple
     if eval_cfg.prompt_embeds is not None:
         tensors = load_file(str(eval_cfg.prompt_embeds))
         if "prompt_embeds" not in tensors:
-            raise ValueError(f"{eval_cfg.prompt_embeds} holds {sorted(tensors)}; expected prompt_embeds [P, L, D]")
+            raise UserError(f"{eval_cfg.prompt_embeds} holds {sorted(tensors)}; expected prompt_embeds [P, L, D]")
         prompt_embeds, uncond_embeds = tensors["prompt_embeds"], tensors.get("uncond_embeds")
         record["prompt_embeds"] = {"file": str(eval_cfg.prompt_embeds), "sha256": file_sha256(eval_cfg.prompt_embeds),
                                    "num_prompts": int(prompt_embeds.shape[0])}
     if eval_cfg.num_classes is None and prompt_embeds is None:
         if eval_cfg.uncond_class is not None:
-            raise ValueError("eval.uncond_class is set but eval.num_classes is not")
+            raise UserError("eval.uncond_class is set but eval.num_classes is not")
         return None, {}
 
     def conditioning(indices: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -179,13 +184,13 @@ def select_metrics(requested: Any, backend: FeatureBackend, is_student: bool, ha
     requested = [str(name) for name in requested]
     unknown = sorted(set(requested) - set(KNOWN_METRICS))
     if unknown:
-        raise ValueError(f"eval.metrics has unknown metric(s) {unknown}; expected some of {list(KNOWN_METRICS)}")
+        raise UserError(f"eval.metrics has unknown metric(s) {unknown}; expected some of {list(KNOWN_METRICS)}")
     for name in requested:
         if name in ("fid", "sfid", "is") and name not in backend.metrics:
-            raise ValueError(f"backend {backend.name!r} does not provide {name!r} (it provides {list(backend.metrics)}); "
+            raise UserError(f"backend {backend.name!r} does not provide {name!r} (it provides {list(backend.metrics)}); "
                              "eval.backend=digits gives IS for the embedded model")
         if name == "clip_score" and not has_clip:
-            raise ValueError("eval.metrics asks for clip_score: set eval.clip_model (a local CLIP folder) and eval.prompts")
+            raise UserError("eval.metrics asks for clip_score: set eval.clip_model (a local CLIP folder) and eval.prompts")
     return requested
 
 
@@ -240,7 +245,7 @@ def plan_metrics(eval_cfg: DictConfig, target: Target) -> MetricPlan:
                             device=_device(str(eval_cfg.device)), progress=False)
     metrics = select_metrics(eval_cfg.metrics, backend, target.fp_unet is not None, eval_cfg.clip_model is not None)
     if "is" in metrics and not 1 <= int(eval_cfg.is_splits) <= int(eval_cfg.num_samples):
-        raise ValueError(f"eval.is_splits must lie in [1, eval.num_samples={eval_cfg.num_samples}], got {eval_cfg.is_splits}")
+        raise UserError(f"eval.is_splits must lie in [1, eval.num_samples={eval_cfg.num_samples}], got {eval_cfg.is_splits}")
     reference, record = ({}, None)
     if {"fid", "sfid"} & set(metrics):
         reference, record = resolve_reference(str(eval_cfg.reference), backend)
@@ -305,13 +310,33 @@ def build_protocol(plan: MetricPlan, target: Target, eval_cfg: DictConfig, cond_
     }
 
 
+def check_config(cfg: DictConfig) -> None:
+    """evaluate.py's own settings, checked before any work (UserError naming the key)."""
+    num_samples = config_int(cfg, "eval.num_samples")
+    if num_samples < 2:
+        raise UserError(f"eval.num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
+    config_int(cfg, "eval.batch_size", minimum=1)
+    config_int(cfg, "eval.feature_batch_size", minimum=1)
+    config_int(cfg, "eval.seed", minimum=0)
+    config_int(cfg, "eval.is_splits", minimum=1)
+    config_int(cfg, "eval.grid_rows", minimum=1)
+    config_choice(cfg, "eval.device", ("auto", "cpu", "cuda"))
+    config_choice(cfg, "tpq_policy", POLICIES)
+    config_choice(cfg, "int_backend", ("auto", *INT_BACKENDS))
+    config_bool(cfg, "progress_bar")
+    for key in ("run", "export"):
+        config_str(cfg, key, optional=True)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample, compute the metrics and write metrics.json; returns the metrics on rank 0 ({} elsewhere)."""
     start = time.perf_counter()
     eval_cfg = cfg.eval
-    if int(eval_cfg.num_samples) < 2:
-        raise ValueError(f"eval.num_samples must be >= 2 (FID needs a covariance), got {eval_cfg.num_samples}")
-    out_dir = Path(cfg.output_dir)
+    check_config(cfg)
+    out_dir = check_writable_dir(cfg.output_dir, "output_dir")
+    check_writable_dir(eval_cfg.fp_cache_dir, "eval.fp_cache_dir")
+    if cfg.run is not None and Path(str(cfg.run)).expanduser().is_dir():  # metrics.json is copied there
+        check_writable_dir(Path(str(cfg.run)).expanduser(), "run")
     fabric = L.Fabric(**OmegaConf.to_container(cfg.trainer, resolve=True))
     fabric.launch()
     progress = bool(cfg.progress_bar)
@@ -371,11 +396,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def _read_prompts(eval_cfg: DictConfig) -> list[str]:
     if eval_cfg.prompts is None:
         if eval_cfg.clip_model is not None:
-            raise ValueError("eval.clip_model is set: the CLIP score also needs eval.prompts (a text file, one a line)")
+            raise UserError("eval.clip_model is set: the CLIP score also needs eval.prompts (a text file, one a line)")
         return []
     prompts = [line.strip() for line in Path(str(eval_cfg.prompts)).read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"eval.prompts file {eval_cfg.prompts} holds no prompts")
+        raise UserError(f"eval.prompts file {eval_cfg.prompts} holds no prompts")
     return prompts
 
 

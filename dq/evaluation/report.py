@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dq import cli
+from dq.errors import MissingFileError, UserError
 from dq.quant.state import atomic_write
 from dq.zoo.loading import read_json_object
 
@@ -70,7 +72,7 @@ def collect_runs(roots: Iterable[Path]) -> list[RunRecord]:
         results = read_json_object(directory / "results.json", "results file") if (directory / "results.json").is_file() else {}
         method = metrics.get("method") or results.get("method")
         if method is None:
-            raise ValueError(f"{directory}: neither metrics.json nor results.json names the method")
+            raise UserError(f"{directory}: neither metrics.json nor results.json names the method")
         weight_bits = metrics.get("weight_bits", results.get("weight_bits"))
         act_bits = metrics.get("act_bits", results.get("act_bits"))
         label = str(directory.relative_to(root)) if directory != root else directory.name
@@ -227,7 +229,7 @@ def write_report(roots: Sequence[Path], out_dir: Path, metric: str = "fid", with
     """Collect the runs under `roots`, write report.md (and <metric>_vs_bits.png) into out_dir; return the .md path."""
     records = collect_runs(roots)
     if not records:
-        raise ValueError(f"no results.json or metrics.json found under {[str(r) for r in roots]}")
+        raise UserError(f"no results.json or metrics.json found under {[str(r) for r in roots]}")
     plot_name = f"{metric}_vs_bits.png" if with_plot else None
     if plot_name:
         plot(records, metric, out_dir / plot_name)
@@ -237,8 +239,9 @@ def write_report(roots: Sequence[Path], out_dir: Path, metric: str = "fid", with
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry
+def main(argv: list[str]) -> None:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="a dir of train.py run dirs (e.g. a multirun sweep dir)")
     parser.add_argument("--fp", type=Path, action="append", default=[], help="FP evaluation dir(s) outside the sweep")
     parser.add_argument("--metric", default="fid", help="table and plot metric: fid, sfid, is, psnr_vs_fp, ...")
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        raise SystemExit(f"sweep dir {args.sweep_dir} does not exist")
+        raise MissingFileError(f"sweep dir {args.sweep_dir} does not exist")
     path = write_report([args.sweep_dir, *args.fp], args.out or args.sweep_dir, args.metric, not args.no_plot)
     print(path.read_text())
     print(f"report -> {path}")

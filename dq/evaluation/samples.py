@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dq.errors import UserError
 from dq.metrics.images import check_images, read_images, to_uint8
 from dq.quant.state import atomic_write
 from dq.sampling import SamplerConfig, sample
@@ -55,12 +56,12 @@ def check_identity(folder: Path, identity: Mapping[str, Any]) -> None:
     into it would mix two experiments."""
     path = folder / IDENTITY_FILE
     if not path.is_file():
-        raise ValueError(f"{path} is missing: the samples in {folder} cannot be attributed to a model")
+        raise UserError(f"{path} is missing: the samples in {folder} cannot be attributed to a model")
     expected = json.loads(json.dumps({"format_version": SAMPLES_FORMAT_VERSION, **identity}, sort_keys=True, default=str))
     found = json.loads(path.read_text())
     if found != expected:
         differing = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-        raise ValueError(
+        raise UserError(
             f"{folder} holds samples of another setting (differing: {differing}); use a new output dir "
             "(or delete that folder) instead of resuming into it"
         )
@@ -116,7 +117,7 @@ def generate_missing(
             if to_pixels is not None:
                 images = to_pixels(images)
             if images.shape[1] not in (1, 3):
-                raise ValueError(
+                raise UserError(
                     f"the model makes {images.shape[1]}-channel samples (latents?); evaluation saves pixel images: "
                     "a latent model's folder needs its vae/ to decode them"
                 )
@@ -129,7 +130,7 @@ def read_samples(folder: Path, num_samples: int) -> torch.Tensor:
     """uint8 [N, C, H, W]: samples 0 .. N - 1 of `folder`; ValueError naming missing indices."""
     missing = missing_indices(folder, range(num_samples))
     if missing:
-        raise ValueError(f"{folder} lacks {len(missing)} of {num_samples} samples (first missing: {missing[:5]})")
+        raise UserError(f"{folder} lacks {len(missing)} of {num_samples} samples (first missing: {missing[:5]})")
     return read_images([sample_path(folder, k) for k in range(num_samples)])
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dq.errors import UserError
 from dq.metrics.kernel import KID_PROTOCOL
 from dq.quant.state import atomic_write
 from dq.zoo.loading import read_json_object
@@ -183,7 +184,7 @@ def write_seed_report(roots: Sequence[Path], out_dir: Path, with_plot: bool = Tr
     """Group the runs under roots, write report.md (and psnr_over_seeds.png) into out_dir; the .md path."""
     groups = collect_groups(roots)
     if not groups:
-        raise ValueError(f"no complete train.py results.json under {[str(r) for r in roots]}")
+        raise UserError(f"no complete train.py results.json under {[str(r) for r in roots]}")
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_name = "psnr_over_seeds.png" if with_plot else None
     if plot_name:

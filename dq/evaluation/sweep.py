@@ -22,6 +22,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dq import cli
+from dq.errors import MissingFileError, UserError
 from dq.evaluation.pipeline import evaluate
 from dq.evaluation.report import write_report
 from dq.evaluation.seeds import write_seed_report
@@ -33,7 +35,7 @@ def sweep_runs(sweep_dir: Path) -> list[Path]:
     """The train.py run dirs under sweep_dir (those holding student.safetensors and config.yaml), sorted."""
     runs = sorted(p.parent for p in Path(sweep_dir).rglob("student.safetensors") if (p.parent / "config.yaml").is_file())
     if not runs:
-        raise ValueError(f"no train.py run dirs (student.safetensors + config.yaml) under {sweep_dir}")
+        raise UserError(f"no train.py run dirs (student.safetensors + config.yaml) under {sweep_dir}")
     return runs
 
 
@@ -48,7 +50,7 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, m
     runs = sweep_runs(sweep_dir)
     models = {OmegaConf.to_yaml(OmegaConf.load(run / "config.yaml").model) for run in runs}
     if len(models) > 1:
-        raise ValueError(f"the runs under {sweep_dir} use {len(models)} different model configs; evaluate them apart")
+        raise UserError(f"the runs under {sweep_dir} use {len(models)} different model configs; evaluate them apart")
     fp_dir = Path(sweep_dir) / "fp_eval"
     if force or not (fp_dir / "metrics.json").is_file():
         cfg = _compose([f"output_dir={fp_dir}", *overrides])
@@ -65,8 +67,9 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, m
     return write_report([Path(sweep_dir)], Path(sweep_dir), metric)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry
+def main(argv: list[str]) -> None:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="evaluate.py overrides, e.g. eval.num_samples=2000; with "
                         "--fidelity, more sweep dirs")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         roots = [args.sweep_dir, *map(Path, args.overrides)]
         missing = [str(r) for r in roots if not r.is_dir()]
         if missing:
-            raise SystemExit(f"sweep: error: {missing[0]} is not a directory")
+            raise MissingFileError(f"{missing[0]} is not a directory")
         path = write_seed_report(roots, args.out or args.sweep_dir)
         print(path.read_text())
         print(f"report -> {path}")

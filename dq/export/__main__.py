@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dq.cli import entry
 from dq.export.artifact import FLOAT_DTYPES, ExportError, export_student, size_breakdown
 
 KEYS = {"run": None, "out": None, "float_dtype": "float32", "overwrite": "false", "verify": "32", "verify_seed": "1234"}
@@ -126,14 +127,11 @@ def verify_export(path: Path, loaded, student, components, conditioning, num_sam
             **{f"psnr_{a}_vs_{b}": psnr(images[a], images[b]) for a, b in pairs}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        path, summary = export_run(args["run"], args["out"], args["float_dtype"], args["overwrite"] == "true",
-                                   int(args["verify"]), int(args["verify_seed"]))
-    except ExportError as err:
-        print(f"dq: error: {err}", file=sys.stderr)
-        return 2
+@entry
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    path, summary = export_run(args["run"], args["out"], args["float_dtype"], args["overwrite"] == "true",
+                               int(args["verify"]), int(args["verify_seed"]))
     ratio = summary["bytes"] / summary["fp32_unet_bytes"]
     print(f"dq: exported {path}: {summary['bytes'] / 1e6:.3f} MB, {ratio:.3f} of the FP32 UNet "
           f"({summary['fp32_unet_bytes'] / 1e6:.3f} MB of float32 tensors)")

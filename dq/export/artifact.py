@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dq.arch import attention_heads
+from dq.errors import UserError
 from dq.export.packing import pack_codes, packed_numel, unpack_codes
 from dq.quant import QuantConfig, quant_config
 from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
@@ -42,7 +43,7 @@ FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 ATTN_QUANTIZERS = ("q", "k", "v", "probs")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be written or read: the message names the file or value and what to do."""
 
 

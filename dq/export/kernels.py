@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dq.errors import UserError
+
 BACKENDS = ("onednn", "gemm")
 
 
@@ -31,9 +33,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "onednn" if device.type == "cpu" and onednn_available() else "gemm"
     if backend not in BACKENDS:
-        raise ValueError(f"integer backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+        raise UserError(f"integer backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
     if backend == "onednn" and (device.type != "cpu" or not onednn_available()):
-        raise ValueError(f"the onednn integer backend runs on a CPU with oneDNN; got device {device}")
+        raise UserError(f"the onednn integer backend runs on a CPU with oneDNN; got device {device}")
     return backend
 
 
@@ -43,7 +45,7 @@ def shift_to_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = weight.reshape(weight.shape[0], -1).to(torch.int32)
     hi, lo = flat.amax(dim=1), flat.amin(dim=1)
     if bool((hi - lo > 255).any()):
-        raise ValueError("integer weights span more than 255 values in a row: only ≤ 8-bit weights run in int8")
+        raise UserError("integer weights span more than 255 values in a row: only ≤ 8-bit weights run in int8")
     shift = torch.where(hi > 127, hi - 127, torch.where(lo < -128, lo + 128, torch.zeros_like(hi)))
     w8 = (flat - shift[:, None]).to(torch.int8).reshape(weight.shape)
     return w8, shift
@@ -66,7 +68,7 @@ class _IntKernel:
     def to(self, device: torch.device) -> _IntKernel:
         if self.backend == "onednn":
             if device.type != "cpu":
-                raise ValueError("the onednn integer backend runs on the CPU only; load the export with backend=gemm")
+                raise UserError("the onednn integer backend runs on the CPU only; load the export with backend=gemm")
             return self
         for name in ("weight_scale", "matrix", "colsum", "w_zero"):
             setattr(self, name, getattr(self, name).to(device))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dq.errors import UserError
 from dq.export.kernels import IntConvKernel, IntLinearKernel, shift_to_int8
 from dq.quant import ops
 from dq.quant.quantizers import StepBlend, StepIndexed
@@ -30,7 +31,7 @@ class IntActQuantizer(StepIndexed):
         if not torch.equal(step_to_group.long(), self.step_to_group):
             self.step_to_group.copy_(step_to_group.long())
         if bits > 8:
-            raise ValueError(f"integer execution takes activations of at most 8 bits, got {bits}")
+            raise UserError(f"integer execution takes activations of at most 8 bits, got {bits}")
         self.bits = bits
         self.register_buffer("scale", scale.float().reshape(num_groups).clone())
         self.register_buffer("zero_point", zero_point.reshape(num_groups).to(torch.int32).clone())
@@ -41,7 +42,7 @@ class IntActQuantizer(StepIndexed):
         or one interpolated step (timestep-keyed TPQ, policy "interpolate"; z rounded after blending)."""
         if isinstance(self.step, StepBlend):
             if self.step.weight.numel() != 1:
-                raise ValueError("the integer model runs one sampling step per call; got per-sample interpolated steps")
+                raise UserError("the integer model runs one sampling step per call; got per-sample interpolated steps")
             scale = self.blended_rows(self.scale)[0]
             zero_point = self.blended_rows(self.zero_point_float)[0].round()
             return scale, zero_point.to(torch.int32), zero_point
@@ -54,7 +55,7 @@ class IntActQuantizer(StepIndexed):
         if rows.numel() > 1:
             first = rows[:1]
             if not bool((rows == first).all()):
-                raise ValueError(
+                raise UserError(
                     "the integer model runs one sampling step per call; got per-sample step indices of "
                     f"several TPQ groups {sorted(set(rows.tolist()))}"
                 )

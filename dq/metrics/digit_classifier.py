@@ -23,7 +23,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import dq
+from dq import cli
 from dq.data import DIGITS_SIZE, load_digit_images
+from dq.errors import MissingFileError, UserError
 from dq.quant.state import atomic_write
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -56,7 +58,7 @@ class DigitClassifier(nn.Module):
         which zeroes about half of the units for every digit), "spatial" [N, 4 * 8 * 8] (the first channels
         of the stage-1 map) and "probs" [N, 10]."""
         if images.ndim != 4 or tuple(images.shape[1:]) != (1, DIGITS_SIZE, DIGITS_SIZE):
-            raise ValueError(f"the digit classifier takes images [N, 1, 16, 16], got {tuple(images.shape)}")
+            raise UserError(f"the digit classifier takes images [N, 1, 16, 16], got {tuple(images.shape)}")
         stage1 = self.stage1(images)
         features = self.hidden(self.stage2(stage1))
         return {
@@ -69,7 +71,7 @@ class DigitClassifier(nn.Module):
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, val indices), int64: `val_fraction` of every class held out, drawn with `seed`."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     generator = torch.Generator().manual_seed(seed)
     train, val = [], []
     for label in labels.unique().tolist():
@@ -154,7 +156,7 @@ def load_classifier(path: str | Path = CLASSIFIER_PATH) -> tuple[DigitClassifier
     """(model in eval mode, training record) from a file written by `save_classifier`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"digit classifier {path} not found; train it with: python -m dq.metrics.digit_classifier --out {path}"
         )
     with safe_open(path, framework="pt") as handle:
@@ -162,14 +164,15 @@ def load_classifier(path: str | Path = CLASSIFIER_PATH) -> tuple[DigitClassifier
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
     record = json.loads(metadata.get("dq_digit_classifier", "{}"))
     if record.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not a dq digit classifier (format {record.get('format')!r}, expected {FORMAT_NAME!r})")
+        raise UserError(f"{path} is not a dq digit classifier (format {record.get('format')!r}, expected {FORMAT_NAME!r})")
     model = DigitClassifier()
     model.load_state_dict(tensors)
     return model.eval(), record
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry
+def main(argv: list[str]) -> None:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=CLASSIFIER_PATH)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)

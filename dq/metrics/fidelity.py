@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from dq.errors import UserError
+
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"image batches must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise UserError(f"image batches must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def mse(images: torch.Tensor, reference: torch.Tensor) -> float:

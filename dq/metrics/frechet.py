@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from dq.errors import UserError
+
 
 @dataclass(frozen=True)
 class FeatureStats:
@@ -27,10 +29,10 @@ class FeatureStats:
 
     def __post_init__(self) -> None:
         if self.mean.ndim != 1 or self.cov.shape != (len(self.mean), len(self.mean)):
-            raise ValueError(f"FeatureStats needs mean [D] and cov [D, D], got {tuple(self.mean.shape)} and "
+            raise UserError(f"FeatureStats needs mean [D] and cov [D, D], got {tuple(self.mean.shape)} and "
                              f"{tuple(self.cov.shape)}")
         if self.count is not None and self.count < 2:
-            raise ValueError(f"FeatureStats needs at least 2 feature vectors, got {self.count}")
+            raise UserError(f"FeatureStats needs at least 2 feature vectors, got {self.count}")
 
     @property
     def dim(self) -> int:
@@ -40,7 +42,7 @@ class FeatureStats:
     def from_features(cls, features: torch.Tensor) -> FeatureStats:
         """Statistics of features [N, D], N >= 2."""
         if features.ndim != 2 or features.shape[0] < 2:
-            raise ValueError(f"features must be [N, D] with N >= 2, got shape {tuple(features.shape)}")
+            raise UserError(f"features must be [N, D] with N >= 2, got shape {tuple(features.shape)}")
         features = features.double()
         return cls(features.mean(dim=0), torch.cov(features.T).reshape(features.shape[1], -1), features.shape[0])
 
@@ -59,9 +61,9 @@ class _GivenFeatures(nn.Module):
 def frechet_distance(features: torch.Tensor, reference: FeatureStats) -> float:
     """Fréchet distance between the Gaussian of features [N, D] (N >= 2) and reference statistics."""
     if features.ndim != 2 or features.shape[1] != reference.dim:
-        raise ValueError(f"features must be [N, {reference.dim}] to match the reference, got {tuple(features.shape)}")
+        raise UserError(f"features must be [N, {reference.dim}] to match the reference, got {tuple(features.shape)}")
     if features.shape[0] < 2:
-        raise ValueError(f"the Fréchet distance needs at least 2 feature vectors, got {features.shape[0]}")
+        raise UserError(f"the Fréchet distance needs at least 2 feature vectors, got {features.shape[0]}")
     # sync_on_compute=False: only the calling process computes, even inside a DDP job
     metric = FrechetInceptionDistance(feature=_GivenFeatures(reference.dim), reset_real_features=False,
                                       sync_on_compute=False)

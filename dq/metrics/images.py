@@ -9,13 +9,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dq.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def check_images(images: torch.Tensor) -> None:
     """ValueError unless images is uint8 [N, C, H, W] with C = 1 (grey) or 3 (RGB)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be uint8 [N, C, H, W] with C = 1 or 3, got {images.dtype} {tuple(images.shape)}")
+        raise UserError(f"images must be uint8 [N, C, H, W] with C = 1 or 3, got {images.dtype} {tuple(images.shape)}")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -27,10 +29,10 @@ def image_files(folder: str | Path) -> list[Path]:
     """The image files under `folder`, recursively, sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"reference image folder {folder} does not exist or is not a directory")
+        raise UserError(f"reference image folder {folder} does not exist or is not a directory")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
     return files
 
 
@@ -41,7 +43,7 @@ def read_images(files: list[Path]) -> torch.Tensor:
     arrays = [np.asarray(image.convert("L" if grey else "RGB")) for image in opened]
     sizes = {array.shape[:2] for array in arrays}
     if len(sizes) > 1:
-        raise ValueError(f"images of different sizes {sorted(sizes)[:4]}: resize the reference set to one size first")
+        raise UserError(f"images of different sizes {sorted(sizes)[:4]}: resize the reference set to one size first")
     stacked = np.stack(arrays)
     stacked = stacked[:, None] if grey else stacked.transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(stacked))

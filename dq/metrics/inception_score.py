@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import torch
 
+from dq.errors import UserError
+
 
 def inception_score(probs: torch.Tensor, splits: int = 10) -> tuple[float, float]:
     """(mean, std) over `splits` equal consecutive chunks of probs [N, K] (rows summing to 1), as the
     original implementation reports them; N must be at least `splits`."""
     if probs.ndim != 2:
-        raise ValueError(f"probs must be [N, K], got shape {tuple(probs.shape)}")
+        raise UserError(f"probs must be [N, K], got shape {tuple(probs.shape)}")
     if not 1 <= splits <= probs.shape[0]:
-        raise ValueError(f"splits must lie in [1, N={probs.shape[0]}], got {splits}")
+        raise UserError(f"splits must lie in [1, N={probs.shape[0]}], got {splits}")
     probs = probs.double()
     if not torch.allclose(probs.sum(dim=1), torch.ones(len(probs), dtype=torch.float64), atol=1e-4):
-        raise ValueError("probs rows must sum to 1 (pass softmax probabilities, not logits)")
+        raise UserError("probs rows must sum to 1 (pass softmax probabilities, not logits)")
     scores = []
     for chunk in probs.tensor_split(splits):
         marginal = chunk.mean(dim=0, keepdim=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from dq.errors import UserError
+
 # what train.py's kid_vs_fp is (results.json fidelity_protocol.kid); reports show kid_vs_fp only from runs
 # that record this text (runs before the paired estimator carry a figure biased below zero)
 KID_PROTOCOL = ("unbiased MMD^2, kernel (a.b/d + 1)^3, on the feature network's FID features standardised by the "
@@ -26,10 +28,10 @@ def kernel_distance(features: torch.Tensor, reference: torch.Tensor, standardize
     sample from the same noise), so only i != j are independent; the cross term then leaves out the
     pairs i = i, which would otherwise pull the estimate below zero by their correlation."""
     if features.ndim != 2 or reference.ndim != 2 or features.shape[1] != reference.shape[1]:
-        raise ValueError(f"need feature matrices [N, D] and [M, D], got {tuple(features.shape)} and {tuple(reference.shape)}")
+        raise UserError(f"need feature matrices [N, D] and [M, D], got {tuple(features.shape)} and {tuple(reference.shape)}")
     n, m = features.shape[0], reference.shape[0]
     if n < 2 or m < 2:
-        raise ValueError(f"kernel distance needs at least 2 samples per set, got {n} and {m}")
+        raise UserError(f"kernel distance needs at least 2 samples per set, got {n} and {m}")
     a, b = features.double(), reference.double()
     if standardize:
         mean, std = b.mean(dim=0), b.std(dim=0).clamp_min(1e-12)
@@ -40,7 +42,7 @@ def kernel_distance(features: torch.Tensor, reference: torch.Tensor, standardize
         return (x @ y.T / dim + 1.0) ** 3
 
     if paired and n != m:
-        raise ValueError(f"paired feature sets must have the same size, got {n} and {m}")
+        raise UserError(f"paired feature sets must have the same size, got {n} and {m}")
     k_aa, k_bb, k_ab = gram(a, a), gram(b, b), gram(a, b)
     within_a = (k_aa.sum() - k_aa.diagonal().sum()) / (n * (n - 1))
     within_b = (k_bb.sum() - k_bb.diagonal().sum()) / (m * (m - 1))

@@ -28,6 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import dq
+from dq import cli
+from dq.errors import UserError
 from dq.metrics.backends import CleanFIDBackend, FeatureBackend, build_backend, display_path, file_sha256
 from dq.metrics.frechet import FeatureStats
 from dq.metrics.images import image_files, iter_image_batches, to_uint8
@@ -67,7 +69,7 @@ def compute_statistics(backend: FeatureBackend, batches: Iterator[torch.Tensor])
             if key in FRECHET_METRICS:
                 parts.setdefault(key, []).append(value)
     if not parts:
-        raise ValueError("no images to compute reference statistics from")
+        raise UserError("no images to compute reference statistics from")
     return {key: FeatureStats.from_features(torch.cat(values)) for key, values in parts.items()}
 
 
@@ -75,7 +77,7 @@ def save_statistics(path: str | Path, stats: Mapping[str, FeatureStats], metadat
     """Write statistics (and metadata, which must hold `backend_identity`) to a .safetensors file and a .json copy."""
     path = Path(path)
     if "backend_identity" not in metadata:
-        raise ValueError("reference metadata must name the backend_identity the statistics were computed with")
+        raise UserError("reference metadata must name the backend_identity the statistics were computed with")
     tensors = {}
     for key, value in stats.items():
         tensors[f"{key}.mean"] = value.mean.double().contiguous()
@@ -93,11 +95,11 @@ def load_statistics(path: str | Path) -> tuple[dict[str, FeatureStats], dict[str
     (pytorch-fid, clean-fid) and optionally mu_s/sigma_s (guided-diffusion's sFID), read without pickle."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"reference statistics file {path} not found")
+        raise UserError(f"reference statistics file {path} not found")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"{path} holds {sorted(data.keys())}; expected mu and sigma (and optionally mu_s, sigma_s)")
+                raise UserError(f"{path} holds {sorted(data.keys())}; expected mu and sigma (and optionally mu_s, sigma_s)")
             stats = {"fid": _stats(data["mu"], data["sigma"])}
             if "mu_s" in data and "sigma_s" in data:
                 stats["sfid"] = _stats(data["mu_s"], data["sigma_s"])
@@ -107,9 +109,9 @@ def load_statistics(path: str | Path) -> tuple[dict[str, FeatureStats], dict[str
             header = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        raise UserError(f"{path} is not a readable safetensors file: {err}") from err
     if METADATA_KEY not in header:
-        raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: not dq reference statistics")
+        raise UserError(f"{path} has no {METADATA_KEY!r} metadata: not dq reference statistics")
     metadata = json.loads(header[METADATA_KEY])
     counts = metadata.get("counts", {})
     stats = {}
@@ -133,7 +135,7 @@ def resolve_reference(spec: str, backend: FeatureBackend) -> tuple[dict[str, Fea
     spec = requested = str(spec)
     if spec == "auto":
         if backend.name != "digits":
-            raise ValueError(
+            raise UserError(
                 f"eval.reference=auto means the committed digit statistics, which fit the digits backend only; for "
                 f"backend {backend.name!r} set eval.reference to an image folder, a statistics file "
                 "(python -m dq.metrics.reference) or cleanfid:NAME/RES/SPLIT"
@@ -141,12 +143,12 @@ def resolve_reference(spec: str, backend: FeatureBackend) -> tuple[dict[str, Fea
         spec = str(DIGITS_REFERENCE_PATH)
     if spec.startswith("cleanfid:"):
         if not isinstance(backend, CleanFIDBackend):
-            raise ValueError(f"reference {spec!r} is clean-fid's statistics: use eval.backend=cleanfid")
+            raise UserError(f"reference {spec!r} is clean-fid's statistics: use eval.backend=cleanfid")
         try:
             name, resolution, split = spec.removeprefix("cleanfid:").split("/")
             res = int(resolution)
         except ValueError as err:
-            raise ValueError(f"expected cleanfid:NAME/RES/SPLIT (e.g. cleanfid:cifar10/32/train), got {spec!r}") from err
+            raise UserError(f"expected cleanfid:NAME/RES/SPLIT (e.g. cleanfid:cifar10/32/train), got {spec!r}") from err
         stats = {"fid": backend.dataset_statistics(name, res, split)}
         return stats, {"spec": spec, "source": f"clean-fid precomputed statistics {name} {res} {split}", "count": None}
     path = Path(spec).expanduser()
@@ -156,7 +158,7 @@ def resolve_reference(spec: str, backend: FeatureBackend) -> tuple[dict[str, Fea
     stats, metadata = load_statistics(path)
     identity = metadata.get("backend_identity")
     if identity is not None and identity != backend.identity():
-        raise ValueError(
+        raise UserError(
             f"reference statistics {path} were computed with {identity!r}, but this evaluation's backend is "
             f"{backend.identity()!r}: FIDs across feature networks or preprocessing are not comparable"
         )
@@ -171,8 +173,9 @@ def _count(stats: Mapping[str, FeatureStats]) -> int | None:
     return next(iter(stats.values())).count if stats else None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry
+def main(argv: list[str]) -> None:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="digits", help="digits | inception | cleanfid")
     parser.add_argument("--images", required=True, help="'digits' (the embedded model's training set) or a folder")
     parser.add_argument("--out", type=Path, required=True, help="statistics file to write (.safetensors)")

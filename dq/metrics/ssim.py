@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from dq.errors import UserError
 from dq.metrics.fidelity import _check_pair
 
 SSIM_WINDOW = 11  # the Gaussian window of the SSIM paper (sigma 1.5), shrunk for images smaller than it
@@ -21,7 +22,7 @@ def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
     Gaussian window (sigma 1.5, side `ssim_window(H, W)`), K1 = 0.01, K2 = 0.03; 1.0 for identical batches."""
     _check_pair(images, reference)
     if images.ndim != 4 or min(images.shape[-2:]) < 3:
-        raise ValueError(f"SSIM needs images [N, C, H, W] with H, W >= 3, got shape {tuple(images.shape)}")
+        raise UserError(f"SSIM needs images [N, C, H, W] with H, W >= 3, got shape {tuple(images.shape)}")
     window = ssim_window(*images.shape[-2:])
     value = structural_similarity_index_measure(
         (images.float().clamp(-1, 1) + 1) / 2, (reference.float().clamp(-1, 1) + 1) / 2,

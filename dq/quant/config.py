@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from dq.errors import UserError
+
 ACT_INIT_METHODS = ("minmax", "percentile", "mse")
 WEIGHT_INIT_METHODS = ("minmax", "mse")
 
@@ -59,26 +61,26 @@ class QuantConfig:
             if value is None and name not in ("weight_bits", "act_bits", "softmax_bits"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
-                raise ValueError(f"QuantConfig.{name} must be an int in [2, 16], got {value!r}")
+                raise UserError(f"QuantConfig.{name} must be an int in [2, 16], got {value!r}")
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"QuantConfig.num_steps must be a positive int, got {self.num_steps!r}")
+            raise UserError(f"QuantConfig.num_steps must be a positive int, got {self.num_steps!r}")
         if not isinstance(self.num_groups, int) or not 1 <= self.num_groups <= self.num_steps:
-            raise ValueError(
+            raise UserError(
                 f"QuantConfig.num_groups must be an int in [1, num_steps={self.num_steps}], got {self.num_groups!r}"
             )
         if self.dilation_max_scale is not None and not self.dilation_max_scale >= 1.0:
-            raise ValueError(f"QuantConfig.dilation_max_scale must be >= 1 or None, got {self.dilation_max_scale!r}")
+            raise UserError(f"QuantConfig.dilation_max_scale must be >= 1 or None, got {self.dilation_max_scale!r}")
         if self.act_init not in ACT_INIT_METHODS:
-            raise ValueError(f"QuantConfig.act_init must be one of {ACT_INIT_METHODS}, got {self.act_init!r}")
+            raise UserError(f"QuantConfig.act_init must be one of {ACT_INIT_METHODS}, got {self.act_init!r}")
         if self.weight_init not in WEIGHT_INIT_METHODS:
-            raise ValueError(f"QuantConfig.weight_init must be one of {WEIGHT_INIT_METHODS}, got {self.weight_init!r}")
+            raise UserError(f"QuantConfig.weight_init must be one of {WEIGHT_INIT_METHODS}, got {self.weight_init!r}")
         if not 50.0 < self.act_percentile <= 100.0:
-            raise ValueError(f"QuantConfig.act_percentile must be in (50, 100], got {self.act_percentile!r}")
+            raise UserError(f"QuantConfig.act_percentile must be in (50, 100], got {self.act_percentile!r}")
         if not self.include:
-            raise ValueError("QuantConfig.include must hold at least one pattern ('*' quantizes every layer)")
+            raise UserError("QuantConfig.include must hold at least one pattern ('*' quantizes every layer)")
         for pattern in (*self.include, *self.exclude):
             if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"QuantConfig include/exclude patterns must be non-empty strings, got {pattern!r}")
+                raise UserError(f"QuantConfig include/exclude patterns must be non-empty strings, got {pattern!r}")
 
     @property
     def qkv_bits(self) -> int:
@@ -95,7 +97,7 @@ class QuantConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(known)}")
+            raise UserError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**dict(data))
 
     def diff(self, other: QuantConfig) -> dict[str, tuple[Any, Any]]:

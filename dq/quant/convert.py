@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from dq.errors import UserError
 from dq.quant.config import QuantConfig
 from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
 from dq.quant.quantizers import StepIndexed, TemporalActQuantizer, WeightQuantizer
@@ -36,7 +37,7 @@ def quant_config(model: nn.Module) -> QuantConfig:
     """The QuantConfig a student was built with; ValueError for a model that is not a dq student."""
     config = getattr(model, CONFIG_ATTR, None)
     if not isinstance(config, QuantConfig):
-        raise ValueError(f"{type(model).__name__} is not a dq quantized model (no {CONFIG_ATTR})")
+        raise UserError(f"{type(model).__name__} is not a dq quantized model (no {CONFIG_ATTR})")
     return config
 
 
@@ -63,10 +64,10 @@ def skip_split_points(model: nn.Module) -> dict[str, int]:
     for i, block in enumerate(model.up_blocks):
         for j, resnet in enumerate(block.resnets):
             if not stack:
-                raise ValueError("up path consumes more skip connections than the down path produced")
+                raise UserError("up path consumes more skip connections than the down path produced")
             splits[f"up_blocks.{i}.resnets.{j}"] = resnet.in_channels - stack.pop()
     if stack:
-        raise ValueError(f"{len(stack)} skip connection(s) of the down path are not consumed by the up path")
+        raise UserError(f"{len(stack)} skip connection(s) of the down path are not consumed by the up path")
     return splits
 
 
@@ -84,7 +85,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a dq.quant.QuantConfig, got {type(config).__name__}")
     if is_quantized(model) or any(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules()):
-        raise ValueError("model is already quantized; convert the float model instead")
+        raise UserError("model is already quantized; convert the float model instead")
     student = model if inplace else copy.deepcopy(model)
 
     splits = skip_split_points(student) if config.split_skip else {}
@@ -94,7 +95,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False)
         if type(module) in (nn.Conv2d, nn.Linear) and _selected(name, config)
     ]
     if not targets:
-        raise ValueError(
+        raise UserError(
             f"no Conv2d/Linear layer matches include={list(config.include)} exclude={list(config.exclude)}"
         )
     for name, module in targets:
@@ -118,7 +119,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False)
             if not _selected(name, config):
                 continue
             if getattr(module, "add_k_proj", None) is not None:
-                raise ValueError(
+                raise UserError(
                     f"attention {name!r} has added key/value projections, which dq does not quantize yet; "
                     "add it to QuantConfig.exclude"
                 )
@@ -165,19 +166,19 @@ def set_step(model: nn.Module, step: int | torch.Tensor | None) -> None:
         if step.ndim == 0:
             step = int(step)
         elif step.ndim != 1 or step.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"per-sample step indices must be an int64 tensor [B], got {step.dtype} {tuple(step.shape)}")
+            raise UserError(f"per-sample step indices must be an int64 tensor [B], got {step.dtype} {tuple(step.shape)}")
         else:
             step = step.long().to(quantizers[0].step_to_group.device)
             if step.numel() == 0 or int(step.min()) < 0 or int(step.max()) >= num_steps:
-                raise ValueError(
+                raise UserError(
                     f"step indices must lie in [0, {num_steps}) for TPQ tables built for {num_steps} sampling "
                     f"steps, got range [{int(step.min()) if step.numel() else '-'}, "
                     f"{int(step.max()) if step.numel() else '-'}]"
                 )
     if isinstance(step, bool) or (step is not None and not isinstance(step, (int, torch.Tensor))):
-        raise ValueError(f"step must be an int, an int64 tensor [B] or None, got {type(step).__name__}")
+        raise UserError(f"step must be an int, an int64 tensor [B] or None, got {type(step).__name__}")
     if isinstance(step, int) and not 0 <= step < num_steps:
-        raise ValueError(
+        raise UserError(
             f"step index {step} is out of range: this student's TPQ tables were built for {num_steps} "
             f"sampling steps (indices 0..{num_steps - 1}); sample with the same number of steps"
         )
@@ -203,7 +204,7 @@ def calibrate_activations(model: nn.Module, seed: int = 0) -> Iterator[list[Temp
     calibrated outside this block (BKD calibrates block by block for that reason)."""
     quantizers = act_quantizers(model)
     if not quantizers:
-        raise ValueError(f"{type(model).__name__} has no activation quantizers to calibrate")
+        raise UserError(f"{type(model).__name__} has no activation quantizers to calibrate")
     for quantizer in quantizers:
         quantizer.start_observing(seed)
     completed = False

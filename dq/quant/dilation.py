@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from dq.errors import UserError
+
 
 def _rows(weight: torch.Tensor) -> torch.Tensor:
     """[O, I, *kernel] -> [O, I, K] with K the kernel taps (1 for a Linear weight)."""
     if weight.ndim < 2:
-        raise ValueError(f"weight must be [O, I] or [O, I, kh, kw], got shape {tuple(weight.shape)}")
+        raise UserError(f"weight must be [O, I] or [O, I, kh, kw], got shape {tuple(weight.shape)}")
     return weight.reshape(weight.shape[0], weight.shape[1], -1)
 
 
@@ -31,12 +33,12 @@ def dilation_scale(weight: torch.Tensor, max_scale: float | None = None) -> torc
     of apply_dilation(weight, s) equal those of weight, and s >= 1. `max_scale` caps s (ablation only).
     """
     if max_scale is not None and max_scale < 1.0:
-        raise ValueError(f"max_scale must be >= 1 or None, got {max_scale}")
+        raise UserError(f"max_scale must be >= 1 or None, got {max_scale}")
     if not weight.is_floating_point():
-        raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        raise UserError(f"weight must be a floating-point tensor, got {weight.dtype}")
     w = _rows(weight.detach())
     if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf; Weight Dilation needs finite weights")
+        raise UserError("weight contains NaN or Inf; Weight Dilation needs finite weights")
     row_max = w.amax(dim=(1, 2), keepdim=True)  # [O, 1, 1]
     row_min = w.amin(dim=(1, 2), keepdim=True)
     inf = torch.full_like(w, float("inf"))

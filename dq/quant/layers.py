@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dq.errors import UserError
 from dq.quant import ops
 from dq.quant.config import QuantConfig
 from dq.quant.dilation import apply_dilation, dilation_scale
@@ -45,7 +46,7 @@ class _QuantLayerMixin:
         if type(layer) is not cls.float_type:
             raise TypeError(f"{cls.__name__}.from_float expects a plain {cls.float_type.__name__}, got {type(layer).__name__}")
         if getattr(layer, "groups", 1) != 1:
-            raise ValueError(
+            raise UserError(
                 f"grouped convolutions (groups={layer.groups}) are not supported by Weight Dilation; "
                 "exclude this layer with QuantConfig.exclude"
             )
@@ -62,7 +63,7 @@ class _QuantLayerMixin:
     def _setup_quant(self, weight_bits: int, act_bits: int, config: QuantConfig, split_at: int | None) -> None:
         in_channels = self.weight.shape[1]
         if split_at is not None and not 0 < split_at < in_channels:
-            raise ValueError(f"split_at must be in (0, {in_channels}), got {split_at}")
+            raise UserError(f"split_at must be in (0, {in_channels}), got {split_at}")
         self.split_at = split_at
         self.register_buffer("wd_scale", torch.ones(in_channels, dtype=self.weight.dtype, device=self.weight.device))
         if config.weight_dilation:

@@ -14,13 +14,15 @@ import math
 
 import torch
 
+from dq.errors import UserError
+
 _EPS = 1e-8
 
 
 def qmax(bits: int) -> int:
     """Largest integer code of an unsigned b-bit grid: 2^b − 1."""
     if not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
+        raise UserError(f"bits must be an int in [1, 16], got {bits!r}")
     return 2**bits - 1
 
 
@@ -65,7 +67,7 @@ def fake_quantize_per_channel(
 ) -> torch.Tensor:
     """Per-channel fake quantization: scale, zero_point [C] with C = x.shape[axis] (weights: axis 0)."""
     if scale.shape != (x.shape[axis],) or zero_point.shape != scale.shape:
-        raise ValueError(
+        raise UserError(
             f"per-channel qparams must have shape [{x.shape[axis]}] for axis {axis} of {tuple(x.shape)}, "
             f"got scale {tuple(scale.shape)}, zero_point {tuple(zero_point.shape)}"
         )
@@ -83,7 +85,7 @@ def gather_per_sample(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) 
     """
     batch = rows.shape[0]
     if batch == 0 or x.shape[0] % batch:
-        raise ValueError(
+        raise UserError(
             f"tensor batch {x.shape[0]} is not a multiple of the {batch} per-sample step indices"
         )
     values = table.index_select(0, rows)
@@ -123,10 +125,10 @@ def qparams_from_range(
 def percentile_range(x: torch.Tensor, percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) = the (100−p)-th and p-th percentiles of all elements of x, p in (50, 100]."""
     if not 50.0 < percentile <= 100.0:
-        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        raise UserError(f"percentile must be in (50, 100], got {percentile}")
     flat = x.detach().reshape(-1).float()
     if flat.numel() == 0:
-        raise ValueError("cannot take percentiles of an empty tensor")
+        raise UserError("cannot take percentiles of an empty tensor")
     k_hi = max(1, min(flat.numel(), round(percentile / 100.0 * flat.numel())))
     k_lo = max(1, flat.numel() - k_hi + 1)
     return flat.kthvalue(k_lo).values, flat.kthvalue(k_hi).values
@@ -175,7 +177,7 @@ def step_groups(num_steps: int, num_groups: int) -> torch.Tensor:
     Returns an int64 tensor [T].
     """
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise UserError(f"num_steps must be >= 1, got {num_steps}")
     if not 1 <= num_groups <= num_steps:
-        raise ValueError(f"num_groups must be in [1, num_steps={num_steps}], got {num_groups}")
+        raise UserError(f"num_groups must be in [1, num_steps={num_steps}], got {num_groups}")
     return torch.div(torch.arange(num_steps) * num_groups, num_steps, rounding_mode="floor")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dq.errors import UserError
 from dq.quant import ops
 
 # per group, the most activation values an observer keeps for percentile / MSE initialisation
@@ -44,7 +45,7 @@ class WeightQuantizer(nn.Module):
         elif method == "mse":
             lo, hi = ops.mse_search_range(weight, self.bits, axis=0)
         else:
-            raise ValueError(f"weight init method must be 'minmax' or 'mse', got {method!r}")
+            raise UserError(f"weight init method must be 'minmax' or 'mse', got {method!r}")
         scale, zero_point = ops.qparams_from_range(lo, hi, self.bits)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
@@ -244,7 +245,7 @@ class TemporalActQuantizer(StepIndexed):
             elif self.init_method == "mse":
                 lo, hi = ops.mse_search_range(obs.values[g], self.bits, grid=50, bounds=(obs.lo[g], obs.hi[g]))
             else:
-                raise ValueError(f"unknown activation init method {self.init_method!r}")
+                raise UserError(f"unknown activation init method {self.init_method!r}")
             lo_all.append(lo.reshape(()))
             hi_all.append(hi.reshape(()))
         scale, zero_point = ops.qparams_from_range(torch.stack(lo_all), torch.stack(hi_all), self.bits)
@@ -262,7 +263,7 @@ class TemporalActQuantizer(StepIndexed):
             self._observer.update(int(rows), x)
             return
         if x.shape[0] % rows.numel():
-            raise ValueError(f"tensor batch {x.shape[0]} is not a multiple of {rows.numel()} step indices")
+            raise UserError(f"tensor batch {x.shape[0]} is not a multiple of {rows.numel()} step indices")
         per_row = rows.repeat_interleave(x.shape[0] // rows.numel())
         for g in per_row.unique().tolist():
             self._observer.update(g, x[per_row == g])

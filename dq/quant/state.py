@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dq.errors import MissingFileError, UserError
 from dq.quant.config import QuantConfig
 from dq.quant.convert import CONFIG_ATTR, is_quantized, quant_config, quantize_model
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
@@ -74,7 +75,7 @@ def save_quant_state(model: nn.Module, path: str | os.PathLike, include_weights:
         timesteps = keying.timestep_list()
     if timesteps is not None:
         if len(timesteps) != config.num_steps:
-            raise ValueError(f"{len(timesteps)} timesteps given for TPQ tables of {config.num_steps} sampling steps")
+            raise UserError(f"{len(timesteps)} timesteps given for TPQ tables of {config.num_steps} sampling steps")
         metadata["timesteps"] = json.dumps(timestep_values(timesteps))
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -92,7 +93,7 @@ def read_quant_state_full(path: str | os.PathLike
     """(tensors, config, includes_weights, trained timesteps or None) of a saved state."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no quantization state file at {path}")
+        raise MissingFileError(f"no quantization state file at {path}")
     try:
         tensors = load_file(path)
         from safetensors import safe_open
@@ -100,12 +101,12 @@ def read_quant_state_full(path: str | os.PathLike
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from err
+        raise UserError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from err
     if metadata.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not a dq quantization state (format={metadata.get('format')!r})")
+        raise UserError(f"{path} is not a dq quantization state (format={metadata.get('format')!r})")
     version = metadata.get("format_version")
     if version != str(FORMAT_VERSION):
-        raise ValueError(
+        raise UserError(
             f"{path} has quant-state format version {version}, this dq reads version {FORMAT_VERSION}"
         )
     try:
@@ -113,10 +114,10 @@ def read_quant_state_full(path: str | os.PathLike
         includes_weights = bool(json.loads(metadata["includes_weights"]))
         timesteps = json.loads(metadata["timesteps"]) if "timesteps" in metadata else None
     except (KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} has a malformed quant-state header: {err}") from err
+        raise UserError(f"{path} has a malformed quant-state header: {err}") from err
     if timesteps is not None and (not isinstance(timesteps, list) or len(timesteps) != config.num_steps
                                   or not all(isinstance(t, (int, float)) for t in timesteps)):
-        raise ValueError(f"{path} records trained timesteps {timesteps!r} that do not fit its {config.num_steps} TPQ steps")
+        raise UserError(f"{path} records trained timesteps {timesteps!r} that do not fit its {config.num_steps} TPQ steps")
     return tensors, config, includes_weights, timesteps
 
 
@@ -134,7 +135,7 @@ def load_quant_state(model: nn.Module, path: str | os.PathLike, inplace: bool = 
     if is_quantized(model):
         differences = config.diff(quant_config(model))
         if differences:
-            raise ValueError(f"{path} was saved with another QuantConfig; differing fields (file, model): {differences}")
+            raise UserError(f"{path} was saved with another QuantConfig; differing fields (file, model): {differences}")
         student = model
     else:
         student = quantize_model(model, config, inplace=inplace)
@@ -142,13 +143,13 @@ def load_quant_state(model: nn.Module, path: str | os.PathLike, inplace: bool = 
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{path} does not fit this model: {len(missing)} missing key(s) {missing[:5]}, "
             f"{len(unexpected)} unexpected key(s) {unexpected[:5]}"
         )
     bad_shapes = {k: (tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape}
     if bad_shapes:
-        raise ValueError(f"{path} does not fit this model; shape mismatches (file, model): {dict(list(bad_shapes.items())[:5])}")
+        raise UserError(f"{path} does not fit this model; shape mismatches (file, model): {dict(list(bad_shapes.items())[:5])}")
     student.load_state_dict(tensors, strict=includes_weights)
     setattr(student, CONFIG_ATTR, config)
     if timesteps is not None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dq.errors import UserError
 from dq.quant.quantizers import StepBlend, StepIndexed
 
 POLICIES = ("exact", "nearest", "interpolate")
@@ -39,7 +40,7 @@ def timestep_values(timesteps: Sequence[int | float] | torch.Tensor) -> list[int
 
 def check_policy(policy: str) -> str:
     if policy not in POLICIES:
-        raise ValueError(f"tpq_policy must be one of {POLICIES}, got {policy!r}")
+        raise UserError(f"tpq_policy must be one of {POLICIES}, got {policy!r}")
     return policy
 
 
@@ -50,7 +51,7 @@ class TimestepKeying:
         self.policy = check_policy(policy)
         values = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).cpu()
         if values.numel() == 0:
-            raise ValueError("the trained schedule needs at least one timestep")
+            raise UserError("the trained schedule needs at least one timestep")
         self.timesteps = values
         # the distinct trained timesteps, ascending, each with its first step index
         unique, inverse = torch.unique(values, sorted=True, return_inverse=True)
@@ -85,7 +86,7 @@ class TimestepKeying:
         if self.policy == "exact":
             missing = self.unmatched(torch.as_tensor(timesteps))
             if missing:
-                raise ValueError(self._refusal(missing))
+                raise UserError(self._refusal(missing))
 
     def _refusal(self, missing: list[int | float]) -> str:
         shown = ", ".join(str(t) for t in missing[:8]) + (", ..." if len(missing) > 8 else "")
@@ -107,13 +108,13 @@ class TimestepKeying:
         row, an int64 tensor [B] of per-sample indices, or a StepBlend (policy "interpolate")."""
         values = torch.as_tensor(timestep).detach().reshape(-1).to(torch.float64).cpu()
         if values.numel() == 0:
-            raise ValueError("the model was called with an empty timestep tensor")
+            raise UserError("the model was called with an empty timestep tensor")
         if bool((values == values[0]).all()):
             values = values[:1]
         index = self._nearest(values)
         exact = (self._unique[index] - values).abs() <= _MATCH_TOLERANCE
         if self.policy == "exact" and not bool(exact.all()):
-            raise ValueError(self._refusal(self.unmatched(values)))
+            raise UserError(self._refusal(self.unmatched(values)))
         if self.policy == "interpolate" and not bool(exact.all()):
             return self._blend(values, index, exact)
         steps = self._first_step[index]
@@ -136,10 +137,10 @@ class TimestepKeying:
     def attach(self, model: nn.Module) -> None:
         self._quantizers = [m for m in model.modules() if isinstance(m, StepIndexed)]
         if not self._quantizers:
-            raise ValueError(f"{type(model).__name__} has no TPQ tables to key by timestep (is it a dq student?)")
+            raise UserError(f"{type(model).__name__} has no TPQ tables to key by timestep (is it a dq student?)")
         tables = {q.num_steps for q in self._quantizers}
         if tables != {self.num_steps}:
-            raise ValueError(f"{self.num_steps} trained timesteps given for TPQ tables of {sorted(tables)} sampling steps")
+            raise UserError(f"{self.num_steps} trained timesteps given for TPQ tables of {sorted(tables)} sampling steps")
         self._handles = [
             model.register_forward_pre_hook(self._before, with_kwargs=True),
             model.register_forward_hook(self._after, with_kwargs=True, always_call=True),
@@ -156,7 +157,7 @@ class TimestepKeying:
             return
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if timestep is None:
-            raise ValueError("this student keys its TPQ tables by timestep, but it was called without one")
+            raise UserError("this student keys its TPQ tables by timestep, but it was called without one")
         step = self.resolve(timestep)
         device = self._quantizers[0].step_to_group.device
         if isinstance(step, (torch.Tensor, StepBlend)):

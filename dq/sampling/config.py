@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dq.errors import UserError
+
 SAMPLER_NAMES = ("ddim", "plms", "pndm", "dpm_solver")
 SPACINGS = ("uniform", "quad")
 
@@ -30,19 +32,19 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLER_NAMES:
-            raise ValueError(f"sampler name must be one of {SAMPLER_NAMES}, got {self.name!r}")
+            raise UserError(f"sampler name must be one of {SAMPLER_NAMES}, got {self.name!r}")
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"sampler num_steps must be a positive int, got {self.num_steps!r}")
+            raise UserError(f"sampler num_steps must be a positive int, got {self.num_steps!r}")
         if self.spacing not in SPACINGS:
-            raise ValueError(f"sampler spacing must be one of {SPACINGS}, got {self.spacing!r}")
+            raise UserError(f"sampler spacing must be one of {SPACINGS}, got {self.spacing!r}")
         if not 0.0 <= float(self.eta) <= 1.0:
-            raise ValueError(f"sampler eta must lie in [0, 1], got {self.eta!r}")
+            raise UserError(f"sampler eta must lie in [0, 1], got {self.eta!r}")
         if self.eta != 0.0 and self.name != "ddim":
-            raise ValueError(f"eta applies to the ddim sampler only; sampler {self.name!r} needs eta=0, got {self.eta}")
+            raise UserError(f"eta applies to the ddim sampler only; sampler {self.name!r} needs eta=0, got {self.eta}")
         if self.spacing != "uniform" and self.name in ("plms", "pndm"):
-            raise ValueError(f"sampler {self.name!r} supports spacing 'uniform' only, got {self.spacing!r}")
+            raise UserError(f"sampler {self.name!r} supports spacing 'uniform' only, got {self.spacing!r}")
         if self.guidance_scale is not None and float(self.guidance_scale) < 0.0:
-            raise ValueError(f"guidance_scale must be >= 0 or None, got {self.guidance_scale!r}")
+            raise UserError(f"guidance_scale must be >= 0 or None, got {self.guidance_scale!r}")
 
     @property
     def uses_guidance(self) -> bool:
@@ -55,7 +57,7 @@ class SamplerConfig:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(mapping) - known)
         if unknown:
-            raise ValueError(f"unknown sampler setting(s) {unknown}; expected some of {sorted(known)}")
+            raise UserError(f"unknown sampler setting(s) {unknown}; expected some of {sorted(known)}")
         values = dict(mapping)
         if "eta" in values:
             values["eta"] = float(values["eta"])

@@ -10,6 +10,8 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
+from dq.errors import UserError
+
 
 def ddim_update(
     sample: torch.Tensor,
@@ -32,7 +34,7 @@ def ddim_update(
     prev = alpha_bar_prev**0.5 * pred_original + direction
     if sigma > 0.0:
         if noise is None:
-            raise ValueError(f"DDIM with eta={eta} needs `noise` (the same shape as the sample)")
+            raise UserError(f"DDIM with eta={eta} needs `noise` (the same shape as the sample)")
         prev = prev + sigma * noise
     return prev.to(dtype=sample.dtype)
 
@@ -52,16 +54,16 @@ class SpacedDDIMScheduler(DDIMScheduler):
     ) -> None:
         """Either `num_inference_steps` (diffusers' own spacing) or `timesteps` (int, non-increasing)."""
         if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+            raise UserError("pass exactly one of num_inference_steps or timesteps")
         if timesteps is None:
             super().set_timesteps(num_inference_steps, device=device)
         else:
             timesteps = torch.as_tensor(timesteps, dtype=torch.int64).flatten()
             num_train = self.config.num_train_timesteps
             if timesteps.numel() == 0 or int(timesteps.min()) < 0 or int(timesteps.max()) >= num_train:
-                raise ValueError(f"timesteps must be a non-empty list in [0, {num_train}), got {timesteps.tolist()}")
+                raise UserError(f"timesteps must be a non-empty list in [0, {num_train}), got {timesteps.tolist()}")
             if bool((timesteps[1:] > timesteps[:-1]).any()):
-                raise ValueError(f"timesteps must be in descending (sampling) order, got {timesteps.tolist()}")
+                raise UserError(f"timesteps must be in descending (sampling) order, got {timesteps.tolist()}")
             self.num_inference_steps = timesteps.numel()
             self.timesteps = timesteps.to(device) if device is not None else timesteps
         self._position = 0
@@ -80,13 +82,13 @@ class SpacedDDIMScheduler(DDIMScheduler):
         """x_t [B, C, H, W] -> x_prev, moving to the next timestep of the list (the final one goes to t=-1,
         i.e. alpha_bar = final_alpha_cumprod). `variance_noise` [B, C, H, W] is used when eta > 0."""
         if generator is not None:
-            raise ValueError("pass per-sample `variance_noise` instead of a generator (determinism per sample)")
+            raise UserError("pass per-sample `variance_noise` instead of a generator (determinism per sample)")
         position = getattr(self, "_position", None)
         if position is None or position >= len(self.timesteps):
-            raise ValueError(f"step called {position} times for {len(self.timesteps)} timesteps; call set_timesteps first")
+            raise UserError(f"step called {position} times for {len(self.timesteps)} timesteps; call set_timesteps first")
         expected = int(self.timesteps[position])
         if int(timestep) != expected:
-            raise ValueError(f"step {position} expects timestep {expected}, got {int(timestep)}")
+            raise UserError(f"step {position} expects timestep {expected}, got {int(timestep)}")
         prev_timestep = int(self.timesteps[position + 1]) if position + 1 < len(self.timesteps) else -1
         alpha_bar_t = float(self.alphas_cumprod[expected])
         alpha_bar_prev = float(self.alphas_cumprod[prev_timestep]) if prev_timestep >= 0 else float(self.final_alpha_cumprod)
@@ -102,7 +104,7 @@ class SpacedDDIMScheduler(DDIMScheduler):
             pred_original = alpha_bar_t**0.5 * sample - (1 - alpha_bar_t) ** 0.5 * model_output
             pred_epsilon = alpha_bar_t**0.5 * model_output + (1 - alpha_bar_t) ** 0.5 * sample
         else:
-            raise ValueError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
+            raise UserError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
 
         if self.config.thresholding:
             pred_original = self._threshold_sample(pred_original)

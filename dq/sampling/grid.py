@@ -19,6 +19,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dq import cli
+from dq.errors import MissingFileError, UserError
 from dq.sampling.sampler import sample
 from dq.zoo import load_model
 
@@ -31,9 +33,9 @@ def image_grid(
     framed by `padding` pixels of grey `padding_value` (visible between dark-background images)."""
     count, channels, height, width = images.shape
     if count % rows:
-        raise ValueError(f"{count} images do not fill {rows} rows")
+        raise UserError(f"{count} images do not fill {rows} rows")
     if channels not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got {channels}")
+        raise UserError(f"images must have 1 or 3 channels, got {channels}")
     cols = count // rows
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
@@ -54,8 +56,9 @@ def write_png(array: np.ndarray, path: Path) -> None:
     os.replace(staging, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry
+def main(argv: list[str]) -> None:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--model-config", type=Path, default=Path("conf/model/embedded.yaml"))
     parser.add_argument("--path", default=None, help="model folder (for conf/model/local.yaml)")
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if not args.model_config.is_file():
-        raise FileNotFoundError(f"model config {args.model_config} not found (run from the repository root)")
+        raise MissingFileError(f"model config {args.model_config} not found (run from the repository root)")
     model_cfg = OmegaConf.load(args.model_config)
     if args.path is not None:
         model_cfg.path = args.path

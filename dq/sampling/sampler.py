@@ -23,6 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
+from dq.errors import UserError
 from dq.quant import key_by_timestep, step_context, timestep_keying, tpq_num_steps
 from dq.sampling.config import SamplerConfig
 from dq.sampling.ddim import SpacedDDIMScheduler
@@ -56,14 +57,14 @@ def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig)
     elif sampler.name == "dpm_solver":
         timesteps = sampling_timesteps(sampler.spacing, sampler.num_steps, num_train, offset)
         if bool((timesteps[1:] >= timesteps[:-1]).any()):
-            raise ValueError(
+            raise UserError(
                 f"dpm_solver needs distinct timesteps; {sampler.spacing} spacing with {sampler.num_steps} steps "
                 f"repeats some: {timesteps.tolist()}"
             )
         scheduler = DPMSolverMultistepScheduler.from_config(config)
         scheduler.set_timesteps(timesteps=timesteps.tolist())
     else:  # SamplerConfig already rejects other names
-        raise ValueError(f"unknown sampler {sampler.name!r}")
+        raise UserError(f"unknown sampler {sampler.name!r}")
     return scheduler
 
 
@@ -87,7 +88,7 @@ def cond_kwargs(cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
     if not torch.is_floating_point(cond):
         return {"class_labels": cond}
     if cond.ndim != 3:
-        raise ValueError(f"float conditioning must be embeddings [B, L, D], got shape {tuple(cond.shape)}")
+        raise UserError(f"float conditioning must be embeddings [B, L, D], got shape {tuple(cond.shape)}")
     return {"encoder_hidden_states": cond}
 
 
@@ -110,12 +111,12 @@ def predict_noise(
         output = _call_model(unet, x, timestep, cond)
     else:
         if cond is None or uncond is None:
-            raise ValueError(f"guidance_scale={guidance_scale} needs both cond and uncond conditioning")
+            raise UserError(f"guidance_scale={guidance_scale} needs both cond and uncond conditioning")
         both = _call_model(unet, torch.cat([x, x]), timestep, torch.cat([uncond, cond]))
         output_uncond, output_cond = both.chunk(2)
         output = output_uncond + float(guidance_scale) * (output_cond - output_uncond)
     if output.shape != x.shape:
-        raise ValueError(
+        raise UserError(
             f"the model returned shape {tuple(output.shape)} for input {tuple(x.shape)}; the samplers need an "
             "output of the input's shape (epsilon, sample or v prediction)"
         )
@@ -138,7 +139,7 @@ def _expand_rows(tensor: torch.Tensor | None, rows: int, name: str) -> torch.Ten
     if tensor.shape[0] == 1:
         return tensor.expand(rows, *tensor.shape[1:])
     if tensor.shape[0] != rows:
-        raise ValueError(f"{name} has {tensor.shape[0]} rows; expected 1 or {rows} (one per sample)")
+        raise UserError(f"{name} has {tensor.shape[0]} rows; expected 1 or {rows} (one per sample)")
     return tensor
 
 
@@ -161,7 +162,7 @@ def check_student_steps(unet: nn.Module, timesteps: torch.Tensor, sampler: Sampl
     keying = timestep_keying(unet)
     if keying is None:
         if student_steps != len(timesteps):
-            raise ValueError(
+            raise UserError(
                 f"this quantized model's TPQ tables were built for {student_steps} sampling steps, but the "
                 f"sampler {sampler.name} with num_steps={sampler.num_steps} makes {len(timesteps)} model calls "
                 "per sample; sample with the schedule the model was trained for"
@@ -198,9 +199,9 @@ def sample(
     takes another one (`check_student_steps`).
     """
     if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+        raise UserError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     if sampler.uses_guidance and (cond is None or uncond is None):
-        raise ValueError(f"sampler guidance_scale={sampler.guidance_scale} needs cond and uncond conditioning")
+        raise UserError(f"sampler guidance_scale={sampler.guidance_scale} needs cond and uncond conditioning")
     cond = _expand_rows(cond, num_samples, "cond")
     uncond = _expand_rows(uncond, num_samples, "uncond")
     parameter = next(unet.parameters())

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from dq.errors import UserError
+
 
 def uniform_timesteps(num_steps: int, num_train_timesteps: int, offset: int = 0) -> torch.Tensor:
     """int64 [num_steps], descending: t_i = i * (num_train_timesteps // num_steps) + offset.
@@ -21,7 +23,7 @@ def uniform_timesteps(num_steps: int, num_train_timesteps: int, offset: int = 0)
     stride = num_train_timesteps // num_steps
     timesteps = torch.arange(num_steps, dtype=torch.int64) * stride + offset
     if int(timesteps[-1]) >= num_train_timesteps:
-        raise ValueError(f"offset {offset} pushes the last timestep past {num_train_timesteps - 1}")
+        raise UserError(f"offset {offset} pushes the last timestep past {num_train_timesteps - 1}")
     return timesteps.flip(0)
 
 
@@ -43,9 +45,9 @@ def sampling_timesteps(spacing: str, num_steps: int, num_train_timesteps: int, o
         return uniform_timesteps(num_steps, num_train_timesteps, offset)
     if spacing == "quad":
         return quad_timesteps(num_steps, num_train_timesteps)
-    raise ValueError(f"spacing must be 'uniform' or 'quad', got {spacing!r}")
+    raise UserError(f"spacing must be 'uniform' or 'quad', got {spacing!r}")
 
 
 def _check_counts(num_steps: int, num_train_timesteps: int) -> None:
     if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must lie in [1, {num_train_timesteps}] (the training timesteps), got {num_steps}")
+        raise UserError(f"num_steps must lie in [1, {num_train_timesteps}] (the training timesteps), got {num_steps}")

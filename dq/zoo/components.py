@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import load_file
 from torch import nn
 
+from dq.errors import MissingFileError, UserError
 from dq.zoo.loading import model_folder
 
 VAE_CLASSES: dict[str, type[nn.Module]] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
@@ -51,10 +52,10 @@ def load_vae(folder: str | Path) -> nn.Module:
     vae_dir = Path(folder) / "vae"
     config_path = vae_dir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing: a latent model folder needs vae/ as save_pretrained writes it")
+        raise MissingFileError(f"{config_path} is missing: a latent model folder needs vae/ as save_pretrained writes it")
     class_name = json.loads(config_path.read_text()).get("_class_name")
     if class_name not in VAE_CLASSES:
-        raise ValueError(f"{config_path} has _class_name {class_name!r}; expected one of {sorted(VAE_CLASSES)}")
+        raise UserError(f"{config_path} has _class_name {class_name!r}; expected one of {sorted(VAE_CLASSES)}")
     vae = VAE_CLASSES[class_name].from_pretrained(vae_dir, use_safetensors=True, local_files_only=True,
                                                   low_cpu_mem_usage=False)
     return vae.eval().requires_grad_(False)
@@ -70,7 +71,7 @@ def load_text_encoder(folder: str | Path) -> tuple[nn.Module, Any]:
         ) from err
     root = Path(folder)
     if not (root / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{root / 'tokenizer'} is missing: text_encoder/ needs its tokenizer/ beside it")
+        raise MissingFileError(f"{root / 'tokenizer'} is missing: text_encoder/ needs its tokenizer/ beside it")
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, local_files_only=True)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     return text_encoder.eval().requires_grad_(False), tokenizer
@@ -87,15 +88,15 @@ def load_components(model_cfg: Mapping[str, Any]) -> ModelComponents:
         configured = model_cfg.get("latent_scale")
         latent_scale = float(configured if configured is not None else vae.config.get("scaling_factor", 1.0))
         if latent_scale <= 0:
-            raise ValueError(f"model.latent_scale must be > 0, got {latent_scale}")
+            raise UserError(f"model.latent_scale must be > 0, got {latent_scale}")
     elif model_cfg.get("latent_scale") is not None:
-        raise ValueError(f"model.latent_scale is set but {folder} has no vae/ (a pixel-space model)")
+        raise UserError(f"model.latent_scale is set but {folder} has no vae/ (a pixel-space model)")
     if (folder / "text_encoder").is_dir():
         text_encoder, tokenizer = load_text_encoder(folder)
     if (folder / CLASS_EMBEDDINGS_FILE).is_file():
         tensors = load_file(str(folder / CLASS_EMBEDDINGS_FILE))
         if "weight" not in tensors or tensors["weight"].ndim != 2:
-            raise ValueError(f"{folder / CLASS_EMBEDDINGS_FILE} must hold `weight` [num_classes + 1, D]")
+            raise UserError(f"{folder / CLASS_EMBEDDINGS_FILE} must hold `weight` [num_classes + 1, D]")
         class_embeddings = tensors["weight"].float()
     return ModelComponents(vae, latent_scale, text_encoder, tokenizer, class_embeddings)
 
@@ -107,9 +108,9 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor, scaling_factor: float,
     its codebook first, as the LDM decoder does). Runs on the VAE's device and dtype, `batch_size` at a time
     (the decoder at 256²-512² is the memory peak of latent sampling)."""
     if latents.ndim != 4:
-        raise ValueError(f"latents must be [N, C, H, W], got shape {tuple(latents.shape)}")
+        raise UserError(f"latents must be [N, C, H, W], got shape {tuple(latents.shape)}")
     if latents.shape[1] != int(vae.config.latent_channels):
-        raise ValueError(
+        raise UserError(
             f"latents have {latents.shape[1]} channels, the VAE expects {vae.config.latent_channels}; is this the "
             "model's own vae/?"
         )

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dq.calibration import trajectory_conditioning
+from dq.errors import MissingFileError, UserError
 from dq.zoo.components import ModelComponents
 
 CONDITIONING_KEYS = ("num_classes", "uncond_class", "prompts_file", "max_prompts")
@@ -66,11 +67,11 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     caption of each image, in file order), at most `limit`."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist (model.conditioning.prompts_file)")
+        raise MissingFileError(f"prompts file {path} does not exist (model.conditioning.prompts_file)")
     if path.suffix == ".json":
         payload = json.loads(path.read_text())
         if not isinstance(payload, dict) or not isinstance(payload.get("annotations"), list):
-            raise ValueError(f"{path} is not a COCO captions file: expected an object with an `annotations` list")
+            raise UserError(f"{path} is not a COCO captions file: expected an object with an `annotations` list")
         seen: set[Any] = set()
         prompts = []
         for annotation in payload["annotations"]:
@@ -81,7 +82,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     prompts = prompts[:limit] if limit is not None else prompts
     if not prompts:
-        raise ValueError(f"prompts file {path} holds no prompts")
+        raise UserError(f"prompts file {path} holds no prompts")
     return prompts
 
 
@@ -105,16 +106,16 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
     settings = dict(model_cfg.get("conditioning") or {})
     unknown = sorted(set(settings) - set(CONDITIONING_KEYS))
     if unknown:
-        raise ValueError(f"unknown model.conditioning key(s) {unknown}; expected some of {list(CONDITIONING_KEYS)}")
+        raise UserError(f"unknown model.conditioning key(s) {unknown}; expected some of {list(CONDITIONING_KEYS)}")
     num_classes, uncond_class = settings.get("num_classes"), settings.get("uncond_class")
     prompts_file, max_prompts = settings.get("prompts_file"), settings.get("max_prompts")
     if uncond_class is not None and num_classes is None:
-        raise ValueError("model.conditioning.uncond_class is set but num_classes is not")
+        raise UserError("model.conditioning.uncond_class is set but num_classes is not")
     if num_classes is not None and prompts_file is not None:
-        raise ValueError("model.conditioning sets both num_classes and prompts_file; a model takes one of them")
+        raise UserError("model.conditioning sets both num_classes and prompts_file; a model takes one of them")
     if prompts_file is not None:
         if components.text_encoder is None:
-            raise ValueError(f"model.conditioning.prompts_file={prompts_file} needs a text_encoder/ + tokenizer/ in "
+            raise UserError(f"model.conditioning.prompts_file={prompts_file} needs a text_encoder/ + tokenizer/ in "
                              "the model folder")
         limits = [int(v) for v in (max_prompts, limit) if v is not None]
         prompts = read_prompts(prompts_file, min(limits) if limits else None)
@@ -122,7 +123,7 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
         uncond = encode_prompts(components.text_encoder, components.tokenizer, [""])  # CFG's empty prompt
         return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file))
     if components.text_encoder is not None:
-        raise ValueError("this model has a text encoder: set model.conditioning.prompts_file (one prompt a line, "
+        raise UserError("this model has a text encoder: set model.conditioning.prompts_file (one prompt a line, "
                          "or a COCO captions JSON)")
     if num_classes is None:
         return ModelConditioning()
@@ -133,7 +134,7 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
         return ModelConditioning(num_classes, uncond_class)
     needed = max(num_classes, (uncond_class or 0) + 1)
     if len(table) < needed:
-        raise ValueError(f"class_embedder has {len(table)} rows; num_classes={num_classes}, uncond_class="
+        raise UserError(f"class_embedder has {len(table)} rows; num_classes={num_classes}, uncond_class="
                          f"{uncond_class} need {needed}")
     # LDM cin256: the label's embedding is the cross-attention context, one token: [K, 1, D]
     uncond = None if uncond_class is None else table[uncond_class][None, None]

@@ -40,7 +40,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from dq import cli
 from dq.arch import set_attention_heads
+from dq.errors import MissingFileError, OutputExistsError, UnsupportedError, UserError
 from dq.metrics.backends import file_sha256
 from dq.zoo.components import CLASS_EMBEDDINGS_FILE
 from dq.zoo.loading import ATTENTION_HEADS_FILE
@@ -65,27 +67,27 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> StateDict:
     `.safetensors`). ValueError for a missing, unreadable or non-checkpoint file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return dict(load_file(str(path)))
         except Exception as err:  # safetensors raises its own error types for truncated/corrupted files
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+            raise UserError(f"{path} is not a readable safetensors file: {err}") from err
     try:
         payload = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:
         if not trust_pickle and "weights_only" in str(err):
-            raise ValueError(
+            raise UserError(
                 f"{path} pickles objects other than tensors (e.g. Lightning callbacks), which weights_only loading "
                 "refuses; if you trust the file, pass --trust-pickle to read it with weights_only=False. "
                 f"torch said: {str(err).splitlines()[0]}"
             ) from err
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {err}") from err
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): {err}") from err
     state = payload.get("state_dict", payload) if isinstance(payload, Mapping) else None
     if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (found {type(payload).__name__})")
+        raise UserError(f"{path} holds no state dict of tensors (found {type(payload).__name__})")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -93,17 +95,17 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """`model.params` of a CompVis LatentDiffusion YAML config, as plain containers."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} does not exist")
+        raise MissingFileError(f"config {path} does not exist")
     try:
         config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:
-        raise ValueError(f"{path} is not a readable YAML config: {err}") from err
+        raise UserError(f"{path} is not a readable YAML config: {err}") from err
     params = (config.get("model") or {}).get("params") if isinstance(config, dict) else None
     if not isinstance(params, dict) or "unet_config" not in params:
-        raise ValueError(f"{path} is not a CompVis LatentDiffusion config (no model.params.unet_config)")
+        raise UserError(f"{path} is not a CompVis LatentDiffusion config (no model.params.unet_config)")
     target = params["unet_config"].get("target")
     if target != UNET_TARGET:
-        raise ValueError(f"{path}: unet_config.target is {target!r}; only {UNET_TARGET} is converted")
+        raise UserError(f"{path}: unet_config.target is {target!r}; only {UNET_TARGET} is converted")
     return params
 
 
@@ -112,18 +114,18 @@ def select_unet_weights(state: StateDict, use_ema: bool | None) -> tuple[StateDi
     copy when the checkpoint has one (what the CompVis samplers use), True requires it, False refuses it."""
     raw = {k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
     if not raw:
-        raise ValueError(f"the checkpoint has no UNet weights (no key starts with {UNET_PREFIX!r})")
+        raise UserError(f"the checkpoint has no UNet weights (no key starts with {UNET_PREFIX!r})")
     # LitEma keeps one buffer per parameter, named after it with the dots removed
     ema_names = {k: EMA_PREFIX + ("diffusion_model." + k).replace(".", "") for k in raw}
     has_ema = any(name in state for name in ema_names.values())
     if use_ema is False or (use_ema is None and not has_ema):
         return raw, False
     if not has_ema:
-        raise ValueError("--ema was asked for but the checkpoint has no model_ema.* weights")
+        raise UserError("--ema was asked for but the checkpoint has no model_ema.* weights")
     missing = [k for k, name in ema_names.items() if name not in state and raw[k].is_floating_point()]
     # buffers (none in openaimodel) would not be in the EMA; a missing parameter means a broken EMA
     if missing:
-        raise ValueError(f"the checkpoint's EMA lacks {len(missing)} UNet weights, e.g. {missing[:3]}")
+        raise UserError(f"the checkpoint's EMA lacks {len(missing)} UNet weights, e.g. {missing[:3]}")
     return {k: state[ema_names[k]] for k in raw}, True
 
 
@@ -148,32 +150,32 @@ class UNetLayout:
         params = dict(params)
         for unsupported in ("num_classes", "adm_in_channels"):
             if params.get(unsupported) is not None:
-                raise NotImplementedError(f"openaimodel UNets with {unsupported} are not converted")
+                raise UnsupportedError(f"openaimodel UNets with {unsupported} are not converted")
         if params.get("use_linear_in_transformer") or params.get("disable_self_attentions"):
-            raise NotImplementedError("linear-projection / self-attention-free transformers (SD 2.x) are not converted")
+            raise UnsupportedError("linear-projection / self-attention-free transformers (SD 2.x) are not converted")
         res_blocks = params["num_res_blocks"]
         if not isinstance(res_blocks, int):
-            raise NotImplementedError(f"num_res_blocks must be one int, got {res_blocks!r}")
+            raise UnsupportedError(f"num_res_blocks must be one int, got {res_blocks!r}")
         mult = list(params["channel_mult"])
         base = int(params["model_channels"])
         attention_at = set(params.get("attention_resolutions") or [])
         num_heads, head_channels = int(params.get("num_heads", -1)), int(params.get("num_head_channels", -1))
         if num_heads == -1 and head_channels == -1:
-            raise ValueError("the UNet config sets neither num_heads nor num_head_channels")
+            raise UserError("the UNet config sets neither num_heads nor num_head_channels")
         if int(params.get("num_heads_upsample", -1)) not in (-1, num_heads):
-            raise NotImplementedError("num_heads_upsample different from num_heads is not converted")
+            raise UnsupportedError("num_heads_upsample different from num_heads is not converted")
         layout = cls(params, len(mult), res_blocks)
         layout.spatial_transformer = bool(params.get("use_spatial_transformer", False))
         layout.updown = bool(params.get("resblock_updown", False))
         if layout.spatial_transformer and params.get("context_dim") is None:
-            raise ValueError("use_spatial_transformer needs context_dim")
+            raise UserError("use_spatial_transformer needs context_dim")
         for level, m in enumerate(mult):
             ch = base * int(m)
             layout.channels.append(ch)
             layout.attention.append(2**level in attention_at)
             heads = num_heads if head_channels == -1 else ch // head_channels
             if ch % heads:
-                raise ValueError(f"{ch} channels do not split into {heads} heads at level {level}")
+                raise UserError(f"{ch} channels do not split into {heads} heads at level {level}")
             layout.heads.append(heads)
         return layout
 
@@ -197,7 +199,7 @@ def _unet_config(layout: UNetLayout) -> tuple[type[nn.Module], dict[str, Any], d
     }
     if layout.spatial_transformer:
         if layout.updown:
-            raise NotImplementedError("resblock_updown with spatial transformers has no diffusers block")
+            raise UnsupportedError("resblock_updown with spatial transformers has no diffusers block")
         down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.attention)
         up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(layout.attention))
         config = {
@@ -351,7 +353,7 @@ def convert_unet_state(state: StateDict, layout: UNetLayout) -> StateDict:
             converted.update(_attention_block(src, dst, state, heads, legacy_order))
     leftover = sorted(set(state) - used)
     if leftover:
-        raise ValueError(f"{len(leftover)} UNet keys have no place in the converted model, e.g. {leftover[:5]}")
+        raise UserError(f"{len(leftover)} UNet keys have no place in the converted model, e.g. {leftover[:5]}")
     return converted
 
 
@@ -363,9 +365,9 @@ def _autoencoder_config(first_stage: Mapping[str, Any], scaling_factor: float) -
     params = first_stage.get("params") or {}
     dd = params.get("ddconfig")
     if dd is None:
-        raise ValueError("first_stage_config.params has no ddconfig")
+        raise UserError("first_stage_config.params has no ddconfig")
     if target not in VQ_TARGETS + KL_TARGETS:
-        raise NotImplementedError(f"first stage {target!r} is not converted (VQ and KL autoencoders are)")
+        raise UnsupportedError(f"first stage {target!r} is not converted (VQ and KL autoencoders are)")
     mult = list(dd["ch_mult"])
     resolution, attn_res = int(dd["resolution"]), set(dd.get("attn_resolutions") or [])
     attn = [resolution // 2**level in attn_res for level in range(len(mult))]
@@ -389,9 +391,9 @@ def _autoencoder_config(first_stage: Mapping[str, Any], scaling_factor: float) -
             "vq_embed_dim": int(params["embed_dim"]),
         }
     if not dd.get("double_z", True):
-        raise ValueError("a KL first stage needs double_z: true")
+        raise UserError("a KL first stage needs double_z: true")
     if int(params["embed_dim"]) != int(dd["z_channels"]):
-        raise NotImplementedError("KL first stages with embed_dim != z_channels have no diffusers AutoencoderKL")
+        raise UnsupportedError("KL first stages with embed_dim != z_channels have no diffusers AutoencoderKL")
     return AutoencoderKL, {**common, "latent_channels": int(dd["z_channels"])}
 
 
@@ -442,7 +444,7 @@ def convert_autoencoder_state(state: StateDict, config: Mapping[str, Any]) -> St
             tensor = tensor.flatten(1)
         converted[f"{names[module]}.{leaf}"] = tensor
     if leftover:
-        raise ValueError(f"{len(leftover)} first-stage keys have no place in the converted model, e.g. {leftover[:5]}")
+        raise UserError(f"{len(leftover)} first-stage keys have no place in the converted model, e.g. {leftover[:5]}")
     return converted
 
 
@@ -458,7 +460,7 @@ def _load_strict(model: nn.Module, state: StateDict, what: str) -> None:
         detail = "; ".join(
             f"{label}: {keys[:4]}" for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys
         )
-        raise ValueError(f"the converted {what} does not fit its diffusers model ({detail})")
+        raise UserError(f"the converted {what} does not fit its diffusers model ({detail})")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
@@ -466,9 +468,9 @@ def _scheduler_config(params: Mapping[str, Any]) -> dict[str, Any]:
     parameterization = params.get("parameterization", "eps")
     prediction = {"eps": "epsilon", "v": "v_prediction"}.get(parameterization)
     if prediction is None:
-        raise NotImplementedError(f"parameterization {parameterization!r} is not converted (eps and v are)")
+        raise UnsupportedError(f"parameterization {parameterization!r} is not converted (eps and v are)")
     if params.get("beta_schedule", "linear") != "linear":
-        raise NotImplementedError(f"beta_schedule {params['beta_schedule']!r} is not converted")
+        raise UnsupportedError(f"beta_schedule {params['beta_schedule']!r} is not converted")
     # CompVis' "linear" schedule is linear in sqrt(beta): diffusers calls it scaled_linear. Its DDIM sampler
     # steps on range(0, T, T // S) + 1 and ends on alphas_cumprod[0]: steps_offset 1, set_alpha_to_one False
     return {
@@ -495,9 +497,9 @@ def convert(
     """Write the diffusers folder of a CompVis LDM checkpoint; returns the folder."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; --out must be a folder to write")
+        raise OutputExistsError(f"{out} is a file; --out must be a folder to write")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     params = read_config(config)
     state = read_checkpoint(ckpt, trust_pickle=trust_pickle)
 
@@ -509,7 +511,7 @@ def convert(
 
     first_stage = params.get("first_stage_config")
     if not isinstance(first_stage, Mapping):
-        raise ValueError("the config has no first_stage_config (pixel-space models are not LDMs)")
+        raise UserError("the config has no first_stage_config (pixel-space models are not LDMs)")
     if "scale_factor" in state:  # scale_by_std: measured on the first training batch, stored as a buffer
         scaling = float(state["scale_factor"])
     else:
@@ -518,7 +520,7 @@ def convert(
     vae = vae_class(**vae_config)
     ae_state = {k[len(FIRST_STAGE_PREFIX) :]: v for k, v in state.items() if k.startswith(FIRST_STAGE_PREFIX)}
     if not ae_state:
-        raise ValueError(f"the checkpoint has no first-stage weights (no key starts with {FIRST_STAGE_PREFIX!r})")
+        raise UserError(f"the checkpoint has no first-stage weights (no key starts with {FIRST_STAGE_PREFIX!r})")
     _load_strict(vae, convert_autoencoder_state(ae_state, vae_config), "first stage")
 
     class_table = _class_embeddings(params, state, unet_config.get("cross_attention_dim"))
@@ -526,7 +528,7 @@ def convert(
     if "betas" in state:  # LatentDiffusion stores its schedule: the config must describe the same one
         stored, built = state["betas"].double(), scheduler.betas.double()
         if stored.shape != built.shape or not torch.allclose(stored, built, rtol=1e-5, atol=1e-8):
-            raise ValueError("the checkpoint's stored betas differ from the schedule its config describes")
+            raise UserError("the checkpoint's stored betas differ from the schedule its config describes")
 
     # written beside `out` and renamed into place at the end: an interrupted conversion never leaves a
     # half-written folder that would load (say, a class-conditional model without its class table)
@@ -572,23 +574,24 @@ def _class_embeddings(params: Mapping[str, Any], state: StateDict, context_dim: 
         return None
     target = cond.get("target") if isinstance(cond, Mapping) else None
     if target != CLASS_EMBEDDER_TARGET:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"cond_stage {target!r} is not converted (only {CLASS_EMBEDDER_TARGET}); text-to-image models: use "
             "their diffusers release (e.g. model=sd_v1_4)"
         )
     if params.get("conditioning_key") != "crossattn":
-        raise NotImplementedError(f"class conditioning through {params.get('conditioning_key')!r} is not converted")
+        raise UnsupportedError(f"class conditioning through {params.get('conditioning_key')!r} is not converted")
     key = COND_STAGE_PREFIX + "embedding.weight"
     if key not in state:
-        raise ValueError(f"the checkpoint has no {key} (the class-embedding table)")
+        raise UserError(f"the checkpoint has no {key} (the class-embedding table)")
     table = state[key]
     if context_dim is not None and table.shape[1] != context_dim:
-        raise ValueError(f"{key} has width {table.shape[1]}, the UNet's context_dim is {context_dim}")
+        raise UserError(f"{key} has width {table.shape[1]}, the UNet's context_dim is {context_dim}")
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry
+def main(argv: list[str]) -> None:
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="CompVis checkpoint (.ckpt, .pt or .safetensors)")
     parser.add_argument("--config", required=True, help="its LatentDiffusion YAML (configs/latent-diffusion/*.yaml)")
     parser.add_argument("--out", required=True, help="the diffusers folder to write")
@@ -599,10 +602,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trust-pickle", action="store_true", help="read a checkpoint with weights_only=False")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (its old contents are removed)")
     args = parser.parse_args(argv)
-    try:
-        convert(args.ckpt, args.config, args.out, args.use_ema, args.trust_pickle, args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as err:
-        parser.exit(2, f"convert_compvis: error: {err}\n")
+    convert(args.ckpt, args.config, args.out, args.use_ema, args.trust_pickle, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dq.arch import UNET_CLASSES, set_attention_heads
+from dq.errors import MissingFileError, UserError
 from dq.sampling.config import SamplerConfig
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
@@ -40,9 +41,9 @@ def read_json_object(path: Path, what: str = "JSON file") -> dict[str, Any]:
     try:
         payload = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+        raise UserError(f"{what} {path} is not valid JSON: {err}") from err
     if not isinstance(payload, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object, got {type(payload).__name__}")
+        raise UserError(f"{what} {path} must hold a JSON object, got {type(payload).__name__}")
     return payload
 
 
@@ -54,7 +55,7 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
     """
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise ValueError(f"model folder {root} does not exist or is not a directory")
+        raise UserError(f"model folder {root} does not exist or is not a directory")
     layout_hint = "expected unet/ and scheduler/ as UNet2DModel.save_pretrained / SchedulerMixin.save_pretrained write them"
     # some hub repos (google/ddpm-*) keep the UNet and its scheduler flat at the root instead of in subfolders
     flat = not (root / "unet").is_dir() and (root / "config.json").is_file() and (root / "scheduler_config.json").is_file()
@@ -67,12 +68,12 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
     if missing:
         pickled = sorted(p.name for p in (root / unet_dir).glob("*.bin")) if (root / unet_dir).is_dir() else []
         note = f" (found {pickled}: pickle weights are not loaded, convert them to safetensors)" if pickled else ""
-        raise ValueError(f"model folder {root} is missing {missing}{note}; {layout_hint}")
+        raise UserError(f"model folder {root} is missing {missing}{note}; {layout_hint}")
 
     unet_config = read_json_object(root / unet_dir / "config.json", "UNet config")
     unet_class_name = unet_config.get("_class_name")
     if unet_class_name not in UNET_CLASSES:
-        raise ValueError(
+        raise UserError(
             f"{root / unet_dir / 'config.json'} has _class_name {unet_class_name!r}; expected one of {sorted(UNET_CLASSES)}"
         )
     scheduler_file = root / scheduler_dir / "scheduler_config.json"
@@ -80,12 +81,12 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
     scheduler_class_name = scheduler_config.get("_class_name")
     scheduler_class = getattr(diffusers, str(scheduler_class_name), None)
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
-        raise ValueError(
+        raise UserError(
             f"{scheduler_file} has _class_name {scheduler_class_name!r}, "
             "which is not a diffusers scheduler class"
         )
     if "num_train_timesteps" not in scheduler_config:
-        raise ValueError(f"{scheduler_file} has no num_train_timesteps")
+        raise UserError(f"{scheduler_file} has no num_train_timesteps")
 
     unet = UNET_CLASSES[unet_class_name].from_pretrained(
         root / unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False  # no `accelerate` needed
@@ -94,7 +95,7 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
     if heads_file.is_file():
         heads = read_json_object(heads_file, "attention-heads file").get("attention_heads")
         if not isinstance(heads, dict):
-            raise ValueError(f"{heads_file} must hold {{\"attention_heads\": {{module name: heads}}}}")
+            raise UserError(f"{heads_file} must hold {{\"attention_heads\": {{module name: heads}}}}")
         set_attention_heads(unet, heads)
     scheduler = scheduler_class.from_config(scheduler_config)
     return unet.eval(), scheduler
@@ -105,18 +106,18 @@ def model_folder(model_cfg: Mapping[str, Any]) -> Path:
     local HF-cache snapshot of `repo_id` (at `revision`) for source=hub."""
     source = model_cfg.get("source")
     if source not in MODEL_SOURCES:
-        raise ValueError(f"model.source must be one of {MODEL_SOURCES}, got {source!r}")
+        raise UserError(f"model.source must be one of {MODEL_SOURCES}, got {source!r}")
     path = _value(model_cfg, "path")
     if source == "hub":
         if path is not None:
-            raise ValueError(f"model.source=hub loads model.repo_id from the HF cache; use model=local for path {path!r}")
+            raise UserError(f"model.source=hub loads model.repo_id from the HF cache; use model=local for path {path!r}")
         return hub_snapshot(_value(model_cfg, "repo_id"), _value(model_cfg, "revision"))
     if source == "embedded":
         if path is not None:
-            raise ValueError(f"model.source=embedded loads the packaged model; use model=local for path {path!r}")
+            raise UserError(f"model.source=embedded loads the packaged model; use model=local for path {path!r}")
         return EMBEDDED_MODEL_DIR
     if path is None or str(path) == "":
-        raise ValueError(
+        raise UserError(
             "model=local needs model.path=/dir, a folder holding unet/ and scheduler/ as save_pretrained writes them"
         )
     return Path(str(path))
@@ -131,12 +132,12 @@ def hub_snapshot(repo_id: str | None, revision: str | None = None) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     if not repo_id:
-        raise ValueError("model.source=hub needs model.repo_id, e.g. google/ddpm-cifar10-32")
+        raise UserError("model.source=hub needs model.repo_id, e.g. google/ddpm-cifar10-32")
     try:
         return Path(snapshot_download(str(repo_id), revision=revision, local_files_only=True))
     except LocalEntryNotFoundError as err:
         at = f" at revision {revision}" if revision else ""
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"checkpoint {repo_id}{at} is not in the local HF cache (dq never downloads at run time). Get it on a "
             f"machine with internet: `hf download {repo_id}` and copy the cache (HF_HOME) here, or save the model "
             "folder (unet/, scheduler/, ...) anywhere and use model=local model.path=DIR"
@@ -148,7 +149,7 @@ def load_model(model_cfg: Mapping[str, Any]) -> LoadedModel:
     folder = model_folder(model_cfg)
     sampler_cfg = model_cfg.get("sampler")
     if sampler_cfg is None:
-        raise ValueError("the model config has no `sampler` settings (name, num_steps, eta, spacing, guidance_scale)")
+        raise UserError("the model config has no `sampler` settings (name, num_steps, eta, spacing, guidance_scale)")
     sampler = SamplerConfig.from_mapping(sampler_cfg)
     unet, scheduler = load_model_folder(folder)
     return LoadedModel(unet, scheduler, sampler)

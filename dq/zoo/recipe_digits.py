@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
+from dq import cli
 from dq.data import DIGITS_SIZE, load_digit_images
 
 
@@ -145,7 +146,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="model folder to write (unet/, scheduler/)")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -159,6 +160,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
-    record = train(parse_args())
+@cli.entry
+def main(argv: list[str]) -> None:
+    record = train(parse_args(argv))
     print(json.dumps({k: record[k] for k in ("num_parameters", "final_loss_smoothed", "wall_time_s")}))
+
+
+if __name__ == "__main__":
+    main()

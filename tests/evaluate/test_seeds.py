@@ -58,8 +58,10 @@ def test_report_marks_the_best_mean_and_cli_writes_it(sweep, capsys):
     assert "report ->" in capsys.readouterr().out
 
 
-def test_empty_and_missing_dirs(tmp_path):
+def test_empty_and_missing_dirs(tmp_path, capsys):
     with pytest.raises(ValueError, match="no complete train.py results.json"):
         write_seed_report([tmp_path], tmp_path)
-    with pytest.raises(SystemExit, match="is not a directory"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--fidelity", str(tmp_path / "nope")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"dq: error: {tmp_path / 'nope'} is not a directory\n"

@@ -80,7 +80,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(model_and_run, tmp_path
     names = {"RUN": run, "FP_EVAL_DIR": fp_eval, "INCOMPLETE": incomplete, "EXISTING": existing}
     args = [a.split("=")[0] + "=" + str(names.get(a.split("=")[1], a.split("=")[1])) for a in args]
     before = {p: sorted(p.iterdir()) for p in (run, fp_eval, incomplete)}
-    assert main(args) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("dq: error: ") and err.count("\n") == 1 and message in err
     assert {p: sorted(p.iterdir()) for p in (run, fp_eval, incomplete)} == before
