@@ -201,7 +201,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
     check_config(cfg)
     out_dir = check_writable_dir(cfg.output_dir, "output_dir")
-    check_writable_dir(cfg.data.cache_dir, "data.cache_dir")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loaded = load_model(cfg.model)
     timesteps = planned_timesteps(loaded.scheduler.config, loaded.sampler)
@@ -222,6 +221,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         checkpoint = resolve_checkpoint(cfg.ckpt_path, out_dir / "checkpoints")
         if checkpoint is not None:
             check_checkpoint(checkpoint, distiller.run_identity)
+    check_writable_dir(cfg.data.cache_dir, "data.cache_dir")  # after the checks: a refused run creates nothing
 
     if distill.iters_per_block == 0:  # initialisation only: no optimisation, no Lightning loop needed
         distiller._calibration_source = lambda: load_calibration(None)
