@@ -165,6 +165,9 @@ class CalibrationDataModule(L.LightningDataModule):
         self.plan = draw_plan(self.num_trajectories, steps, self.num_samples, self.seed)  # checks N vs trajectories
         self.tuples: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, Any] | None = None
+        # how setup found its tuples (one process): "read" from the cache, "generated", or "regenerated" after
+        # the cache file failed to load; None under DDP or before setup
+        self.cache_event: str | None = None
 
     @property
     def guidance_scale(self) -> float | None:
@@ -220,14 +223,18 @@ class CalibrationDataModule(L.LightningDataModule):
         dir waits, then reads what the first wrote). A cache that fails to load is moved aside to
         `<name>.corrupt` with one warning, and generated again."""
         with cache_lock(path):
+            self.cache_event = "generated"
             if path.is_file():
                 try:
-                    return self._read_checked(path)
+                    tuples = self._read_checked(path)
+                    self.cache_event = "read"
+                    return tuples
                 except CorruptFileError as err:
                     aside = path.with_name(path.name + ".corrupt")
                     os.replace(path, aside)
                     log.warning("dq: calibration cache %s is unusable (%s); moved aside to %s, generating it again",
                                 path, err, aside.name)
+                    self.cache_event = "regenerated"
             remove_stale_staging(path)
             self._generate_into(path, identity)
             return self._read_checked(path)
