@@ -36,7 +36,7 @@ from dq.bkd import (
     TemporalGroupCallback,
     candidate_blocks,
 )
-from dq.bkd.callbacks import BlockProgressBar, group_ranges
+from dq.bkd.callbacks import BlockCheckpoint, BlockProgressBar, group_ranges
 from dq.calibration import calibration_cache_key
 from dq.cli import discard_if_untouched, reported_errors, run_hydra_entry
 from dq.config_values import config_bool, config_choice, config_int, config_str, known_fields
@@ -236,13 +236,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 *([BlockProgressBar()] if cfg.progress_bar else []),
                 BlockScheduleCallback(),
                 TemporalGroupCallback(num_steps),
-                L.pytorch.callbacks.ModelCheckpoint(
-                    dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0,
-                    every_n_train_steps=cfg.checkpoint_every_n_steps,
-                ),
+                BlockCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every_n_steps),
             ],
             enable_progress_bar=cfg.progress_bar,
             enable_model_summary=False,
+            enable_checkpointing=False,  # BlockCheckpoint writes the run's one resume point
             num_sanity_val_steps=0,
             log_every_n_steps=10,
             default_root_dir=out_dir,

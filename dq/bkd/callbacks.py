@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -86,6 +88,37 @@ class TemporalGroupCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
         set_step(pl_module.student, None)  # sampling sets one step index per model call
+
+
+class BlockCheckpoint(L.Callback):
+    """`<dirpath>/last.ckpt`, the resume point of a run: every `every_n_steps` iterations inside a block, and
+    after each block is finished (registered after BlockScheduleCallback, so the block is frozen and the
+    cursor moved on when it is written). Never at a block's last iteration: a checkpoint there would make
+    Lightning restart in the next epoch before the block is finished. Written beside its target and renamed
+    into place: a run killed while saving keeps the previous checkpoint whole."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
+        if every_n_steps < 1:
+            raise UserError(f"checkpoint every_n_steps must be >= 1, got {every_n_steps}")
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: BlockDistiller, outputs, batch, batch_idx: int) -> None:
+        iteration = pl_module.state.iteration
+        if iteration % self.every_n_steps == 0 and iteration < pl_module.distill.iters_per_block:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
+        if pl_module.state.block > trainer.current_epoch:  # the block is finished (not cut short)
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        staging = self.path.with_name(self.path.name + ".tmp")
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(staging)  # written by rank 0, with a barrier
+        if trainer.is_global_zero:
+            os.replace(staging, self.path)
 
 
 def group_ranges(quantizer: TemporalActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:

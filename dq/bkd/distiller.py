@@ -395,7 +395,8 @@ class BlockDistiller(L.LightningModule):
             )
             self._compiled_checked = False
         resumed, self._resume = self._resume, None
-        if resumed is None or resumed["block"] != k:
+        # a checkpoint written after block k-1 ended holds block k at iteration 0: block k starts afresh
+        if resumed is None or resumed["block"] != k or resumed["iteration"] == 0:
             self._set_step_size_learning_rates(name)
             self._losses = []
 
