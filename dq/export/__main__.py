@@ -23,6 +23,7 @@ import torch
 
 from dq.cli import entry
 from dq.export.artifact import FLOAT_DTYPES, ExportError, export_student, size_breakdown
+from dq.io import check_writable_dir
 
 KEYS = {"run": None, "out": None, "float_dtype": "float32", "overwrite": "false", "verify": "32", "verify_seed": "1234"}
 
@@ -69,6 +70,7 @@ def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str 
     out_path = Path(out).expanduser() if out else run_dir / "student_int.safetensors"
     if out_path.exists() and not overwrite:
         raise ExportError(f"{out_path} exists; pass overwrite=true to replace it")
+    check_writable_dir(out_path.parent, "out")  # before any work
     run_config = OmegaConf.load(run_dir / "config.yaml")
     loaded = load_model(run_config.model)
     try:

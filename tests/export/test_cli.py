@@ -66,6 +66,7 @@ def test_evaluate_takes_an_export(model_and_run, tmp_path):
     (["run=FP_EVAL_DIR"], "student.safetensors is missing"),
     (["run=INCOMPLETE"], "did not complete"),
     (["run=RUN", "out=EXISTING"], "exists; pass overwrite=true"),
+    (["run=RUN", "out=EXISTING/student_int.safetensors"], "out EXISTING is not writable"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(model_and_run, tmp_path, capsys, args, message):
     _, run = model_and_run
@@ -78,7 +79,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(model_and_run, tmp_path
     existing = tmp_path / "existing.safetensors"
     existing.write_text("keep me")
     names = {"RUN": run, "FP_EVAL_DIR": fp_eval, "INCOMPLETE": incomplete, "EXISTING": existing}
-    args = [a.split("=")[0] + "=" + str(names.get(a.split("=")[1], a.split("=")[1])) for a in args]
+    for placeholder, path in names.items():
+        args = [a.replace(placeholder, str(path)) for a in args]
+        message = message.replace(placeholder, str(path))
     before = {p: sorted(p.iterdir()) for p in (run, fp_eval, incomplete)}
     with pytest.raises(SystemExit) as exit_info:
         main(args)
