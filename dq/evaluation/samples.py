@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,6 +32,7 @@ from dq.sampling.grid import image_grid, write_png
 IDENTITY_FILE = "identity.json"
 SAMPLES_FORMAT_VERSION = 1
 # conditioning(indices int64 [B]) -> (cond, uncond) for those samples (see dq.calibration.trajectory_conditioning)
+log = logging.getLogger(__name__)
 Conditioning = Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]
 
 
@@ -71,6 +74,33 @@ def missing_indices(folder: Path, indices: Sequence[int]) -> list[int]:
     return [k for k in indices if not sample_path(folder, k).is_file()]
 
 
+def unreadable_samples(folder: Path, indices: Sequence[int]) -> list[int]:
+    """Indices whose PNG exists but fails PIL's check (truncated, bytes changed: PNG chunks carry CRCs)."""
+    bad = []
+    for k in indices:
+        path = sample_path(folder, k)
+        if not path.is_file():
+            continue
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception:
+            bad.append(k)
+    return bad
+
+
+def heal_samples(folder: Path, indices: Sequence[int]) -> list[int]:
+    """Delete the unreadable PNGs among `indices` (with one warning naming the first) so that they are made
+    again; returns their indices."""
+    bad = unreadable_samples(folder, indices)
+    if bad:
+        log.warning("dq: %d unreadable sample PNG(s) in %s (first: %s); deleted, sampling them again", len(bad),
+                    folder, sample_path(folder, bad[0]).name)
+        for k in bad:
+            sample_path(folder, k).unlink(missing_ok=True)
+    return bad
+
+
 def contiguous_runs(indices: Sequence[int], max_length: int) -> list[tuple[int, int]]:
     """[start, stop) runs of consecutive values of sorted `indices`, each at most max_length long."""
     runs: list[tuple[int, int]] = []
@@ -107,6 +137,7 @@ def generate_missing(
 ) -> int:
     """Sample every index of `indices` without a PNG in `folder` and write it; returns how many were made.
     to_pixels: sampler output [B, C, H, W] -> images in [-1, 1] (a latent model's VAE decode)."""
+    heal_samples(folder, indices)
     todo = missing_indices(folder, indices)
     with tqdm(total=len(todo), desc=description, disable=not progress or not todo, unit="img") as bar:
         for start, stop in contiguous_runs(todo, batch_size):

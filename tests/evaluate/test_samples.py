@@ -36,3 +36,26 @@ def test_identity_mismatch_names_the_differing_fields(tmp_path):
     check_identity(tmp_path, identity)
     with pytest.raises(ValueError, match=r"differing: \['model'\]"):
         check_identity(tmp_path, {**identity, "model": "xyz"})
+
+
+def test_unreadable_pngs_are_deleted_and_sampled_again(tiny_unet, ddpm_scheduler, tmp_path, caplog):
+    import logging
+
+    from dq.evaluation.samples import generate_missing, sample_path
+    from dq.sampling import SamplerConfig
+
+    sampler = SamplerConfig(name="ddim", num_steps=3, eta=0.0, spacing="uniform")
+    kwargs = dict(seed=0, batch_size=4)
+    assert generate_missing(tmp_path, tiny_unet, ddpm_scheduler.config, sampler, range(6), **kwargs) == 6
+    expected = read_samples(tmp_path, 6)
+    truncated, flipped = sample_path(tmp_path, 1), sample_path(tmp_path, 4)
+    truncated.write_bytes(truncated.read_bytes()[:30])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="dq.evaluation.samples"):
+        made = generate_missing(tmp_path, tiny_unet, ddpm_scheduler.config, sampler, range(6), **kwargs)
+    assert made == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "2 unreadable sample PNG(s)" in warnings[0] and "000001.png" in warnings[0]
+    assert torch.equal(read_samples(tmp_path, 6), expected)
