@@ -15,7 +15,6 @@ into student/; loadable with dq.quant.load_quant_state), config.yaml (resolved),
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
@@ -40,13 +39,12 @@ from dq.bkd.callbacks import BlockCheckpoint, BlockProgressBar, group_ranges
 from dq.calibration import calibration_cache_key
 from dq.cli import discard_if_untouched, reported_errors, run_hydra_entry
 from dq.config_values import config_bool, config_choice, config_int, config_str, known_fields
-from dq.io import check_writable_dir
+from dq.io import check_writable_dir, place_file, write_json
 from dq.metrics import kernel_distance, mse, psnr, ssim, to_uint8
 from dq.metrics.backends import build_backend
 from dq.metrics.kernel import KID_PROTOCOL
-from dq.pretrained import STATE_FILE, place_file, save_student
+from dq.pretrained import STATE_FILE, save_student
 from dq.quant import QuantConfig, TemporalActQuantizer, key_by_timestep
-from dq.quant.state import atomic_write
 from dq.resume import check_checkpoint, phase, resolve_checkpoint, run_identity
 from dq.sampling import planned_timesteps, sample
 from dq.sampling.grid import image_grid, write_png
@@ -287,7 +285,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                  sampler=loaded.sampler.to_dict(), overwrite=True)
     place_file(out_dir / "student" / STATE_FILE, out_dir / STATE_FILE)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-    _write_json(out_dir / "tpq_ranges.json", tpq_ranges(student))
+    write_json(out_dir / "tpq_ranges.json", tpq_ranges(student))
     phase("fidelity")
     results.update(fidelity(cfg, loaded, student, out_dir, components, conditioning))
     phase("write")
@@ -304,7 +302,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "latent_decode": components.decode_record(),
     }
     results["calibration"] = {k: v for k, v in (datamodule.metadata or {}).items() if isinstance(v, (str, int, float))}
-    _write_json(out_dir / "results.json", results)
+    write_json(out_dir / "results.json", results)
     return results
 
 
@@ -316,11 +314,6 @@ def tpq_ranges(student: torch.nn.Module) -> dict[str, dict[str, list[float]]]:
             lo, hi = group_ranges(module)
             out[name] = {"lo": [round(v, 6) for v in lo.tolist()], "hi": [round(v, 6) for v in hi.tolist()]}
     return out
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

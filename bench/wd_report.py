@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from dq.bkd.blocks import run_model  # noqa: E402
 from dq.calibration import CalibrationDataModule  # noqa: E402
+from dq.io import atomic_write  # noqa: E402
 from dq.quant import QuantConfig, QuantConv2d, QuantLinear, quantize_model  # noqa: E402
-from dq.quant.state import atomic_write  # noqa: E402
 from dq.sampling import planned_timesteps  # noqa: E402
 from dq.zoo import load_model  # noqa: E402
 

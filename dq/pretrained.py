@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +34,8 @@ from torch import nn
 
 from dq.arch import UNET_CLASSES, attention_heads, build_unet
 from dq.errors import MissingFileError, OutputExistsError, UserError
+from dq.io import atomic_write, link_or_copy, place_file, staged_dir
 from dq.quant import QuantConfig, load_quant_state, quant_config, save_quant_state
-from dq.quant.state import atomic_write
 from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying, timestep_values
 
 FORMAT_NAME = "dq-student"
@@ -82,12 +80,7 @@ def save_student(student: nn.Module, directory: str | os.PathLike, *,
     if export is not None and not Path(export).is_file():
         raise MissingFileError(f"export file {export} does not exist")
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the folder gets a plain directory's mode
-    try:
+    with staged_dir(directory) as staging:
         save_quant_state(student, staging / STATE_FILE, include_weights=True, timesteps=timesteps)
         student.save_config(staging)
         if scheduler_config is not None:
@@ -108,12 +101,6 @@ def save_student(student: nn.Module, directory: str | os.PathLike, *,
             "files": files,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 
@@ -190,28 +177,6 @@ def load_student(directory: str | os.PathLike, *, tpq_policy: str = "exact", int
     if timestep_keying(student) is None:
         key_by_timestep(student, manifest["timesteps"], tpq_policy)
     return student.to(device).eval().requires_grad_(False)
-
-
-def place_file(source: Path, target: Path) -> Path:
-    """`source` at `target` (hard link or copy), replacing `target` atomically; returns target."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
-        link_or_copy(source, Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """A hard link of `source` at `target` (no second copy on disk), or a copy where links are refused."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def _jsonable(value: Any) -> Any:

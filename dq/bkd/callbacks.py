@@ -116,7 +116,7 @@ class BlockCheckpoint(L.Callback):
         staging = self.path.with_name(self.path.name + ".tmp")
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(staging)  # written by rank 0, with a barrier
+        trainer.save_checkpoint(staging, weights_only=False)  # written by rank 0, with a barrier
         if trainer.is_global_zero:
             os.replace(staging, self.path)
 

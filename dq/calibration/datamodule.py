@@ -38,6 +38,7 @@ from dq.calibration.tuples import (
     shard_range,
 )
 from dq.errors import CorruptFileError, UserError
+from dq.io import remove_stale_staging
 from dq.sampling import SamplerConfig, planned_timesteps
 
 log = logging.getLogger(__name__)
@@ -55,23 +56,6 @@ def cache_lock(path: Path) -> Iterator[None]:
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-
-def remove_stale_staging(path: Path) -> None:
-    """Remove `<path>*.tmp-<pid>` files left by processes that died while writing (pid no longer alive)."""
-    for staging in path.parent.glob(f"{path.name}*.tmp-*"):
-        pid = staging.name.rsplit(".tmp-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            staging.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 REQUIRED_KEYS = ("x_t", "timestep", "step")
 

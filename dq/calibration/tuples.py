@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dq.errors import CorruptFileError, UserError
+from dq.io import atomic_write, seeded_generator, stable_key, write_json
 from dq.sampling import SamplerConfig, sample
 
 CACHE_FORMAT_VERSION = 1
 METADATA_KEY = "dq_calibration"
-
-
-def _seeded_generator(label: str, seed: int) -> torch.Generator:
-    digest = hashlib.blake2b(f"{label}:{int(seed)}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def draw_plan(num_trajectories: int, num_steps: int, num_samples: int, seed: int) -> torch.Tensor:
@@ -51,7 +46,7 @@ def draw_plan(num_trajectories: int, num_steps: int, num_samples: int, seed: int
         raise UserError(
             f"{num_samples} tuples over {num_steps} steps need >= {per_step_max} trajectories, got {num_trajectories}"
         )
-    generator = _seeded_generator("dq-calibration-plan", seed)
+    generator = seeded_generator("dq-calibration-plan", int(seed))
     counts = torch.full((num_steps,), num_samples // num_steps, dtype=torch.int64)
     counts[torch.randperm(num_steps, generator=generator)[: num_samples % num_steps]] += 1
     pairs = []
@@ -189,8 +184,7 @@ def _identity_fields(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def calibration_cache_key(identity: Mapping[str, Any]) -> str:
     """A short hex key for a JSON-serialisable description of what the tuples depend on."""
-    payload = json.dumps({"format_version": CACHE_FORMAT_VERSION, **identity}, sort_keys=True, default=str)
-    return hashlib.blake2b(payload.encode(), digest_size=10).hexdigest()
+    return stable_key({"format_version": CACHE_FORMAT_VERSION, **identity})
 
 
 def content_hash(tuples: Mapping[str, torch.Tensor]) -> str:
@@ -212,14 +206,9 @@ def save_tuples(path: str | Path, tuples: Mapping[str, torch.Tensor], metadata: 
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**metadata, "content_hash": content_hash(tuples)}
     metadata_json = json.dumps(dict(metadata), sort_keys=True, default=str)
-    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file({name: tensor.contiguous() for name, tensor in tuples.items()}, str(staging),
-              metadata={METADATA_KEY: metadata_json})
-    os.replace(staging, path)
-    sidecar = path.with_name(path.name + ".json")
-    staging = sidecar.with_name(f"{sidecar.name}.tmp-{os.getpid()}")
-    staging.write_text(json.dumps(dict(metadata), indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(staging, sidecar)
+    atomic_write(path, lambda tmp: save_file({name: tensor.contiguous() for name, tensor in tuples.items()}, tmp,
+                                             metadata={METADATA_KEY: metadata_json}))
+    write_json(path.with_name(path.name + ".json"), dict(metadata), sort_keys=True, default=str)
 
 
 def load_tuples(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -40,14 +40,13 @@ from dq.evaluation import (
     write_npz,
 )
 from dq.export.kernels import BACKENDS as INT_BACKENDS
-from dq.io import check_writable_dir
+from dq.io import atomic_write, check_writable_dir, file_sha256
 from dq.metrics import inception_score, mse, psnr, ssim
-from dq.metrics.backends import FeatureBackend, build_backend, display_path, file_sha256
+from dq.metrics.backends import FeatureBackend, build_backend, display_path
 from dq.metrics.clip_score import clip_score
 from dq.metrics.reference import resolve_reference
 from dq.metrics.ssim import ssim_window
 from dq.quant import load_quant_state, quant_config, timestep_keying
-from dq.quant.state import atomic_write
 from dq.quant.timesteps import POLICIES
 from dq.sampling import SamplerConfig, check_student_steps, key_by_trained_sampler, planned_timesteps
 from dq.zoo import ModelComponents, load_components, load_model, model_conditioning, model_folder, to_images

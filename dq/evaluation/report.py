@@ -20,8 +20,7 @@ from typing import Any
 
 from dq import cli
 from dq.errors import MissingFileError, UserError
-from dq.quant.state import atomic_write
-from dq.zoo.loading import read_json_object
+from dq.io import atomic_write, read_json_object
 
 METHOD_ORDER = ("fp", "ptq_minmax", "no_bkd", "no_wd", "no_tpq", "dilatequant")
 TRAINING_MARK = "†"  # marks a figure taken from results.json for lack of an evaluation

@@ -10,7 +10,6 @@ into place), so an interrupted run never leaves a half image behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -24,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.errors import UserError
+from dq.io import atomic_write, stable_key
 from dq.metrics.images import check_images, read_images, to_uint8
-from dq.quant.state import atomic_write
 from dq.sampling import SamplerConfig, sample
 from dq.sampling.grid import image_grid, write_png
 
@@ -42,8 +41,7 @@ def sample_path(folder: Path, index: int) -> Path:
 
 def identity_key(identity: Mapping[str, Any]) -> str:
     """A short hex key of a JSON-serialisable identity (names the shared FP sample cache folders)."""
-    payload = json.dumps({"format_version": SAMPLES_FORMAT_VERSION, **identity}, sort_keys=True, default=str)
-    return hashlib.blake2b(payload.encode(), digest_size=10).hexdigest()
+    return stable_key({"format_version": SAMPLES_FORMAT_VERSION, **identity})
 
 
 def write_identity(folder: Path, identity: Mapping[str, Any]) -> None:

@@ -22,9 +22,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dq.errors import UserError
+from dq.io import atomic_write, read_json_object
 from dq.metrics.kernel import KID_PROTOCOL
-from dq.quant.state import atomic_write
-from dq.zoo.loading import read_json_object
 
 FIGURES = (  # (results.json key, column title, scale, digits, higher is better)
     ("psnr_vs_fp", "PSNR vs FP (dB)", 1.0, 2, True),

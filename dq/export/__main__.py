@@ -23,7 +23,7 @@ import torch
 
 from dq.cli import entry
 from dq.export.artifact import FLOAT_DTYPES, ExportError, export_student, size_breakdown
-from dq.io import check_writable_dir
+from dq.io import check_writable_dir, file_sha256
 
 KEYS = {"run": None, "out": None, "float_dtype": "float32", "overwrite": "false", "verify": "32", "verify_seed": "1234"}
 
@@ -53,7 +53,6 @@ def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str 
     """Export the student of a complete train.py run dir; returns (path, summary with the size figures)."""
     from omegaconf import OmegaConf
 
-    from dq.metrics.backends import file_sha256
     from dq.quant import load_quant_state
     from dq.sampling import planned_timesteps
     from dq.zoo import load_components, load_model, model_conditioning

@@ -18,7 +18,6 @@ that cannot run raises BackendUnavailable saying what to install.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -32,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dq.errors import UserError
+from dq.io import file_sha256
 from dq.metrics.digit_classifier import CLASSIFIER_PATH, load_classifier
 from dq.metrics.frechet import FeatureStats, frechet_distance
 from dq.metrics.images import check_images
@@ -52,14 +52,6 @@ def display_path(path: Path) -> str:
     root = Path(__file__).resolve().parents[2]
     resolved = Path(path).resolve()
     return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(resolved)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FeatureBackend:

@@ -26,7 +26,7 @@ import dq
 from dq import cli
 from dq.data import DIGITS_SIZE, load_digit_images
 from dq.errors import MissingFileError, UserError
-from dq.quant.state import atomic_write
+from dq.io import atomic_write
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_PATH = ASSETS_DIR / "digit_classifier.safetensors"

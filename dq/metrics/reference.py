@@ -30,10 +30,10 @@ from safetensors.torch import save_file
 import dq
 from dq import cli
 from dq.errors import UserError
-from dq.metrics.backends import CleanFIDBackend, FeatureBackend, build_backend, display_path, file_sha256
+from dq.io import atomic_write, file_sha256
+from dq.metrics.backends import CleanFIDBackend, FeatureBackend, build_backend, display_path
 from dq.metrics.frechet import FeatureStats
 from dq.metrics.images import image_files, iter_image_batches, to_uint8
-from dq.quant.state import atomic_write
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DIGITS_REFERENCE_PATH = ASSETS_DIR / "digits_reference.safetensors"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dq.errors import MissingFileError, UserError
+from dq.io import atomic_write
 from dq.quant.config import QuantConfig
 from dq.quant.convert import CONFIG_ATTR, is_quantized, quant_config, quantize_model
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
@@ -43,19 +43,6 @@ def quant_state_dict(model: nn.Module, include_weights: bool = False) -> dict[st
     if include_weights:
         return dict(state)
     return {k: v for k, v in state.items() if _is_quant_entry(k, model)}
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename the temporary file onto `path` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_quant_state(model: nn.Module, path: str | os.PathLike, include_weights: bool = True,

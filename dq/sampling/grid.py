@@ -1,28 +1,16 @@
-"""Sample a grid of images from a model config and write it as a PNG (the README's digit grid).
-
-    python -m dq.sampling.grid --out docs/digits_grid.png
-    python -m dq.sampling.grid --model-config conf/model/local.yaml --path /dir --out grid.png
-
-Uses the sampler settings of the model config (for the embedded model: DDIM, 25 steps, eta 0, quad
-spacing) and prints the sampling time.
-"""
+"""Image grids: `image_grid` lays samples out as one picture, `write_png` writes it whole (renamed into place).
+The command-line grid of a model's samples is `python -m dq.zoo.sample_grid`."""
 
 from __future__ import annotations
 
-import argparse
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from dq import cli
-from dq.errors import MissingFileError, UserError
-from dq.sampling.sampler import sample
-from dq.zoo import load_model
+from dq.errors import UserError
+from dq.io import atomic_write
 
 
 def image_grid(
@@ -50,42 +38,4 @@ def image_grid(
 
 def write_png(array: np.ndarray, path: Path) -> None:
     """Write a uint8 [H, W] or [H, W, 3] image, beside the target first and then renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(array).save(staging, format="PNG")
-    os.replace(staging, path)
-
-
-@cli.entry
-def main(argv: list[str]) -> None:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    parser.add_argument("--model-config", type=Path, default=Path("conf/model/embedded.yaml"))
-    parser.add_argument("--path", default=None, help="model folder (for conf/model/local.yaml)")
-    parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--cols", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--scale", type=int, default=4, help="pixel enlargement in the PNG")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args(argv)
-
-    if not args.model_config.is_file():
-        raise MissingFileError(f"model config {args.model_config} not found (run from the repository root)")
-    model_cfg = OmegaConf.load(args.model_config)
-    if args.path is not None:
-        model_cfg.path = args.path
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    unet, scheduler, sampler = load_model(model_cfg)
-    start = time.perf_counter()
-    images = sample(unet, scheduler.config, sampler, args.rows * args.cols, seed=args.seed, batch_size=args.batch_size)
-    elapsed = time.perf_counter() - start
-    write_png(image_grid(images, args.rows, args.scale), args.out)
-    print(f"{args.rows * args.cols} samples ({sampler.name}, {sampler.num_steps} steps, eta {sampler.eta}, "
-          f"{sampler.spacing} spacing, seed {args.seed}) in {elapsed:.1f} s on {torch.get_num_threads()} "
-          f"threads -> {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))

@@ -12,7 +12,6 @@ batching and sharding never change an image.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.errors import UserError
+from dq.io import derived_seed
 from dq.quant import key_by_timestep, step_context, timestep_keying, tpq_num_steps
 from dq.sampling.config import SamplerConfig
 from dq.sampling.ddim import SpacedDDIMScheduler
@@ -35,8 +35,7 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample `index`'s generator: a hash of (seed, index), so distinct pairs never share one."""
-    digest = hashlib.blake2b(f"dq-sample:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # torch seeds must fit in int64
+    return derived_seed("dq-sample", int(seed), int(index))
 
 
 def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig) -> SchedulerMixin:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from torch import nn
 from dq import cli
 from dq.arch import set_attention_heads
 from dq.errors import MissingFileError, OutputExistsError, UnsupportedError, UserError
-from dq.metrics.backends import file_sha256
+from dq.io import file_sha256, staged_dir
 from dq.zoo.components import CLASS_EMBEDDINGS_FILE
 from dq.zoo.loading import ATTENTION_HEADS_FILE
 
@@ -532,10 +531,7 @@ def convert(
 
     # written beside `out` and renamed into place at the end: an interrupted conversion never leaves a
     # half-written folder that would load (say, a class-conditional model without its class table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.converting"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_dir(out) as staging:
         unet.save_pretrained(staging / "unet", safe_serialization=True)
         if heads:
             set_attention_heads(unet, heads)  # validates the names and head counts before they are written
@@ -555,11 +551,6 @@ def convert(
             "attention_heads_file": bool(heads),
         }
         (staging / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():  # empty, or --overwrite
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log(
         f"wrote {out}: {unet_class.__name__} ({record['unet']['parameters'] / 1e6:.1f}M parameters, "
         f"{record['unet']['weights']} weights), {vae_class.__name__} (scaling_factor {scaling:g})"

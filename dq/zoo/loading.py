@@ -10,7 +10,6 @@ Weights load from safetensors only and configs from JSON, so loading never execu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +21,7 @@ from torch import nn
 
 from dq.arch import UNET_CLASSES, set_attention_heads
 from dq.errors import MissingFileError, UserError
+from dq.io import read_json_object
 from dq.sampling.config import SamplerConfig
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
@@ -34,17 +34,6 @@ class LoadedModel(NamedTuple):
     unet: nn.Module  # in eval mode, float32, on the CPU
     scheduler: SchedulerMixin  # the training noise schedule; samplers are built from its config
     sampler: SamplerConfig  # the sampler settings of the model config
-
-
-def read_json_object(path: Path, what: str = "JSON file") -> dict[str, Any]:
-    """The JSON object in `path`; ValueError naming the file (and `what` it is) when it is not one."""
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{what} {path} is not valid JSON: {err}") from err
-    if not isinstance(payload, dict):
-        raise UserError(f"{what} {path} must hold a JSON object, got {type(payload).__name__}")
-    return payload
 
 
 def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:

@@ -13,9 +13,7 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from dq import cli
 from dq.data import DIGITS_SIZE, load_digit_images
+from dq.io import staged_dir, write_json
 
 
 def embedded_unet_config(sample_size: int = DIGITS_SIZE) -> dict:
@@ -77,21 +76,9 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
 
 def save_model_folder(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path) -> None:
     """Write `out/unet` and `out/scheduler`; each folder is written beside and renamed into place."""
-    out.mkdir(parents=True, exist_ok=True)
     for name, part in (("unet", unet), ("scheduler", scheduler)):
-        staging, final, old = out / f".{name}.tmp", out / name, out / f".{name}.old"
-        shutil.rmtree(staging, ignore_errors=True)
-        part.save_pretrained(staging)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(staging, path)
+        with staged_dir(out / name) as staging:
+            part.save_pretrained(staging)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -141,7 +128,7 @@ def train(args: argparse.Namespace) -> dict:
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},
     }
-    write_json_atomic(Path(args.out) / "training_record.json", record)
+    write_json(Path(args.out) / "training_record.json", record)
     return record
 
 

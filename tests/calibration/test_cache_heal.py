@@ -87,7 +87,7 @@ def test_stale_staging_files_of_dead_processes_are_removed(tiny_unet, ddpm_sched
     dm = make_datamodule(tiny_unet, ddpm_scheduler, tmp_path)
     path = dm.cache_path()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = path.with_name(f"{path.name}.tmp-{int(dead.stdout)}")
+    stale = path.with_name(f".{path.name}.x1y2z3.tmp-{int(dead.stdout)}")
     stale.write_bytes(b"half")
     dm.setup()
     assert not stale.exists() and dm.cache_event == "generated"

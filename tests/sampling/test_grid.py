@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dq.sampling.grid import image_grid, main
+from dq.sampling.grid import image_grid
+from dq.zoo.sample_grid import main
 
 LOCAL_CONFIG = str(Path(__file__).resolve().parents[2] / "conf" / "model" / "local.yaml")
 
