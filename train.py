@@ -20,6 +20,7 @@ import resource
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from dq.bkd.callbacks import BlockCheckpoint, BlockProgressBar, group_ranges
 from dq.calibration import calibration_cache_key
 from dq.cli import discard_if_untouched, reported_errors, run_hydra_entry
 from dq.config_values import config_bool, config_choice, config_int, config_str, known_fields
-from dq.io import check_writable_dir, place_file, write_json
+from dq.io import atomic_write, check_writable_dir, place_file, write_json
 from dq.metrics import kernel_distance, mse, psnr, ssim, to_uint8
 from dq.metrics.backends import build_backend
 from dq.metrics.kernel import KID_PROTOCOL
@@ -191,119 +192,172 @@ def fidelity_features(cfg: DictConfig) -> str | None:
     return None if choice in (None, "none") else str(choice)
 
 
+@dataclass
+class Job:
+    """What one train.py job works with, from its config to the trained student."""
+
+    cfg: DictConfig
+    out_dir: Path
+    start: float  # perf_counter at the job's start
+    loaded: Any  # dq.zoo.LoadedModel: the FP UNet, its scheduler and sampler
+    timesteps: torch.Tensor  # the sampler's planned timesteps (TPQ's T = their number)
+    quant_config: QuantConfig
+    distill: DistillConfig
+    components: ModelComponents  # FP VAE / text encoder: outside BKD, never quantized
+    conditioning: ModelConditioning
+    datamodule: L.LightningDataModule
+    load_calibration: Callable
+    distiller: BlockDistiller
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one quantization job; returns the results (also written to <output_dir>/results.json)."""
     start = time.perf_counter()
     # teacher and student stay in eval mode on purpose (no dropout; BKD trains weights and quantizers only)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
+    job = prepare(cfg, start)
+    checkpoint = check_resume(job)
+    check_writable_dir(cfg.data.cache_dir, "data.cache_dir")  # after the checks: a refused run creates nothing
+    rank = fit_student(job, checkpoint)
+    if rank != 0:
+        return {}
+    if job.distiller.state.block < len(job.distiller.blocks):  # interrupted (Ctrl-C, max_steps, time limit)
+        log.warning(
+            "training stopped in block %d of %d; nothing is written but the checkpoint. Resume with: "
+            "python train.py hydra.run.dir=%s ckpt_path=last (and the same overrides)",
+            job.distiller.state.block + 1, len(job.distiller.blocks), job.out_dir,
+        )
+        return {"complete": False, "block": job.distiller.state.block, "num_blocks": len(job.distiller.blocks)}
+    return write_outputs(job)
+
+
+def prepare(cfg: DictConfig, start: float) -> Job:
+    """Check the config, load the FP model and its parts, build the calibration source and the distiller."""
     check_config(cfg)
     out_dir = check_writable_dir(cfg.output_dir, "output_dir")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loaded = load_model(cfg.model)
     timesteps = planned_timesteps(loaded.scheduler.config, loaded.sampler)
-    num_steps = len(timesteps)
-    quant_config = build_quant_config(cfg, num_steps)
+    quant_config = build_quant_config(cfg, len(timesteps))
     distill = distill_config(cfg)
-    components = load_components(cfg.model)  # FP VAE / text encoder: outside BKD, never quantized
+    components = load_components(cfg.model)
     # encode only the prompts calibration trajectories and fidelity samples use (k % P is then the same)
     limit = max(int(cfg.data.num_trajectories or cfg.data.num_samples), int(cfg.fidelity.num_samples))
     conditioning = model_conditioning(cfg.model, components, limit=limit)
     datamodule, load_calibration = calibration_source(cfg, loaded, conditioning)
     distiller = BlockDistiller(loaded.unet, quant_config, distill, load_calibration, seed=cfg.seed)
-    num_blocks = 1 if distill.whole_model else len(candidate_blocks(distiller.student))
+    return Job(cfg, out_dir, start, loaded, timesteps, quant_config, distill, components, conditioning, datamodule,
+               load_calibration, distiller)
 
-    checkpoint = None
-    if distill.iters_per_block > 0:  # checkpoints record what the student depends on; a resume must match it
-        distiller.run_identity = identity_of(cfg, datamodule, quant_config)
-        checkpoint = resolve_checkpoint(cfg.ckpt_path, out_dir / "checkpoints")
-        if checkpoint is not None:
-            check_checkpoint(checkpoint, distiller.run_identity)
-    check_writable_dir(cfg.data.cache_dir, "data.cache_dir")  # after the checks: a refused run creates nothing
 
-    if distill.iters_per_block == 0:  # initialisation only: no optimisation, no Lightning loop needed
-        distiller._calibration_source = lambda: load_calibration(None)
-        distiller.initialize_only()
-        rank = 0
-    else:
-        trainer = L.Trainer(
-            **OmegaConf.to_container(cfg.trainer, resolve=True),
-            max_epochs=num_blocks,
-            logger=hydra.utils.instantiate(cfg.logger),
-            callbacks=[
-                *([BlockProgressBar()] if cfg.progress_bar else []),
-                BlockScheduleCallback(),
-                TemporalGroupCallback(num_steps),
-                BlockCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every_n_steps),
-            ],
-            enable_progress_bar=cfg.progress_bar,
-            enable_model_summary=False,
-            enable_checkpointing=False,  # BlockCheckpoint writes the run's one resume point
-            num_sanity_val_steps=0,
-            log_every_n_steps=10,
-            default_root_dir=out_dir,
-        )
-        distiller._calibration_source = lambda: load_calibration(trainer)
-        trainer.fit(distiller, ckpt_path=checkpoint)
-        rank = trainer.global_rank
-        if distiller.state.block < len(distiller.blocks):  # interrupted (Ctrl-C, max_steps, time limit)
-            last = out_dir / "checkpoints" / "last.ckpt"
-            log.warning(
-                "training stopped in block %d of %d; nothing is written but the checkpoint. Resume with: "
-                "python train.py hydra.run.dir=%s ckpt_path=%s (and the same overrides)",
-                distiller.state.block + 1, len(distiller.blocks), out_dir, last,
-            )
-            return {"complete": False, "block": distiller.state.block, "num_blocks": len(distiller.blocks)}
-    if rank != 0:
-        return {}
+def check_resume(job: Job) -> Path | None:
+    """The checkpoint to resume from (ckpt_path), checked against the run's identity, which every checkpoint
+    of a training run records."""
+    if job.distill.iters_per_block == 0:
+        return None
+    job.distiller.run_identity = identity_of(job.cfg, job.datamodule, job.quant_config)
+    checkpoint = resolve_checkpoint(job.cfg.ckpt_path, job.out_dir / "checkpoints")
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, job.distiller.run_identity)
+    return checkpoint
 
-    student = distiller.student.cpu()
-    train_seconds = time.perf_counter() - start
-    results: dict[str, Any] = {
-        "results_version": RESULTS_VERSION,
-        "complete": True,
-        "method": cfg.method.name,
-        "quant": cfg.quant.name,
-        "weight_bits": quant_config.weight_bits,
-        "act_bits": quant_config.act_bits,
-        "model": cfg.model.get("source"),
-        "num_steps": num_steps,
-        "num_groups": quant_config.num_groups,
-        "num_blocks": len(distiller.blocks),
-        "iters_per_block": distill.iters_per_block,
-        "block_final_losses": distiller.state.final_losses,
-        "train_seconds": round(train_seconds, 1),
-        # block preparation inside train_seconds (this process only, when resumed): caches and initialisation
-        "prep_seconds": {k: round(v, 1) for k, v in distiller.prep_seconds.items()},
-        "peak_memory_mb": round(_peak_memory_mb(), 1),
-    }
-    key_by_timestep(student, timesteps)  # stock pipelines pass only t: the student finds its TPQ row from it
+
+def fit_student(job: Job, checkpoint: Path | None) -> int:
+    """Initialise (PTQ) or train the student block by block; returns this process's global rank."""
+    if job.distill.iters_per_block == 0:  # initialisation only: no optimisation, no Lightning loop needed
+        job.distiller._calibration_source = lambda: job.load_calibration(None)
+        job.distiller.initialize_only()
+        return 0
+    num_blocks = 1 if job.distill.whole_model else len(candidate_blocks(job.distiller.student))
+    trainer = make_trainer(job.cfg, job.out_dir, num_blocks, len(job.timesteps))
+    job.distiller._calibration_source = lambda: job.load_calibration(trainer)
+    trainer.fit(job.distiller, ckpt_path=checkpoint)
+    return trainer.global_rank
+
+
+def make_trainer(cfg: DictConfig, out_dir: Path, num_blocks: int, num_steps: int) -> L.Trainer:
+    """One epoch per block; BKD, TPQ and checkpoint callbacks; the configured accelerator and logger."""
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        max_epochs=num_blocks,
+        logger=hydra.utils.instantiate(cfg.logger),
+        callbacks=[
+            *([BlockProgressBar()] if cfg.progress_bar else []),
+            BlockScheduleCallback(),
+            TemporalGroupCallback(num_steps),
+            BlockCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every_n_steps),
+        ],
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        enable_checkpointing=False,  # BlockCheckpoint writes the run's one resume point
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        default_root_dir=out_dir,
+    )
+
+
+def write_outputs(job: Job) -> dict[str, Any]:
+    """The student folder, config, TPQ ranges, the fidelity check and, last, results.json."""
+    cfg, out_dir, loaded = job.cfg, job.out_dir, job.loaded
+    student = job.distiller.student.cpu()
+    results = run_record(job, train_seconds=time.perf_counter() - job.start)
+    key_by_timestep(student, job.timesteps)  # stock pipelines pass only t: the student finds its TPQ row from it
     # results.json is written last and says complete: true; an earlier run's copy goes first, so that an
     # interrupted rewrite never leaves new files beside an old results.json
     (out_dir / "results.json").unlink(missing_ok=True)
     save_student(student, out_dir / "student", scheduler_config=loaded.scheduler.config,
                  sampler=loaded.sampler.to_dict(), overwrite=True)
     place_file(out_dir / "student" / STATE_FILE, out_dir / STATE_FILE)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    atomic_write(out_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     write_json(out_dir / "tpq_ranges.json", tpq_ranges(student))
     phase("fidelity")
-    results.update(fidelity(cfg, loaded, student, out_dir, components, conditioning))
+    results.update(fidelity(cfg, loaded, student, out_dir, job.components, job.conditioning))
     phase("write")
-    results["wall_seconds"] = round(time.perf_counter() - start, 1)
-    results["quant_config"] = quant_config.to_dict()
+    results["wall_seconds"] = round(time.perf_counter() - job.start, 1)
+    results["quant_config"] = job.quant_config.to_dict()
     results["sampler"] = loaded.sampler.to_dict()
-    results["fidelity_protocol"] = {
+    results["fidelity_protocol"] = fidelity_protocol(job)
+    metadata = job.datamodule.metadata or {}
+    results["calibration"] = {k: v for k, v in metadata.items() if isinstance(v, (str, int, float))}
+    write_json(out_dir / "results.json", results)
+    return results
+
+
+def run_record(job: Job, train_seconds: float) -> dict[str, Any]:
+    """The head of results.json: what ran, how long, the per-block losses."""
+    cfg, distiller = job.cfg, job.distiller
+    return {
+        "results_version": RESULTS_VERSION,
+        "complete": True,
+        "method": cfg.method.name,
+        "quant": cfg.quant.name,
+        "weight_bits": job.quant_config.weight_bits,
+        "act_bits": job.quant_config.act_bits,
+        "model": cfg.model.get("source"),
+        "num_steps": len(job.timesteps),
+        "num_groups": job.quant_config.num_groups,
+        "num_blocks": len(distiller.blocks),
+        "iters_per_block": job.distill.iters_per_block,
+        "block_final_losses": distiller.state.final_losses,
+        "train_seconds": round(train_seconds, 1),
+        # block preparation inside train_seconds (this process only, when resumed): caches and initialisation
+        "prep_seconds": {k: round(v, 1) for k, v in distiller.prep_seconds.items()},
+        "peak_memory_mb": round(_peak_memory_mb(), 1),
+    }
+
+
+def fidelity_protocol(job: Job) -> dict[str, Any]:
+    cfg = job.cfg
+    return {
         "num_samples": cfg.fidelity.num_samples, "seed": fidelity_seed(cfg),
         "images": "final samples (decoded by the FP VAE for a latent model) clamped to [-1, 1], compared in "
                   "[0, 1] units; PSNR averaged per image; SSIM with an 11x11 Gaussian window (or the image side)",
         "kid_features": fidelity_features(cfg),
         "kid": KID_PROTOCOL,
-        "conditioning": conditioning.record(),
-        "latent_decode": components.decode_record(),
+        "conditioning": job.conditioning.record(),
+        "latent_decode": job.components.decode_record(),
     }
-    results["calibration"] = {k: v for k, v in (datamodule.metadata or {}).items() if isinstance(v, (str, int, float))}
-    write_json(out_dir / "results.json", results)
-    return results
 
 
 def tpq_ranges(student: torch.nn.Module) -> dict[str, dict[str, list[float]]]:
