@@ -15,6 +15,7 @@ into student/; loadable with dq.quant.load_quant_state), config.yaml (resolved),
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -63,28 +64,14 @@ log = logging.getLogger("dq.train")
 
 
 def build_quant_config(cfg: DictConfig, num_steps: int) -> QuantConfig:
-    """The QuantConfig of a run: bit-widths and precision policy from `quant`, WD/TPQ/init from `method`."""
-    q, m = cfg.quant, cfg.method
-    groups = num_steps if m.tpq_groups is None else int(m.tpq_groups)
-    return QuantConfig(
-        weight_bits=q.weight_bits,
-        act_bits=q.act_bits,
-        first_layer_bits=q.first_layer_bits,
-        last_layer_bits=q.last_layer_bits,
-        attn_bits=q.attn_bits,
-        softmax_bits=q.softmax_bits,
-        quantize_attention=q.quantize_attention,
-        include=tuple(q.include),
-        exclude=tuple(q.exclude),
-        weight_dilation=m.weight_dilation,
-        dilation_max_scale=m.dilation_max_scale,
-        num_steps=num_steps,
-        num_groups=groups,
-        split_skip=q.split_skip,
-        act_init=m.act_init,
-        weight_init=m.weight_init,
-        lsq_grad_scale=m.lsq_grad_scale,
-    )
+    """The QuantConfig of a run: every key of `quant` but its name (bit-widths, precision policy), the
+    QuantConfig fields of `method` (WD, initialisation, LSQ), and the TPQ groups (method.tpq_groups, null =
+    one per step). A key of `quant` that QuantConfig lacks is an error naming it."""
+    quant = {k: v for k, v in OmegaConf.to_container(cfg.quant, resolve=True).items() if k != "name"}
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    method = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k in fields}
+    groups = num_steps if cfg.method.tpq_groups is None else int(cfg.method.tpq_groups)
+    return QuantConfig.from_dict({**quant, **method, "num_steps": num_steps, "num_groups": groups})
 
 
 def calibration_source(cfg: DictConfig, loaded, conditioning: ModelConditioning | None = None
@@ -140,7 +127,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def distill_config(cfg: DictConfig) -> DistillConfig:
     return DistillConfig(**known_fields(DistillConfig, OmegaConf.to_container(cfg.method.distill, resolve=True),
-                                        "method.distill."))
+                                        "method.distill key(s)"))
 
 
 def identity_of(cfg: DictConfig, datamodule, quant_config: QuantConfig) -> dict[str, Any]:

@@ -116,10 +116,11 @@ def check_field_types(instance: Any, prefix: str = "") -> None:
             raise UserError(f"{name} must be {declared.split(' ')[0]}, got {value!r}")
 
 
-def known_fields(cls: type, mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`mapping` as keyword arguments of dataclass `cls`; UserError naming any key it does not have."""
+def known_fields(cls: type, mapping: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`mapping` as keyword arguments of dataclass `cls`; UserError naming the keys it does not have
+    ("unknown <what> [...]; known: [...]")."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(mapping) - names)
     if unknown:
-        raise UserError(f"unknown {prefix}key(s) {unknown}; known: {sorted(names)}")
+        raise UserError(f"unknown {what} {unknown}; known: {sorted(names)}")
     return dict(mapping)

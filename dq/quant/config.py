@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from dq.config_values import known_fields
 from dq.errors import UserError
 
 ACT_INIT_METHODS = ("minmax", "percentile", "mse")
@@ -94,11 +95,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         """Build from a plain mapping (JSON, YAML, OmegaConf container); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**dict(data))
+        return cls(**known_fields(cls, data, "QuantConfig field(s)"))
 
     def diff(self, other: QuantConfig) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: {name: (self's, other's)}."""

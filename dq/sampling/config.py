@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dq.config_values import known_fields
 from dq.errors import UserError
 
 SAMPLER_NAMES = ("ddim", "plms", "pndm", "dpm_solver")
@@ -54,11 +55,7 @@ class SamplerConfig:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> SamplerConfig:
         """Build from a dict or an OmegaConf node; unknown keys are an error (a typo would go unnoticed)."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise UserError(f"unknown sampler setting(s) {unknown}; expected some of {sorted(known)}")
-        values = dict(mapping)
+        values = known_fields(cls, mapping, "sampler setting(s)")
         if "eta" in values:
             values["eta"] = float(values["eta"])
         if values.get("guidance_scale") is not None:

@@ -37,7 +37,7 @@ TRAIN_CASES = [
     (["data.num_samples=0"], "data.num_samples must be an int >= 1, got 0"),
     (["method.tpq_groups=0"], "method.tpq_groups must be an int >= 1, got 0"),
     (["method.distill.iters_per_block=x"], "method.distill.iters_per_block must be int, got 'x'"),
-    (["+method.distill.foo=1"], "unknown method.distill.key(s) ['foo']"),
+    (["+method.distill.foo=1"], "unknown method.distill key(s) ['foo']"),
     (["method.distill.lr_quant=0"], "lr_quant > 0"),
     (["method.distill.cache_device=tpu"], "cache_device must be 'cpu', 'auto', 'cuda' or 'cuda:N', got 'tpu'"),
     (["model=local", "model.path=/nonexistent/model"], "model folder /nonexistent/model does not exist"),
