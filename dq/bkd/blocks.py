@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from dq.errors import UserError
-from dq.quant import QuantConv2d, QuantLinear, act_quantizers, set_step, weight_quantizers
+from dq.quant import QuantConv2d, QuantLinear, act_quantizers, step_context, weight_quantizers
 from dq.sampling import cond_kwargs, unet_forward
 
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D", "TimestepEmbedding")
@@ -88,8 +88,8 @@ def execution_order(model: nn.Module, names: Iterable[str], example: dict[str, t
 
 def run_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One UNet forward on a calibration batch, with the batch's per-sample step indices set."""
-    set_step(model, batch["step"])
-    return unet_forward(model, batch["x_t"], batch["timestep"], batch.get("cond"))
+    with step_context(model, batch["step"]):
+        return unet_forward(model, batch["x_t"], batch["timestep"], batch.get("cond"))
 
 
 @dataclass

@@ -4,10 +4,11 @@
   inputs (student path) and targets (teacher path), initialises its quantizers (WD was applied when the
   student was built; the TPQ tables come from the cached inputs, per group) and its optimizer; at the end it
   freezes the block and records its final loss.
-- TemporalGroupCallback (TPQ): owns the timestep groups. It checks the step→group map against the sampler
-  schedule, sets each training batch's per-sample step indices on the student, logs the per-group
-  activation ranges of each finished block, and leaves the student in per-step scalar mode (no step set)
-  at the end, ready for sampling with `set_step(student, i)`.
+- TemporalGroupCallback (TPQ): checks the student's TPQ tables and the calibration step indices against the
+  sampler schedule, and logs the per-group activation ranges of each finished block. (Each forward sets
+  its own step indices with `dq.quant.step_context`: the training step from its batch's rows, capture and
+  initialisation from theirs, the sampler per model call.)
+- BlockCheckpoint: the run's resume point, last.ckpt.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from dq.bkd.distiller import BlockDistiller
 from dq.errors import UserError
-from dq.quant import TemporalActQuantizer, act_quantizers, set_step
+from dq.quant import TemporalActQuantizer, act_quantizers
 
 
 class BlockScheduleCallback(L.Callback):
@@ -56,7 +57,7 @@ class BlockScheduleCallback(L.Callback):
 
 
 class TemporalGroupCallback(L.Callback):
-    """Per-sample TPQ step indices for every training batch; per-group range logging; scalar mode at the end."""
+    """TPQ checks at the start of training; per-group range logging at the end of each block."""
 
     def __init__(self, num_steps: int) -> None:
         self.num_steps = num_steps
@@ -71,10 +72,6 @@ class TemporalGroupCallback(L.Callback):
         if int(steps.min()) < 0 or int(steps.max()) >= self.num_steps:
             raise UserError(f"calibration step indices must lie in [0, {self.num_steps}), got [{int(steps.min())}, {int(steps.max())}]")
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: BlockDistiller, batch, batch_idx: int) -> None:
-        rows = pl_module.shard(batch["index"])
-        set_step(pl_module.student, pl_module.calibration_steps(rows))
-
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
         if pl_module.state.block == trainer.current_epoch:  # block not finished (cut short)
             return
@@ -85,9 +82,6 @@ class TemporalGroupCallback(L.Callback):
                 prefix = f"tpq/{pl_module.blocks[trainer.current_epoch] or 'model'}.{name}"
                 pl_module.log(f"{prefix}/range_min_mean", float(lo.mean()), on_epoch=True)
                 pl_module.log(f"{prefix}/range_max_mean", float(hi.mean()), on_epoch=True)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:
-        set_step(pl_module.student, None)  # sampling sets one step index per model call
 
 
 class BlockCheckpoint(L.Callback):

@@ -48,7 +48,7 @@ from dq.quant import (
     WeightQuantizer,
     calibrate_activations,
     quantize_model,
-    set_step,
+    step_context,
 )
 from dq.resume import IDENTITY_KEY, fault_point, phase
 from dq.sampling import unet_forward
@@ -331,15 +331,12 @@ class BlockDistiller(L.LightningModule):
         with calibrate_activations(block, seed=self.seed):
             for value in steps.unique().tolist():
                 for rows in torch.nonzero(steps == value).flatten().split(self.distill.capture_batch_size):
-                    self._set_rows_step(rows)
-                    self.cache.call(block, self._device_rows(rows))
+                    with step_context(self.student, self.calibration_steps(rows)):
+                        self.cache.call(block, self._device_rows(rows))
 
     def _device_rows(self, rows: torch.Tensor | slice) -> torch.Tensor | slice:
         """Row indices on the device of the current cache (the device it was actually placed on)."""
         return rows if isinstance(rows, slice) else rows.to(self.cache.device)
-
-    def _set_rows_step(self, rows: torch.Tensor | slice) -> None:
-        set_step(self.student, self.calibration_steps(rows))
 
     def learning_rate_factor(self, iteration: int) -> float:
         """Cosine decay over the block's iterations, from 1 to min_lr_ratio."""
@@ -465,8 +462,9 @@ class BlockDistiller(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         fault_point("train")
         name = self.blocks[self.state.block]
-        rows = self.shard(batch["index"])
-        prediction = self._block_forward(name, self._device_rows(rows))
+        rows = self.shard(batch["index"])  # this rank's share; the batch's own TPQ step indices come with them
+        with step_context(self.student, self.calibration_steps(rows)):
+            prediction = self._block_forward(name, self._device_rows(rows))
         target = self.cache.output[self._device_rows(rows)].to(prediction.device)
         loss = F.mse_loss(prediction.float(), target.float())  # eq. 15
         optimizer = self.optimizers()
