@@ -327,15 +327,21 @@ def check_config(cfg: DictConfig) -> None:
         config_str(cfg, key, optional=True)
 
 
+def check_outputs(cfg: DictConfig) -> Path:
+    """Every folder evaluate.py writes is writable (refused before any work); returns the output dir."""
+    out_dir = check_writable_dir(cfg.output_dir, "output_dir")
+    check_writable_dir(cfg.eval.fp_cache_dir, "eval.fp_cache_dir")
+    if cfg.run is not None and Path(str(cfg.run)).expanduser().is_dir():  # metrics.json is copied there
+        check_writable_dir(Path(str(cfg.run)).expanduser(), "run")
+    return out_dir
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample, compute the metrics and write metrics.json; returns the metrics on rank 0 ({} elsewhere)."""
     start = time.perf_counter()
     eval_cfg = cfg.eval
     check_config(cfg)
-    out_dir = check_writable_dir(cfg.output_dir, "output_dir")
-    check_writable_dir(eval_cfg.fp_cache_dir, "eval.fp_cache_dir")
-    if cfg.run is not None and Path(str(cfg.run)).expanduser().is_dir():  # metrics.json is copied there
-        check_writable_dir(Path(str(cfg.run)).expanduser(), "run")
+    out_dir = check_outputs(cfg)
     fabric = L.Fabric(**OmegaConf.to_container(cfg.trainer, resolve=True))
     fabric.launch()
     progress = bool(cfg.progress_bar)
