@@ -14,18 +14,14 @@ from typing import Any
 
 from dq.errors import UserError
 
-_MISSING = object()
 
-
-def config_value(cfg: Any, key: str, default: Any = _MISSING) -> Any:
-    """The value at dotted `key`; UserError when it is absent (and no default) or a `???` left unset."""
+def config_value(cfg: Any, key: str) -> Any:
+    """The value at dotted `key`; UserError when it is absent or a `???` left unset."""
     node = cfg
     for part in key.split("."):
         try:
             node = node[part]
         except Exception as err:  # KeyError, omegaconf's ConfigKeyError / MissingMandatoryValue
-            if default is not _MISSING and not _is_missing_mandatory(err):
-                return default
             raise UserError(f"config key {key} is {'not set (???)' if _is_missing_mandatory(err) else 'missing'}"
                             ) from err
     return node
@@ -45,18 +41,6 @@ def config_int(cfg: Any, key: str, *, minimum: int | None = None, maximum: int |
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise UserError(f"{key} must be an int{_range(minimum, maximum)}, got {value}")
     return value
-
-
-def config_float(cfg: Any, key: str, *, minimum: float | None = None, maximum: float | None = None,
-                 optional: bool = False) -> float | None:
-    value = config_value(cfg, key)
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{key} must be a number{_range(minimum, maximum)}, got {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise UserError(f"{key} must be a number{_range(minimum, maximum)}, got {value}")
-    return float(value)
 
 
 def config_bool(cfg: Any, key: str) -> bool:

@@ -24,7 +24,6 @@ from dq.errors import CorruptFileError, MismatchError, MissingFileError
 
 IDENTITY_KEY = "dq_run"
 FAULT_ENV = "DQ_FAULT_KILL_AT"
-PHASES = ("calibration", "prepare", "train", "fidelity", "write")
 # method.distill keys that change where or how fast the computation runs, not what it computes
 PLACEMENT_KEYS = ("cache_device", "cache_gpu_fraction", "capture_batch_size", "target_cache_mb")
 

@@ -152,13 +152,20 @@ class CalibrationDataModule(L.LightningDataModule):
         # how setup found its tuples (one process): "read" from the cache, "generated", or "regenerated" after
         # the cache file failed to load; None under DDP or before setup
         self.cache_event: str | None = None
+        self._identity: dict[str, Any] | None = None
 
     @property
     def guidance_scale(self) -> float | None:
         return self.sampler.guidance_scale
 
     def identity(self) -> dict[str, Any]:
-        """What the tuples depend on; its hash is the cache key."""
+        """What the tuples depend on; its hash is the cache key. Computed once (it hashes the model weights;
+        train.py's checkpoint identity and setup both need it)."""
+        if self._identity is None:
+            self._identity = self._compute_identity()
+        return self._identity
+
+    def _compute_identity(self) -> dict[str, Any]:
         conditioning = {}
         for key, value in self.conditioning.items():
             if isinstance(value, torch.Tensor):
@@ -175,7 +182,7 @@ class CalibrationDataModule(L.LightningDataModule):
         }
 
     def cache_path(self) -> Path:
-        """The cache file of these tuples (hashes the model weights: call once, it is not free for big models)."""
+        """The cache file of these tuples."""
         return self.cache_dir / f"calibration-{calibration_cache_key(self.identity())}.safetensors"
 
     def setup(self, stage: str | None = None) -> None:

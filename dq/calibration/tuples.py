@@ -223,9 +223,7 @@ def load_tuples(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
                 raise CorruptFileError(f"{path} has no {METADATA_KEY!r} metadata: not a dq calibration cache")
             tuples = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         metadata = json.loads(header[METADATA_KEY])
-    except CorruptFileError:
-        raise
-    except FileNotFoundError:
+    except (CorruptFileError, FileNotFoundError):
         raise
     except Exception as err:  # safetensors' SafetensorError, a JSON error in the header, a short read
         raise CorruptFileError(f"{path} is not a readable calibration cache (truncated or corrupted?): "
