@@ -20,7 +20,6 @@ import logging
 import resource
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dq.bkd import (
+    BlockCheckpoint,
     BlockDistiller,
-    BlockScheduleCallback,
+    BlockProgressBar,
     DistillConfig,
-    TemporalGroupCallback,
+    TPQRangeLogger,
     candidate_blocks,
 )
-from dq.bkd.callbacks import BlockCheckpoint, BlockProgressBar, group_ranges
-from dq.calibration import calibration_cache_key
+from dq.bkd.callbacks import group_ranges
+from dq.calibration import CalibrationDataModule, calibration_cache_key
 from dq.cli import discard_if_untouched, reported_errors, run_hydra_entry
 from dq.config_values import config_bool, config_choice, config_int, config_str, known_fields
 from dq.io import atomic_write, check_writable_dir, place_file, write_json
@@ -50,14 +50,7 @@ from dq.quant import QuantConfig, TemporalActQuantizer, key_by_timestep
 from dq.resume import check_checkpoint, phase, resolve_checkpoint, run_identity
 from dq.sampling import planned_timesteps, sample
 from dq.sampling.grid import image_grid, write_png
-from dq.zoo import (
-    ModelComponents,
-    ModelConditioning,
-    load_components,
-    load_model,
-    model_conditioning,
-    to_images,
-)
+from dq.zoo import ModelBundle, load_model, to_images
 
 RESULTS_VERSION = 1
 log = logging.getLogger("dq.train")
@@ -74,28 +67,15 @@ def build_quant_config(cfg: DictConfig, num_steps: int) -> QuantConfig:
     return QuantConfig.from_dict({**quant, **method, "num_steps": num_steps, "num_groups": groups})
 
 
-def calibration_source(cfg: DictConfig, loaded, conditioning: ModelConditioning | None = None
-                       ) -> tuple[L.LightningDataModule, Callable]:
-    """The calibration DataModule and a function returning its tuples, to run inside `setup` (under DDP
-    the process group exists by then, and the ranks share the generation). `conditioning`: the model
-    config's (class labels / text embeddings); data.num_classes etc. stay usable for a model without it."""
-    extra = {}
-    if conditioning is not None and conditioning.is_conditional:
-        given = [k for k in ("num_classes", "uncond_class", "prompt_embeds", "uncond_embeds") if cfg.data.get(k) is not None]
-        if given:
-            raise ValueError(f"data.{given[0]} and model.conditioning are both set; set the conditioning in one place")
-        extra = conditioning.datamodule_kwargs()
-    datamodule = hydra.utils.instantiate(
-        cfg.data, unet=loaded.unet, scheduler_config=loaded.scheduler.config, sampler=loaded.sampler, **extra
+def calibration_data(cfg: DictConfig, model: ModelBundle) -> CalibrationDataModule:
+    """The calibration DataModule of `cfg.data` for the model and its conditioning (the model config's class
+    labels / text embeddings). BlockDistiller loads it in its setup: under DDP the process group exists by
+    then, and the ranks share the generation."""
+    conditioning = model.conditioning
+    extra = conditioning.datamodule_kwargs() if conditioning.is_conditional else {}
+    return hydra.utils.instantiate(
+        cfg.data, unet=model.unet, scheduler_config=model.scheduler.config, sampler=model.sampler, **extra
     )
-
-    def load(trainer: L.Trainer | None) -> dict[str, torch.Tensor]:
-        phase("calibration")
-        datamodule.trainer = trainer
-        datamodule.setup("fit")
-        return datamodule.tuples
-
-    return datamodule, load
 
 
 def _peak_memory_mb() -> float:
@@ -144,18 +124,16 @@ def fidelity_seed(cfg: DictConfig) -> int:
 
 
 @torch.no_grad()
-def fidelity(cfg: DictConfig, loaded, student: torch.nn.Module, out_dir: Path,
-             components: ModelComponents | None = None, conditioning: ModelConditioning | None = None
-             ) -> dict[str, float]:
+def fidelity(cfg: DictConfig, model: ModelBundle, student: torch.nn.Module, out_dir: Path) -> dict[str, float]:
     """FP teacher and student sample from the same noise (and conditioning: sample k gets class / prompt
     k % P); MSE, PSNR and SSIM of the final images (decoded by the FP VAE for a latent model), and the
     kernel distance of the student's samples to the teacher's on a feature network (fidelity.features)."""
     f = cfg.fidelity
-    cond, uncond = (conditioning or ModelConditioning()).for_indices(torch.arange(f.num_samples))
+    cond, uncond = model.conditioning.for_indices(torch.arange(f.num_samples))
     kwargs = dict(seed=fidelity_seed(cfg), batch_size=f.batch_size, progress=cfg.progress_bar, cond=cond, uncond=uncond)
-    config = loaded.scheduler.config
-    teacher_images = to_images(components, sample(loaded.unet, config, loaded.sampler, f.num_samples, **kwargs))
-    student_images = to_images(components, sample(student, config, loaded.sampler, f.num_samples, **kwargs))
+    config, components = model.scheduler.config, model.components
+    teacher_images = to_images(components, sample(model.unet, config, model.sampler, f.num_samples, **kwargs))
+    student_images = to_images(components, sample(student, config, model.sampler, f.num_samples, **kwargs))
     shown = min(8, f.num_samples)
     grid = image_grid(torch.cat([teacher_images[:shown], student_images[:shown]]), rows=2, scale=4)
     write_png(grid, out_dir / "samples.png")  # FP row over student row
@@ -186,14 +164,11 @@ class Job:
     cfg: DictConfig
     out_dir: Path
     start: float  # perf_counter at the job's start
-    loaded: Any  # dq.zoo.LoadedModel: the FP UNet, its scheduler and sampler
+    model: ModelBundle  # the FP UNet, its scheduler, sampler, FP components (never quantized), conditioning
     timesteps: torch.Tensor  # the sampler's planned timesteps (TPQ's T = their number)
     quant_config: QuantConfig
     distill: DistillConfig
-    components: ModelComponents  # FP VAE / text encoder: outside BKD, never quantized
-    conditioning: ModelConditioning
-    datamodule: L.LightningDataModule
-    load_calibration: Callable
+    datamodule: CalibrationDataModule
     distiller: BlockDistiller
 
 
@@ -224,18 +199,15 @@ def prepare(cfg: DictConfig, start: float) -> Job:
     check_config(cfg)
     out_dir = check_writable_dir(cfg.output_dir, "output_dir")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    loaded = load_model(cfg.model)
-    timesteps = planned_timesteps(loaded.scheduler.config, loaded.sampler)
-    quant_config = build_quant_config(cfg, len(timesteps))
-    distill = distill_config(cfg)
-    components = load_components(cfg.model)
     # encode only the prompts calibration trajectories and fidelity samples use (k % P is then the same)
     limit = max(int(cfg.data.num_trajectories or cfg.data.num_samples), int(cfg.fidelity.num_samples))
-    conditioning = model_conditioning(cfg.model, components, limit=limit)
-    datamodule, load_calibration = calibration_source(cfg, loaded, conditioning)
-    distiller = BlockDistiller(loaded.unet, quant_config, distill, load_calibration, seed=cfg.seed)
-    return Job(cfg, out_dir, start, loaded, timesteps, quant_config, distill, components, conditioning, datamodule,
-               load_calibration, distiller)
+    model = load_model(cfg.model, prompt_limit=limit)
+    timesteps = planned_timesteps(model.scheduler.config, model.sampler)
+    quant_config = build_quant_config(cfg, len(timesteps))
+    distill = distill_config(cfg)
+    datamodule = calibration_data(cfg, model)
+    distiller = BlockDistiller(model.unet, quant_config, distill, datamodule, seed=cfg.seed)
+    return Job(cfg, out_dir, start, model, timesteps, quant_config, distill, datamodule, distiller)
 
 
 def check_resume(job: Job) -> Path | None:
@@ -253,31 +225,28 @@ def check_resume(job: Job) -> Path | None:
 def fit_student(job: Job, checkpoint: Path | None) -> int:
     """Initialise (PTQ) or train the student block by block; returns this process's global rank."""
     if job.distill.iters_per_block == 0:  # initialisation only: no optimisation, no Lightning loop needed
-        job.distiller._calibration_source = lambda: job.load_calibration(None)
         job.distiller.initialize_only()
         return 0
     num_blocks = 1 if job.distill.whole_model else len(candidate_blocks(job.distiller.student))
-    trainer = make_trainer(job.cfg, job.out_dir, num_blocks, len(job.timesteps))
-    job.distiller._calibration_source = lambda: job.load_calibration(trainer)
+    trainer = make_trainer(job.cfg, job.out_dir, num_blocks)
     trainer.fit(job.distiller, ckpt_path=checkpoint)
     return trainer.global_rank
 
 
-def make_trainer(cfg: DictConfig, out_dir: Path, num_blocks: int, num_steps: int) -> L.Trainer:
-    """One epoch per block; BKD, TPQ and checkpoint callbacks; the configured accelerator and logger."""
+def make_trainer(cfg: DictConfig, out_dir: Path, num_blocks: int) -> L.Trainer:
+    """One epoch per block; the observing callbacks (progress, TPQ ranges) and the resume checkpoint; the
+    configured accelerator and logger."""
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_epochs=num_blocks,
         logger=hydra.utils.instantiate(cfg.logger),
         callbacks=[
             *([BlockProgressBar()] if cfg.progress_bar else []),
-            BlockScheduleCallback(),
-            TemporalGroupCallback(num_steps),
-            BlockCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every_n_steps),
+            TPQRangeLogger(),
+            BlockCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every_n_steps),  # the run's one resume point
         ],
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
-        enable_checkpointing=False,  # BlockCheckpoint writes the run's one resume point
         num_sanity_val_steps=0,
         log_every_n_steps=10,
         default_root_dir=out_dir,
@@ -286,24 +255,24 @@ def make_trainer(cfg: DictConfig, out_dir: Path, num_blocks: int, num_steps: int
 
 def write_outputs(job: Job) -> dict[str, Any]:
     """The student folder, config, TPQ ranges, the fidelity check and, last, results.json."""
-    cfg, out_dir, loaded = job.cfg, job.out_dir, job.loaded
+    cfg, out_dir, model = job.cfg, job.out_dir, job.model
     student = job.distiller.student.cpu()
     results = run_record(job, train_seconds=time.perf_counter() - job.start)
     key_by_timestep(student, job.timesteps)  # stock pipelines pass only t: the student finds its TPQ row from it
     # results.json is written last and says complete: true; an earlier run's copy goes first, so that an
     # interrupted rewrite never leaves new files beside an old results.json
     (out_dir / "results.json").unlink(missing_ok=True)
-    save_student(student, out_dir / "student", scheduler_config=loaded.scheduler.config,
-                 sampler=loaded.sampler.to_dict(), overwrite=True)
+    save_student(student, out_dir / "student", scheduler_config=model.scheduler.config,
+                 sampler=model.sampler.to_dict(), overwrite=True)
     place_file(out_dir / "student" / STATE_FILE, out_dir / STATE_FILE)
     atomic_write(out_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     write_json(out_dir / "tpq_ranges.json", tpq_ranges(student))
     phase("fidelity")
-    results.update(fidelity(cfg, loaded, student, out_dir, job.components, job.conditioning))
+    results.update(fidelity(cfg, model, student, out_dir))
     phase("write")
     results["wall_seconds"] = round(time.perf_counter() - job.start, 1)
     results["quant_config"] = job.quant_config.to_dict()
-    results["sampler"] = loaded.sampler.to_dict()
+    results["sampler"] = model.sampler.to_dict()
     results["fidelity_protocol"] = fidelity_protocol(job)
     metadata = job.datamodule.metadata or {}
     results["calibration"] = {k: v for k, v in metadata.items() if isinstance(v, (str, int, float))}
@@ -342,8 +311,8 @@ def fidelity_protocol(job: Job) -> dict[str, Any]:
                   "[0, 1] units; PSNR averaged per image; SSIM with an 11x11 Gaussian window (or the image side)",
         "kid_features": fidelity_features(cfg),
         "kid": KID_PROTOCOL,
-        "conditioning": job.conditioning.record(),
-        "latent_decode": job.components.decode_record(),
+        "conditioning": job.model.conditioning.record(),
+        "latent_decode": job.model.components.decode_record(),
     }
 
 

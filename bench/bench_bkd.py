@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.architectures import build, random_inputs  # noqa: E402
 from dq.bkd import (  # noqa: E402
     BlockDistiller,
-    BlockScheduleCallback,
     DistillConfig,
-    TemporalGroupCallback,
+    TPQRangeLogger,
     candidate_blocks,
 )
 from dq.quant import QuantConfig  # noqa: E402
@@ -81,9 +80,8 @@ def run(args: argparse.Namespace, whole_model: bool) -> dict:
     total_blocks = 1 if whole_model else len(candidate_blocks(distiller.student))
     epochs = 1 if whole_model else min(args.blocks or total_blocks, total_blocks)
     timer = _IterationTimer(device)
-    schedule = BlockScheduleCallback()
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=epochs,
-                        callbacks=[schedule, TemporalGroupCallback(args.steps), timer], logger=False,
+                        callbacks=[TPQRangeLogger(), timer], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -96,7 +94,8 @@ def run(args: argparse.Namespace, whole_model: bool) -> dict:
         later = [s for s, is_first in zip(timer.seconds, timer.first_of_block) if not is_first]
         steady = later or steady
     seconds_per_iter = sum(steady) / len(steady)
-    prepare = sum(schedule.seconds_preparing.values()) / max(1, len(schedule.seconds_preparing))
+    prepared = distiller.block_prep_seconds
+    prepare = sum(prepared.values()) / max(1, len(prepared))
     if args.compile:
         prepare += sum(first) / len(first) - seconds_per_iter  # compilation, part of each block's preparation
     if whole_model:

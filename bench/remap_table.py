@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dq.metrics import mse, psnr  # noqa: E402
 from dq.quant import load_quant_state, timestep_keying  # noqa: E402
 from dq.sampling import SamplerConfig, key_by_trained_sampler, planned_timesteps, sample  # noqa: E402
-from dq.zoo import load_components, load_model, to_images  # noqa: E402
+from dq.zoo import load_model, to_images  # noqa: E402
 
 POLICIES = ("nearest", "interpolate")
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     loaded, cfg, _ = load_run_student(args.student)
-    components = load_components(cfg.model)
+    components = loaded.components
     trained = loaded.sampler
     rows = []
     schedules = [(trained.name, trained.num_steps, args.student)] + [parse_schedule(s) for s in args.schedule]

@@ -1,7 +1,21 @@
-"""Facts about diffusers architectures that several layers of dq need (model loading, the integer runtime,
-student folders). Imports torch and diffusers only."""
+"""What dq knows about model architectures, as descriptions (dq.arch.description): one module per backbone
+family registers a describer; the converter and BKD read a model's structure from `describe(model)`.
+Also the diffusers UNet classes and their builder, and diffusers attention (quantized processor, heads)."""
 
-from dq.arch.attention import attention_heads, set_attention_heads
+from dq.arch import unet2d as _unet2d  # noqa: F401  (registers the UNet description)
+from dq.arch.attention import QuantAttnProcessor, attention_heads, quantize_attention, set_attention_heads
+from dq.arch.description import Architecture, describe, described_classes, register
 from dq.arch.unets import UNET_CLASSES, build_unet
 
-__all__ = ["UNET_CLASSES", "attention_heads", "build_unet", "set_attention_heads"]
+__all__ = [
+    "UNET_CLASSES",
+    "Architecture",
+    "QuantAttnProcessor",
+    "attention_heads",
+    "build_unet",
+    "describe",
+    "described_classes",
+    "quantize_attention",
+    "register",
+    "set_attention_heads",
+]

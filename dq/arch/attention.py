@@ -1,13 +1,17 @@
-"""Per-module attention head counts of a diffusers UNet: read them, and set counts its config cannot express
-(LSUN-Church's 8 heads at every width; `dq.zoo.convert_compvis` writes them to `unet/attention_heads.json`)."""
+"""diffusers' `Attention` module: its quantized processor (q, k, v and the softmax output quantized with TPQ
+tables), and its per-module head counts (read them, and set counts a UNet config cannot express:
+LSUN-Church's 8 heads at every width; `dq.zoo.convert_compvis` writes them to `unet/attention_heads.json`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from dq.errors import UserError
+from dq.quant.config import QuantConfig
+from dq.quant.layers import new_act_quantizer
 
 
 def attention_heads(unet: nn.Module) -> dict[str, int]:
@@ -35,3 +39,90 @@ def set_attention_heads(unet: nn.Module, heads: Mapping[str, int]) -> None:
         module.heads = module.sliceable_head_dim = count
         if module.scale_qk:
             module.scale = (module.inner_dim // count) ** -0.5
+
+
+def quantize_attention(module: nn.Module, config: QuantConfig) -> None:
+    """Give a diffusers Attention module a QuantAttnProcessor (q/k/v at config.qkv_bits, the softmax output
+    at config.softmax_bits), on the module's device."""
+    if getattr(module, "add_k_proj", None) is not None:
+        raise UserError(
+            "attention with added key/value projections is not quantized by dq yet; add it to QuantConfig.exclude"
+        )
+    device = next(module.parameters()).device
+    module.set_processor(QuantAttnProcessor(config.qkv_bits, config.softmax_bits, config).to(device))
+
+
+class QuantAttnProcessor(nn.Module):
+    """Attention processor for diffusers `Attention` with quantized matmul inputs.
+
+    q, k, v are quantized at `qkv_bits` (per tensor, TPQ tables) and the softmax output at `softmax_bits`;
+    the projections to_q/to_k/to_v/to_out are QuantLinear layers set by the converter. Being an nn.Module
+    assigned to `attn.processor`, its quantizers live in the model's state_dict.
+    """
+
+    def __init__(self, qkv_bits: int, softmax_bits: int, config: QuantConfig) -> None:
+        super().__init__()
+        self.q_quantizer = new_act_quantizer(qkv_bits, config)
+        self.k_quantizer = new_act_quantizer(qkv_bits, config)
+        self.v_quantizer = new_act_quantizer(qkv_bits, config)
+        self.probs_quantizer = new_act_quantizer(softmax_bits, config)
+
+    @classmethod
+    def from_quantizers(cls, q: nn.Module, k: nn.Module, v: nn.Module, probs: nn.Module) -> QuantAttnProcessor:
+        """A processor with the given quantizer modules (any module mapping a tensor to its quantized value,
+        e.g. the integer runtime's fixed-table quantizers)."""
+        processor = cls.__new__(cls)
+        nn.Module.__init__(processor)
+        processor.q_quantizer, processor.k_quantizer, processor.v_quantizer = q, k, v
+        processor.probs_quantizer = probs
+        return processor
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_layout = hidden_states.ndim == 4
+        if image_layout:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, kv_len, _ = context.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        query = attn.head_to_batch_dim(self.q_quantizer(query))  # [B·heads, L_q, d]
+        key = attn.head_to_batch_dim(self.k_quantizer(key))
+        value = attn.head_to_batch_dim(self.v_quantizer(value))
+
+        scores = torch.bmm(query, key.transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.float().softmax(dim=-1).to(value.dtype)
+        probs = self.probs_quantizer(probs)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
+        if image_layout:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

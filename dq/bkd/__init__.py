@@ -1,20 +1,22 @@
 """Block-wise Knowledge Distillation (METHOD.md §4): blocks in execution order, the BlockDistiller
-LightningModule (FP teacher + quantized student), and the BKD and TPQ callbacks that drive it."""
+LightningModule (FP teacher + quantized student, which runs the block lifecycle), and the callbacks that
+observe it."""
 
-from dq.bkd.blocks import BLOCK_TYPES, candidate_blocks, capture_block, execution_order
-from dq.bkd.callbacks import BlockScheduleCallback, TemporalGroupCallback
+from dq.bkd.blocks import candidate_blocks, capture_block, check_block_order, execution_order
+from dq.bkd.callbacks import BlockCheckpoint, BlockProgressBar, TPQRangeLogger
 from dq.bkd.distiller import BlockDistiller, BlockState, DistillConfig, batch_indices, choose_cache_device
 
 __all__ = [
-    "BLOCK_TYPES",
     "BlockDistiller",
-    "BlockScheduleCallback",
+    "BlockCheckpoint",
+    "BlockProgressBar",
     "BlockState",
     "DistillConfig",
-    "TemporalGroupCallback",
+    "TPQRangeLogger",
     "batch_indices",
     "candidate_blocks",
     "capture_block",
+    "check_block_order",
     "choose_cache_device",
     "execution_order",
 ]

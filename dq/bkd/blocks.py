@@ -1,10 +1,9 @@
-"""Blocks of a diffusion UNet for Block-wise Knowledge Distillation (METHOD.md §4, eq. 15), and the capture
-of one block's inputs and output from a full-model forward pass.
+"""Blocks of a diffusion model for Block-wise Knowledge Distillation (METHOD.md §4, eq. 15), and the
+capture of one block's inputs and output from a full-model forward pass.
 
-A block is a module called exactly once per UNet forward: each ResnetBlock2D, each attention module
-(`Attention` in UNet2DModel, `Transformer2DModel` in conditional UNets), each Downsample2D/Upsample2D, the
-TimestepEmbedding, and every quantized layer outside those (conv_in, conv_out) on its own. Blocks are
-ordered by execution, which is the order BKD trains them in.
+A block is a module called exactly once per forward pass; the model's architecture description
+(dq.arch.describe) lists them in execution order, which is the order BKD trains them in. A UNet's blocks:
+each resnet, each attention module, each down/up-sampler, the timestep embedding, conv_in and conv_out.
 """
 
 from __future__ import annotations
@@ -17,11 +16,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from dq.arch import describe
 from dq.errors import UserError
-from dq.quant import QuantConv2d, QuantLinear, act_quantizers, step_context, weight_quantizers
+from dq.quant import act_quantizers, step_context, weight_quantizers
 from dq.sampling import cond_kwargs, unet_forward
 
-BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D", "TimestepEmbedding")
 WHOLE_MODEL = ""  # the block name of the whole model (end-to-end QAT as one block)
 
 
@@ -41,14 +40,21 @@ def _has_quantizers(module: nn.Module) -> bool:
 
 
 def candidate_blocks(student: nn.Module) -> list[str]:
-    """Names of the block modules of a student, outermost first, in named_modules order."""
-    names: list[str] = []
-    for name, module in student.named_modules():
-        if not name or any(name.startswith(parent + ".") for parent in names):
-            continue
-        if type(module).__name__ in BLOCK_TYPES or isinstance(module, (QuantConv2d, QuantLinear)):
-            names.append(name)
-    return [n for n in names if _has_quantizers(student.get_submodule(n))]
+    """The blocks of a student that hold quantizers, in execution order (from its architecture description;
+    UnsupportedError for a model no description knows)."""
+    return [n for n in describe(student, required=True).blocks if _has_quantizers(student.get_submodule(n))]
+
+
+def check_block_order(model: nn.Module, names: list[str], example: dict[str, torch.Tensor]) -> None:
+    """UserError unless a forward of `model` on `example` runs the blocks `names` each once, in this order
+    (an architecture description that does not match the model's forward pass)."""
+    order = execution_order(model, names, example)
+    if order != names:
+        first = next(i for i, (a, b) in enumerate(zip(order, names)) if a != b)
+        raise UserError(
+            f"the architecture description of {type(model).__name__} lists block {names[first]!r} at position "
+            f"{first}, but the forward pass runs {order[first]!r} there; the description is wrong for this model"
+        )
 
 
 class _StopForward(Exception):

@@ -5,9 +5,12 @@ It holds the frozen FP teacher and the quantized student. Block k is trained on
     loss = MSE( B_k(fp_in_k), B̂_k(q_in_k) )
 
 where fp_in_k is the block's input on the teacher's path and q_in_k its input on the student's path with
-every earlier block already quantized and trained. One Lightning epoch is one block: `BlockScheduleCallback`
-prepares it (cached inputs/targets, quantizer initialisation), `TemporalGroupCallback` sets each
-batch's per-sample step indices. Only the current block is in the autograd graph.
+every earlier block already quantized and trained. One Lightning epoch is one block, and the module runs
+the whole lifecycle from its own hooks: at the start of block k it caches the block's inputs (student path)
+and targets (teacher path), initialises its quantizers and sets its learning rates; each training batch
+carries its calibration rows and their TPQ step indices; at the end it freezes the block and records its
+final loss. Callbacks only observe (progress, TPQ ranges, the resume checkpoint). Only the current block is
+in the autograd graph.
 
 The batch of iteration i of block k is a pure function of (seed, k, i), and the block cursor, the
 iteration, the optimizer state and the RNG state are saved in the Lightning checkpoint, so
@@ -21,9 +24,9 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -36,8 +39,8 @@ from dq.bkd.blocks import (
     candidate_blocks,
     capture_block,
     capture_outputs,
+    check_block_order,
     concat_block_io,
-    execution_order,
 )
 from dq.config_values import check_field_types
 from dq.errors import UserError
@@ -49,6 +52,7 @@ from dq.quant import (
     calibrate_activations,
     quantize_model,
     step_context,
+    tpq_num_steps,
 )
 from dq.resume import IDENTITY_KEY, fault_point, phase
 from dq.sampling import unet_forward
@@ -123,6 +127,12 @@ class DistillConfig:
             raise UserError(f"teacher_precision must be one of {allowed}, got {self.teacher_precision!r}")
 
 
+class CalibrationSource(Protocol):
+    """What BlockDistiller loads its calibration tuples from (dq.calibration.CalibrationDataModule)."""
+
+    def load(self, device: torch.device | None = None) -> dict[str, torch.Tensor]: ...
+
+
 def choose_cache_device(
     bytes_needed: int, device: torch.device | str, free_bytes: int, fraction: float
 ) -> torch.device:
@@ -159,24 +169,28 @@ class BlockState:
 
 
 class BlockBatches:
-    """The training "data" of one block: the calibration rows of each iteration, {"index": int64 [B]}.
+    """The training data of BKD: for iteration i of block k, the calibration rows batch_indices(seed, k, i)
+    and their TPQ step indices, {"index": int64 [B], "step": int64 [B]}.
 
-    Iteration starts at the module's saved iteration, so a resumed run yields exactly the batches that
+    Each pass yields the current block's remaining iterations, from the cursor (a BlockState the
+    distiller advances and restores from its checkpoint), so a resumed run gets exactly the batches that
     were left (rows are a pure function of seed, block and iteration)."""
 
-    def __init__(self, module: BlockDistiller) -> None:
-        self.module = module
+    def __init__(self, steps: torch.Tensor, seed: int, batch_size: int, iters_per_block: int,
+                 cursor: BlockState) -> None:
+        self.steps, self.seed, self.batch_size = steps, seed, batch_size
+        self.iters_per_block, self.cursor = iters_per_block, cursor
 
     def __len__(self) -> int:
-        return self.module.distill.iters_per_block
+        return self.iters_per_block
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        module = self.module
-        block, start = module.state.block, module.state.iteration
-        for iteration in range(start, module.distill.iters_per_block):
-            yield {"index": batch_indices(module.seed, block, iteration, module.num_samples, module.distill.batch_size)}
+        block, start = self.cursor.block, self.cursor.iteration
+        for iteration in range(start, self.iters_per_block):
+            rows = batch_indices(self.seed, block, iteration, len(self.steps), self.batch_size)
+            yield {"index": rows, "step": self.steps[rows]}
 
-    # Lightning treats loaders with these as resumable; the position lives in the module's BKD state
+    # Lightning treats loaders with these as resumable; the position lives in the cursor
     def state_dict(self) -> dict:
         return {}
 
@@ -192,17 +206,18 @@ class BlockDistiller(L.LightningModule):
         teacher: nn.Module,
         quant_config: QuantConfig,
         distill: DistillConfig,
-        calibration: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
+        calibration: Mapping[str, torch.Tensor] | CalibrationSource,
         seed: int = 0,
     ) -> None:
-        """calibration: the tuples (x_t [N,C,H,W], timestep [N], step [N], optional cond [N,...]) or a
-        function that returns them, called in `setup` (under DDP, once the process group exists)."""
+        """calibration: the tuples (x_t [N,C,H,W], timestep [N], step [N], optional cond [N,...]), or a source
+        of them (dq.calibration.CalibrationDataModule) loaded in `setup` on every rank, once the process
+        group exists under DDP, on the Trainer's device."""
         super().__init__()
         self.automatic_optimization = False
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = quantize_model(teacher, quant_config).eval().requires_grad_(True)
         self.distill = distill
-        self._calibration_source = calibration
+        self.calibration_source = calibration
         self.calibration: dict[str, torch.Tensor] = {}
         self.num_samples = 0
         self.seed = seed
@@ -219,6 +234,7 @@ class BlockDistiller(L.LightningModule):
         # wall seconds of block preparation in this process: "cache" (teacher + student prefix passes over
         # all N tuples, build_cache) and "init" (the activation quantizers' initialisation pass)
         self.prep_seconds = {"cache": 0.0, "init": 0.0}
+        self.block_prep_seconds: dict[str, float] = {}  # per block: its whole preparation (begin_block)
         self._targets: dict[str, torch.Tensor] = {}  # teacher targets captured ahead of their blocks
         self._target_row_bytes: dict[str, int] | None = None
         # what the student depends on (dq.resume.run_identity), stored in every checkpoint; set by train.py
@@ -347,14 +363,22 @@ class BlockDistiller(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Load the calibration tuples and order the blocks (Lightning calls this on every rank)."""
-        source = self._calibration_source
-        self.calibration = dict(source() if callable(source) else source)
+        source = self.calibration_source
+        if isinstance(source, Mapping):
+            self.calibration = dict(source)
+        else:
+            phase("calibration")
+            self.calibration = source.load(self.trainer.strategy.root_device if self._trainer is not None else None)
         for key in ("x_t", "timestep", "step"):
             if key not in self.calibration:
                 raise UserError(f"calibration data lacks {key!r}; it has {sorted(self.calibration)}")
         self.num_samples = int(self.calibration["x_t"].shape[0])
         if self.num_samples < self.distill.batch_size:
             raise UserError(f"{self.num_samples} calibration samples are fewer than one batch ({self.distill.batch_size})")
+        num_steps, steps = tpq_num_steps(self.student), self.calibration["step"]
+        if num_steps is not None and (int(steps.min()) < 0 or int(steps.max()) >= num_steps):
+            raise UserError(f"calibration step indices must lie in [0, {num_steps}) (the student's TPQ tables), got "
+                            f"[{int(steps.min())}, {int(steps.max())}]")
         self.setup_blocks()
 
     def setup_blocks(self) -> None:
@@ -365,7 +389,8 @@ class BlockDistiller(L.LightningModule):
             # Lightning may call setup before it moves the module: run the example where the teacher is
             device = next(self.teacher.parameters()).device
             example = {k: v.to(device) for k, v in self.calibration_batch(slice(0, 2)).items()}
-            self.blocks = execution_order(self.teacher, candidate_blocks(self.student), example)
+            self.blocks = candidate_blocks(self.student)
+            check_block_order(self.teacher, self.blocks, example)
         if not self.state.initialized:
             self.state.initialized = [False] * len(self.blocks)
 
@@ -391,6 +416,7 @@ class BlockDistiller(L.LightningModule):
                 self.block_module(name), mode=self.distill.compile_mode, backend=self.distill.compile_backend
             )
             self._compiled_checked = False
+        self.block_prep_seconds[name or "model"] = time.perf_counter() - started
         resumed, self._resume = self._resume, None
         # a checkpoint written after block k-1 ended holds block k at iteration 0: block k starts afresh
         if resumed is None or resumed["block"] != k or resumed["iteration"] == 0:
@@ -420,7 +446,33 @@ class BlockDistiller(L.LightningModule):
             self.begin_block(k)
             self.end_block()
 
+    def block_finished(self, k: int) -> bool:
+        """Whether block k has run all its iterations (the epoch of a cut-short block is not finished)."""
+        return self.state.block > k or (self.state.block == k and self.state.iteration >= self.distill.iters_per_block)
+
     # ------------------------------------------------------------------ Lightning hooks
+
+    def on_fit_start(self) -> None:
+        epochs = self.trainer.max_epochs
+        if epochs is None or epochs > len(self.blocks):  # fewer: a partial run (bench)
+            raise UserError(f"the trainer runs {epochs} epochs but the student has {len(self.blocks)} blocks")
+
+    def on_train_epoch_start(self) -> None:
+        self.begin_block(self.current_epoch)
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.cache is None:  # resumed mid-block: Lightning does not rerun on_train_epoch_start
+            self.begin_block(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        """End the block when its iterations are done (not when the epoch was cut short: max_steps, an
+        interrupt). Runs after the observing callbacks and before checkpoint callbacks (Lightning's order)."""
+        if self.state.block != self.current_epoch or not self.block_finished(self.current_epoch):
+            return
+        name = self.blocks[self.state.block] or "model"
+        self.end_block()
+        if name in self.state.final_losses:
+            self.log("bkd/final_loss", self.state.final_losses[name], on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam over the whole student. Only the current block receives gradients and Adam keeps
@@ -454,7 +506,8 @@ class BlockDistiller(L.LightningModule):
                 group["base_lr"] = self.distill.lr_quant * float(group["params"][0].detach().abs().mean())
 
     def train_dataloader(self) -> BlockBatches:
-        return BlockBatches(self)
+        return BlockBatches(self.calibration["step"], self.seed, self.distill.batch_size,
+                            self.distill.iters_per_block, self.state)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return unet_forward(self.student, x, timesteps, cond)
@@ -462,8 +515,8 @@ class BlockDistiller(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         fault_point("train")
         name = self.blocks[self.state.block]
-        rows = self.shard(batch["index"])  # this rank's share; the batch's own TPQ step indices come with them
-        with step_context(self.student, self.calibration_steps(rows)):
+        rows, steps = self.shard(batch["index"]), self.shard(batch["step"])  # this rank's share, its TPQ steps
+        with step_context(self.student, steps.to(self.device)):
             prediction = self._block_forward(name, self._device_rows(rows))
         target = self.cache.output[self._device_rows(rows)].to(prediction.device)
         loss = F.mse_loss(prediction.float(), target.float())  # eq. 15
@@ -523,7 +576,9 @@ class BlockDistiller(L.LightningModule):
         if "bkd" not in checkpoint:
             raise UserError("this checkpoint has no BKD state: was it written by dq's train.py?")
         saved = checkpoint["bkd"]
-        self.state = BlockState(saved["block"], saved["iteration"], list(saved["initialized"]), dict(saved["final_losses"]))
+        # in place: the training data's cursor is this object
+        self.state.block, self.state.iteration = saved["block"], saved["iteration"]
+        self.state.initialized, self.state.final_losses = list(saved["initialized"]), dict(saved["final_losses"])
         self._resume = saved
         self._losses = list(saved.get("recent_losses", []))
         torch.set_rng_state(saved["rng"])

@@ -1,7 +1,7 @@
 """The calibration LightningDataModule: generates (or reuses) the cached tuples, then serves batches.
 
     dm = CalibrationDataModule(unet, scheduler.config, sampler, num_samples=5120, cache_dir=".cache/dq/calibration")
-    dm.setup("fit")                  # or let the Trainer call it; every rank ends with the same N tuples
+    tuples = dm.load()               # setup + tuples; BlockDistiller calls it on every rank
     batch = next(iter(dm.train_dataloader()))   # {"x_t": [B, C, H, W], "timestep": [B], "step": [B], ...}
 
 Under DDP each rank samples its block of trajectories and writes it as a shard file; rank 0 merges the
@@ -91,8 +91,8 @@ class CalibrationDataModule(L.LightningDataModule):
     num_classes / uncond_class: class-conditional models (trajectory k gets class k % num_classes).
     prompt_embeds [P, L, D] / uncond_embeds [1, L, D]: text-conditional models (trajectory k: prompt k % P).
     cache_dir: where tuples are cached under a key of model weights, scheduler, sampler, N, trajectories,
-    conditioning and seed. device: where to sample (None: the Trainer's device, else the model's); the
-    model is moved there in place, as the Trainer would move it anyway.
+    conditioning and seed. device: where to sample (None: the device given to `load`, else the model's);
+    the model is moved there in place, as the Trainer would move it anyway.
     """
 
     def __init__(
@@ -284,25 +284,33 @@ class CalibrationDataModule(L.LightningDataModule):
         if len(set(names)) != 1:
             raise UserError(f"ranks disagree on the calibration data (model weights or settings differ): {names}")
 
-    def _rank_and_world_size(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
+    def load(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The tuples (setup, then `tuples`): what BlockDistiller calls in its own setup, on every rank.
+        device: where to sample when the cache must be generated (the constructor's `device` wins; None:
+        where the model is)."""
+        if self.device is None and device is not None:
+            self.device = device
+        self.setup("fit")
+        return self.tuples
+
+    @staticmethod
+    def _rank_and_world_size() -> tuple[int, int]:
+        """This process's rank and the world size of the default process group (0, 1 without one)."""
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def _barrier(self) -> None:
-        if self.trainer is not None:
-            self.trainer.strategy.barrier("dq-calibration")
-        elif dist.is_available() and dist.is_initialized():
+    @staticmethod
+    def _barrier() -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_backend() == "nccl":  # NCCL needs to know this rank's GPU
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
             dist.barrier()
 
     def _generation_device(self) -> torch.device | None:
-        if self.device is not None:
-            return torch.device(self.device)
-        if self.trainer is not None:
-            return self.trainer.strategy.root_device
-        return None
+        return None if self.device is None else torch.device(self.device)
 
     def train_dataloader(self) -> DataLoader:
         if self.tuples is None:

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
-from safetensors.torch import load_file
 
-from dq.calibration import model_fingerprint, shard_range, trajectory_conditioning
+from dq.calibration import model_fingerprint, shard_range
 from dq.config_values import config_bool, config_choice, config_int, config_str
 from dq.errors import UserError
 from dq.evaluation import (
@@ -49,7 +48,7 @@ from dq.metrics.ssim import ssim_window
 from dq.quant import load_quant_state, quant_config, timestep_keying
 from dq.quant.timesteps import POLICIES
 from dq.sampling import SamplerConfig, check_student_steps, key_by_trained_sampler, planned_timesteps
-from dq.zoo import ModelComponents, load_components, load_model, model_conditioning, model_folder, to_images
+from dq.zoo import ModelComponents, ModelConditioning, load_model, model_folder, to_images
 
 METRICS_VERSION = 1
 KNOWN_METRICS = ("fid", "sfid", "is", "fidelity", "clip_score")
@@ -67,7 +66,8 @@ class Target(NamedTuple):
     run_dir: Path | None
     run_config: DictConfig | None
     run_results: dict[str, Any]
-    components: ModelComponents | None = None  # FP VAE (latent models decode through it) / text encoder
+    components: ModelComponents = ModelComponents()  # FP VAE (latent models decode through it) / text encoder
+    conditioning: ModelConditioning = ModelConditioning()  # the model config's (class labels / prompts)
     export: dict[str, Any] | None = None  # an integer export's metadata (+ path, sha256) when `unet` runs one
     remap: dict[str, Any] | None = None  # a student sampled off its trained schedule: policy and schedules
 
@@ -100,10 +100,11 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
         if cfg.run is not None:
             raise UserError("set either run= (a fake-quant student) or export= (an integer export), not both")
         return _export_target(cfg, device or torch.device("cpu"))
+    limit = int(cfg.eval.num_samples)  # sample k uses prompt k % P: the first N prompts suffice
     if cfg.run is None:
-        loaded = load_model(cfg.model)
-        return Target(loaded.unet, None, dict(loaded.scheduler.config), eval_sampler(cfg, loaded.sampler), cfg.model,
-                      None, None, {}, load_components(cfg.model))
+        model = load_model(cfg.model, prompt_limit=limit)
+        return Target(model.unet, None, dict(model.scheduler.config), eval_sampler(cfg, model.sampler), cfg.model,
+                      None, None, {}, model.components, model.conditioning)
     run_dir = Path(str(cfg.run)).expanduser()
     for name in ("config.yaml", "student.safetensors"):
         if not (run_dir / name).is_file():
@@ -111,7 +112,7 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
     run_config = OmegaConf.load(run_dir / "config.yaml")
     if "model" not in run_config:
         raise UserError(f"{run_dir / 'config.yaml'} has no `model` section")
-    loaded = load_model(run_config.model)  # the model and sampler the student was trained for
+    loaded = load_model(run_config.model, prompt_limit=limit)  # the model and sampler the student was trained for
     policy = str(cfg.get("tpq_policy", "exact"))
     # a quantized copy (the FP unet is kept), keyed by timestep with the policy
     student = load_quant_state(loaded.unet, run_dir / "student.safetensors", tpq_policy=policy)
@@ -121,7 +122,7 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
     sampler = eval_sampler(cfg, loaded.sampler)
     scheduler_config = dict(loaded.scheduler.config)
     return Target(student.eval(), loaded.unet, scheduler_config, sampler, run_config.model, run_dir, run_config,
-                  results, load_components(run_config.model), remap=_remap(cfg, student, scheduler_config, sampler))
+                  results, loaded.components, loaded.conditioning, remap=_remap(cfg, student, scheduler_config, sampler))
 
 
 def _export_target(cfg: DictConfig, device: torch.device) -> Target:
@@ -134,44 +135,13 @@ def _export_target(cfg: DictConfig, device: torch.device) -> Target:
     if "model_config" not in meta:
         raise UserError(f"{path} does not record the model it was exported from (export it with python -m dq.export)")
     model_cfg = OmegaConf.create(meta["model_config"])
-    loaded = load_model(model_cfg)
+    loaded = load_model(model_cfg, prompt_limit=int(cfg.eval.num_samples))
     export = {**{k: meta.get(k) for k in ("method", "quant", "backend", "float_dtype", "source")},
               "path": str(path), "sha256": file_sha256(path)}
     sampler = eval_sampler(cfg, loaded.sampler)
     scheduler_config = dict(loaded.scheduler.config)
     return Target(unet, loaded.unet, scheduler_config, sampler, model_cfg, None, None, {},
-                  load_components(model_cfg), export, _remap(cfg, unet, scheduler_config, sampler))
-
-
-def conditioning_of(eval_cfg: DictConfig, target: Target | None = None) -> tuple[Any, dict[str, Any]]:
-    """(conditioning function for sample indices or None, its protocol record): class k % num_classes, or
-    prompt embedding k % P from eval.prompt_embeds (a safetensors file with prompt_embeds [P, L, D] and
-    optionally uncond_embeds [1, L, D]); when eval sets none of these, the model config's own
-    `conditioning` (class labels, or prompts encoded by the model's FP text encoder)."""
-    own = (eval_cfg.num_classes, eval_cfg.uncond_class, eval_cfg.prompt_embeds)
-    if target is not None and all(value is None for value in own):
-        model_cond = model_conditioning(target.model_cfg, target.components or ModelComponents(),
-                                        limit=int(eval_cfg.num_samples))
-        return (model_cond.for_indices if model_cond.is_conditional else None), model_cond.record()
-    prompt_embeds = uncond_embeds = None
-    record: dict[str, Any] = {"num_classes": eval_cfg.num_classes, "uncond_class": eval_cfg.uncond_class}
-    if eval_cfg.prompt_embeds is not None:
-        tensors = load_file(str(eval_cfg.prompt_embeds))
-        if "prompt_embeds" not in tensors:
-            raise UserError(f"{eval_cfg.prompt_embeds} holds {sorted(tensors)}; expected prompt_embeds [P, L, D]")
-        prompt_embeds, uncond_embeds = tensors["prompt_embeds"], tensors.get("uncond_embeds")
-        record["prompt_embeds"] = {"file": str(eval_cfg.prompt_embeds), "sha256": file_sha256(eval_cfg.prompt_embeds),
-                                   "num_prompts": int(prompt_embeds.shape[0])}
-    if eval_cfg.num_classes is None and prompt_embeds is None:
-        if eval_cfg.uncond_class is not None:
-            raise UserError("eval.uncond_class is set but eval.num_classes is not")
-        return None, {}
-
-    def conditioning(indices: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return trajectory_conditioning(indices, eval_cfg.num_classes, eval_cfg.uncond_class, prompt_embeds,
-                                       uncond_embeds)
-
-    return conditioning, record
+                  loaded.components, loaded.conditioning, export, _remap(cfg, unet, scheduler_config, sampler))
 
 
 def select_metrics(requested: Any, backend: FeatureBackend, is_student: bool, has_clip: bool) -> list[str]:
@@ -189,7 +159,7 @@ def select_metrics(requested: Any, backend: FeatureBackend, is_student: bool, ha
             raise UserError(f"backend {backend.name!r} does not provide {name!r} (it provides {list(backend.metrics)}); "
                              "eval.backend=digits gives IS for the embedded model")
         if name == "clip_score" and not has_clip:
-            raise UserError("eval.metrics asks for clip_score: set eval.clip_model (a local CLIP folder) and eval.prompts")
+            raise UserError("eval.metrics asks for clip_score: set eval.clip_model (a local CLIP folder)")
     return requested
 
 
@@ -248,7 +218,7 @@ def plan_metrics(eval_cfg: DictConfig, target: Target) -> MetricPlan:
     reference, record = ({}, None)
     if {"fid", "sfid"} & set(metrics):
         reference, record = resolve_reference(str(eval_cfg.reference), backend)
-    return MetricPlan(backend, metrics, reference, record, _read_prompts(eval_cfg))
+    return MetricPlan(backend, metrics, reference, record, clip_prompts(eval_cfg, target))
 
 
 def compute_figures(plan: MetricPlan, images: torch.Tensor, fp_images: torch.Tensor | None,
@@ -290,7 +260,7 @@ def build_protocol(plan: MetricPlan, target: Target, eval_cfg: DictConfig, cond_
         "seed": int(eval_cfg.seed),
         "sample_seeding": "sample k: noise from its own generator seeded by dq.sampling.sample_seed(seed, k)",
         "images": "uint8 PNG pixels round((x + 1) * 127.5) of samples clamped to [-1, 1]; metrics read them back",
-        "latent_decode": None if target.components is None else target.components.decode_record(),
+        "latent_decode": target.components.decode_record(),
         "conditioning": cond_record,
         "model": {"source": target.model_cfg.get("source"), "path": display_path(model_folder(target.model_cfg)),
                   "fingerprint": fp_fingerprint},
@@ -347,7 +317,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     progress = bool(cfg.progress_bar)
     target = load_target(cfg, fabric.device)
     cfg = _with_run_names(cfg, target)
-    conditioning, cond_record = conditioning_of(eval_cfg, target)
+    conditioning = target.conditioning.for_indices if target.conditioning.is_conditional else None
+    cond_record = target.conditioning.record()
     plan = plan_metrics(eval_cfg, target) if fabric.global_rank == 0 else None
 
     seconds: dict[str, float] = {}
@@ -398,15 +369,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _read_prompts(eval_cfg: DictConfig) -> list[str]:
-    if eval_cfg.prompts is None:
-        if eval_cfg.clip_model is not None:
-            raise UserError("eval.clip_model is set: the CLIP score also needs eval.prompts (a text file, one a line)")
+def clip_prompts(eval_cfg: DictConfig, target: Target) -> list[str]:
+    """The prompts the CLIP score compares samples with: the model config's (model.conditioning.prompts_file)."""
+    if eval_cfg.clip_model is None:
         return []
-    prompts = [line.strip() for line in Path(str(eval_cfg.prompts)).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"eval.prompts file {eval_cfg.prompts} holds no prompts")
-    return prompts
+    if not target.conditioning.prompts:
+        raise UserError("eval.clip_model is set: the CLIP score needs the model's prompts "
+                        "(model.conditioning.prompts_file)")
+    return list(target.conditioning.prompts)
 
 
 def _student_record(target: Target) -> dict[str, Any] | None:

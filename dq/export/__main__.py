@@ -55,7 +55,7 @@ def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str 
 
     from dq.quant import load_quant_state
     from dq.sampling import planned_timesteps
-    from dq.zoo import load_components, load_model, model_conditioning
+    from dq.zoo import load_model
 
     run_dir = Path(run).expanduser()
     if not run_dir.is_dir():
@@ -71,7 +71,7 @@ def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str 
         raise ExportError(f"{out_path} exists; pass overwrite=true to replace it")
     check_writable_dir(out_path.parent, "out")  # before any work
     run_config = OmegaConf.load(run_dir / "config.yaml")
-    loaded = load_model(run_config.model)
+    loaded = load_model(run_config.model, prompt_limit=max(1, verify))  # the FP model + its conditioning
     try:
         student = load_quant_state(loaded.unet, run_dir / "student.safetensors")
     except (FileNotFoundError, ValueError) as err:
@@ -94,14 +94,11 @@ def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str 
     summary = {"path": str(path), "bytes": path.stat().st_size, "fp32_unet_bytes": fp32_bytes,
                "breakdown": size_breakdown(path)}
     if verify:
-        components = load_components(run_config.model)
-        conditioning = model_conditioning(run_config.model, components, limit=verify)
-        summary["verify"] = verify_export(path, loaded, student, components, conditioning, verify, verify_seed)
+        summary["verify"] = verify_export(path, loaded, student, verify, verify_seed)
     return path, summary
 
 
-def verify_export(path: Path, loaded, student, components, conditioning, num_samples: int, seed: int = 1234
-                  ) -> dict[str, float]:
+def verify_export(path: Path, loaded, student, num_samples: int, seed: int = 1234) -> dict[str, float]:
     """Sample `num_samples` images from the same noise (and conditioning: sample k gets class / prompt k % P,
     as train.py's fidelity check does) with the integer model of `path`, the fake-quant student, the same
     student in float64 and the FP model; the PSNR of each pair. The float64 student measures how far the
@@ -115,12 +112,12 @@ def verify_export(path: Path, loaded, student, components, conditioning, num_sam
     from dq.zoo import to_images
 
     int_model = load_int_model(path)
-    cond, uncond = conditioning.for_indices(torch.arange(num_samples))
+    cond, uncond = loaded.conditioning.for_indices(torch.arange(num_samples))
     kwargs = dict(seed=seed, batch_size=min(num_samples, 32), progress=False, cond=cond, uncond=uncond)
     config = loaded.scheduler.config
     models = (("int", int_model), ("fake_quant", student), ("fake_quant_fp64", copy.deepcopy(student).double()),
               ("fp", loaded.unet))
-    images = {name: to_images(components, sample(model, config, loaded.sampler, num_samples, **kwargs).float())
+    images = {name: to_images(loaded.components, sample(model, config, loaded.sampler, num_samples, **kwargs).float())
               for name, model in models}
     pairs = (("int", "fake_quant"), ("int", "fp"), ("fake_quant", "fp"), ("fake_quant", "fake_quant_fp64"),
              ("int", "fake_quant_fp64"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dq.arch import build_unet
+from dq.arch import QuantAttnProcessor, build_unet
 from dq.export.artifact import (
     Export,
     ExportError,
@@ -23,7 +23,7 @@ from dq.export.artifact import (
 from dq.export.kernels import resolve_backend
 from dq.export.layers import IntActQuantizer, IntConv2d, IntLinear
 from dq.quant.convert import CONFIG_ATTR
-from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
+from dq.quant.layers import QuantConv2d, QuantLinear
 from dq.quant.timesteps import check_policy, key_by_timestep
 
 EXPORT_ATTR = "dq_export"  # the export's metadata, on the model it built

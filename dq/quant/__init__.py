@@ -10,14 +10,13 @@ from dq.quant.convert import (
     quantize_model,
     set_quant_enabled,
     set_step,
-    skip_split_points,
     step_context,
     step_indexed,
     tpq_num_steps,
     weight_quantizers,
 )
 from dq.quant.dilation import apply_dilation, dilation_scale
-from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
+from dq.quant.layers import QuantConv2d, QuantLinear
 from dq.quant.ops import (
     fake_quantize,
     fake_quantize_per_channel,
@@ -36,7 +35,6 @@ from dq.quant.timesteps import TimestepKeying, key_by_timestep, timestep_keying
 
 __all__ = [
     "MIN_STEP_SIZE",
-    "QuantAttnProcessor",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
@@ -67,7 +65,6 @@ __all__ = [
     "save_quant_state",
     "set_quant_enabled",
     "set_step",
-    "skip_split_points",
     "step_context",
     "step_indexed",
     "step_groups",

@@ -1,4 +1,4 @@
-"""The converter: a diffusers UNet (or any module tree of Conv2d/Linear/Attention) → its quantized student,
+"""The converter: a float model (its structure from its architecture description, dq.arch) → its quantized student,
 and the model-level controls of a student: the sampling step index, calibration, quantization on/off.
 
     student = quantize_model(unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=25, num_groups=25))
@@ -15,18 +15,20 @@ import contextlib
 import copy
 import fnmatch
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from dq.errors import UserError
+
+if TYPE_CHECKING:
+    from dq.arch import Architecture
 from dq.quant.config import QuantConfig
-from dq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLinear
+from dq.quant.layers import QuantConv2d, QuantLinear
 from dq.quant.quantizers import StepIndexed, TemporalActQuantizer, WeightQuantizer
 
 CONFIG_ATTR = "dq_quant_config"
-FIRST_LAYER_NAMES = ("conv_in",)
-LAST_LAYER_NAMES = ("conv_out",)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -47,38 +49,16 @@ def _selected(name: str, config: QuantConfig) -> bool:
     )
 
 
-def skip_split_points(model: nn.Module) -> dict[str, int]:
-    """{name of an up-path ResnetBlock2D: channels of `h` in its input [h, skip]} for diffusers UNets.
-
-    The down path pushes conv_in's output and each down resnet's / downsampler's output on a stack; each
-    up resnet concatenates its input h with the popped skip (`torch.cat([h, skip], dim=1)`).
-    """
-    if not (hasattr(model, "conv_in") and hasattr(model, "down_blocks") and hasattr(model, "up_blocks")):
-        return {}
-    stack = [model.conv_in.out_channels]
-    for block in model.down_blocks:
-        stack += [resnet.out_channels for resnet in block.resnets]
-        if getattr(block, "downsamplers", None):
-            stack += [down.out_channels for down in block.downsamplers]
-    splits = {}
-    for i, block in enumerate(model.up_blocks):
-        for j, resnet in enumerate(block.resnets):
-            if not stack:
-                raise UserError("up path consumes more skip connections than the down path produced")
-            splits[f"up_blocks.{i}.resnets.{j}"] = resnet.in_channels - stack.pop()
-    if stack:
-        raise UserError(f"{len(stack)} skip connection(s) of the down path are not consumed by the up path")
-    return splits
-
-
-def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False, arch: Architecture | None = None
+                   ) -> nn.Module:
     """Turn a float diffusion model into its quantized student (METHOD.md §1-§3).
 
     Every nn.Conv2d / nn.Linear selected by config.include/exclude becomes a QuantConv2d / QuantLinear
-    (WD applied, weight quantizer initialised from the weight); conv_in / conv_out take the first/last
-    layer bits; every diffusers `Attention` gets a QuantAttnProcessor (when config.quantize_attention);
-    up-path resnet inputs get split quantizers (when config.split_skip). Activation (TPQ) tables still
-    need calibration data: see `calibrate_activations`. Returns the student (the same object if inplace).
+    (WD applied, weight quantizer initialised from the weight). The model's architecture description
+    (`arch`, default `dq.arch.describe(model)`) says which layers take the first/last layer bits, which
+    inputs are skip concatenations to split (config.split_skip), and which attention modules get quantized
+    matmul inputs (config.quantize_attention). Activation (TPQ) tables still need calibration data: see
+    `calibrate_activations`. Returns the student (the same object if inplace).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model expects a torch.nn.Module, got {type(model).__name__}")
@@ -86,9 +66,11 @@ def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False)
         raise TypeError(f"config must be a dq.quant.QuantConfig, got {type(config).__name__}")
     if is_quantized(model) or any(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules()):
         raise UserError("model is already quantized; convert the float model instead")
-    student = model if inplace else copy.deepcopy(model)
+    if arch is None:
+        from dq.arch import describe  # the architecture knowledge; imported here, dq.arch imports dq.quant
 
-    splits = skip_split_points(student) if config.split_skip else {}
+        arch = describe(model)
+    student = model if inplace else copy.deepcopy(model)
     targets = [
         (name, module)
         for name, module in student.named_modules()
@@ -99,35 +81,27 @@ def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False)
             f"no Conv2d/Linear layer matches include={list(config.include)} exclude={list(config.exclude)}"
         )
     for name, module in targets:
-        short = name.rsplit(".", 1)[-1]
-        weight_bits, act_bits = config.weight_bits, config.act_bits
-        if name in FIRST_LAYER_NAMES and config.first_layer_bits is not None:
-            weight_bits = act_bits = config.first_layer_bits
-        if name in LAST_LAYER_NAMES and config.last_layer_bits is not None:
-            weight_bits = act_bits = config.last_layer_bits
-        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
-        split_at = splits.get(parent_name) if short in ("conv1", "conv_shortcut") else None
-        quant_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        quantized = quant_cls.from_float(module, weight_bits, act_bits, config, split_at)
-        parent = student.get_submodule(parent_name) if parent_name else student
-        setattr(parent, short, quantized)
-
-    if config.quantize_attention:
-        for name, module in student.named_modules():
-            if type(module).__name__ != "Attention" or not hasattr(module, "set_processor"):
-                continue
-            if not _selected(name, config):
-                continue
-            if getattr(module, "add_k_proj", None) is not None:
-                raise UserError(
-                    f"attention {name!r} has added key/value projections, which dq does not quantize yet; "
-                    "add it to QuantConfig.exclude"
-                )
-            device = next(module.parameters()).device
-            module.set_processor(QuantAttnProcessor(config.qkv_bits, config.softmax_bits, config).to(device))
-
+        _replace_layer(student, name, module, config, arch)
+    if config.quantize_attention and arch.quantize_attention is not None:
+        for name in arch.attention:
+            if _selected(name, config):
+                arch.quantize_attention(student.get_submodule(name), config)
     setattr(student, CONFIG_ATTR, config)
     return student
+
+
+def _replace_layer(student: nn.Module, name: str, module: nn.Module, config: QuantConfig, arch: Architecture) -> None:
+    """Put the quantized version of layer `name` in its place, with its bits by the precision policy."""
+    weight_bits, act_bits = config.weight_bits, config.act_bits
+    if name in arch.first_layers and config.first_layer_bits is not None:
+        weight_bits = act_bits = config.first_layer_bits
+    if name in arch.last_layers and config.last_layer_bits is not None:
+        weight_bits = act_bits = config.last_layer_bits
+    split_at = arch.skip_splits.get(name) if config.split_skip else None
+    quant_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    quantized = quant_cls.from_float(module, weight_bits, act_bits, config, split_at)
+    parent_name, _, short = name.rpartition(".")
+    setattr(student.get_submodule(parent_name) if parent_name else student, short, quantized)
 
 
 # ---------------------------------------------------------------------------- model-level controls
@@ -217,7 +191,7 @@ def calibrate_activations(model: nn.Module, seed: int = 0) -> Iterator[list[Temp
                 quantizer.finish_observing()
         else:  # an exception inside the block: leave the tables as they were
             for quantizer in quantizers:
-                quantizer._observer = None
+                quantizer.cancel_observing()
 
 
 def set_quant_enabled(model: nn.Module, weights: bool = True, activations: bool = True) -> None:

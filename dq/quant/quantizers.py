@@ -220,6 +220,10 @@ class TemporalActQuantizer(StepIndexed):
         """Record per-group statistics of the inputs (passed through unquantized) until finish_observing."""
         self._observer = _RangeObserver(self.num_groups, self.init_method != "minmax", seed)
 
+    def cancel_observing(self) -> None:
+        """Stop observing and leave the tables as they were (calibration interrupted by an error)."""
+        self._observer = None
+
     @torch.no_grad()
     def finish_observing(self) -> list[int]:
         """Set each group's (Δ, z) from what was observed. Groups that saw no data copy the nearest group
@@ -271,6 +275,10 @@ class TemporalActQuantizer(StepIndexed):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Observing (between start_observing and finish_observing): record x, return it unchanged. Disabled
+        (set_quant_enabled): x. Otherwise x fake-quantized with its step's group (Δ, z); the first such call
+        after calibration or a state load checks, once, that the tables were initialised (checking every
+        call would make each forward wait on the device)."""
         if self._observer is not None:
             self._observe(x)
             return x

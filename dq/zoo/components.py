@@ -77,11 +77,12 @@ def load_text_encoder(folder: str | Path) -> tuple[nn.Module, Any]:
     return text_encoder.eval().requires_grad_(False), tokenizer
 
 
-def load_components(model_cfg: Mapping[str, Any]) -> ModelComponents:
-    """The optional FP components of the folder a model config points at. `model.latent_scale` (if set)
-    overrides the VAE config's scaling_factor: diffusers' VQModel config defaults it to SD's 0.18215, while
-    the CompVis VQ LDMs were trained on unscaled latents (scale 1.0)."""
-    folder = model_folder(model_cfg)
+def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None) -> ModelComponents:
+    """The optional FP components of the folder a model config points at (`folder`, when the caller has
+    resolved it already). `model.latent_scale` (if set) overrides the VAE config's scaling_factor:
+    diffusers' VQModel config defaults it to SD's 0.18215, while the CompVis VQ LDMs were trained on
+    unscaled latents (scale 1.0)."""
+    folder = model_folder(model_cfg) if folder is None else folder
     vae = latent_scale = text_encoder = tokenizer = class_embeddings = None
     if (folder / "vae").is_dir():
         vae = load_vae(folder)

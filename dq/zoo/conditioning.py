@@ -7,7 +7,10 @@ take: class labels, or text embeddings from the FP text encoder, with the uncond
 
 model.conditioning keys: num_classes / uncond_class (class-conditional: sample k gets class k % num_classes,
 uncond_class is the "null" class of classifier-free guidance), prompts_file (text-conditional: a text file
-with one prompt a line, or a COCO captions JSON such as captions_val2014.json), max_prompts (the first P).
+with one prompt a line, or a COCO captions JSON such as captions_val2014.json), prompt_embeds_file (text
+embeddings computed elsewhere: a safetensors file with prompt_embeds [P, L, D] and optionally uncond_embeds
+[1, L, D]), max_prompts (the first P). This is the one home of a model's conditioning: calibration, the
+fidelity check, evaluation (and its CLIP score's prompts) and export all read it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import torch
 from torch import nn
 
 from dq.calibration import trajectory_conditioning
-from dq.errors import MissingFileError, UserError
+from dq.errors import CorruptFileError, MissingFileError, UserError
 from dq.zoo.components import ModelComponents
 
-CONDITIONING_KEYS = ("num_classes", "uncond_class", "prompts_file", "max_prompts")
+CONDITIONING_KEYS = ("num_classes", "uncond_class", "prompts_file", "prompt_embeds_file", "max_prompts")
 
 
 class ModelConditioning(NamedTuple):
@@ -34,6 +37,7 @@ class ModelConditioning(NamedTuple):
     uncond_embeds: torch.Tensor | None = None  # float32 [1, L, D]
     prompts: tuple[str, ...] = ()  # the P prompts of prompt_embeds (text models), for the CLIP score
     source: str | None = None  # the prompts file, for the protocol
+    embeds_file: dict[str, Any] | None = None  # prompt_embeds_file: {file, sha256, num_prompts}
 
     @property
     def is_conditional(self) -> bool:
@@ -59,6 +63,8 @@ class ModelConditioning(NamedTuple):
         record: dict[str, Any] = {"num_classes": self.num_classes, "uncond_class": self.uncond_class}
         if self.prompts:
             record.update(prompts_file=self.source, num_prompts=len(self.prompts))
+        if self.embeds_file is not None:
+            record["prompt_embeds"] = self.embeds_file
         return record
 
 
@@ -86,6 +92,31 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     return prompts
 
 
+def read_prompt_embeds(path: str | Path, limit: int | None = None) -> ModelConditioning:
+    """The conditioning of a prompt-embeddings file (prompt_embeds [P, L, D], optional uncond_embeds
+    [1, L, D]), the first `limit` prompts."""
+    from safetensors.torch import load_file
+
+    from dq.io import file_sha256
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingFileError(f"prompt embeddings file {path} does not exist (model.conditioning.prompt_embeds_file)")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise CorruptFileError(f"{path} is not a readable safetensors file: {err}") from err
+    embeds, uncond = tensors.get("prompt_embeds"), tensors.get("uncond_embeds")
+    if embeds is None or embeds.ndim != 3 or len(embeds) == 0:
+        raise UserError(f"{path} holds {sorted(tensors)}; expected prompt_embeds [P, L, D]")
+    if uncond is not None and (uncond.shape[0] != 1 or uncond.shape[1:] != embeds.shape[1:]):
+        raise UserError(f"{path}: uncond_embeds must be [1, L, D] like prompt_embeds' rows, got {tuple(uncond.shape)}")
+    embeds = embeds[:limit] if limit is not None else embeds
+    record = {"file": str(path), "sha256": file_sha256(path), "num_prompts": int(embeds.shape[0])}
+    return ModelConditioning(None, None, embeds.float(), None if uncond is None else uncond.float(),
+                             embeds_file=record)
+
+
 @torch.no_grad()
 def encode_prompts(text_encoder: nn.Module, tokenizer: Any, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
     """float32 [P, L, D] on the CPU: the text encoder's last hidden states for each prompt, padded to the
@@ -111,8 +142,14 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
     prompts_file, max_prompts = settings.get("prompts_file"), settings.get("max_prompts")
     if uncond_class is not None and num_classes is None:
         raise UserError("model.conditioning.uncond_class is set but num_classes is not")
-    if num_classes is not None and prompts_file is not None:
-        raise UserError("model.conditioning sets both num_classes and prompts_file; a model takes one of them")
+    embeds_file = settings.get("prompt_embeds_file")
+    chosen = [k for k, v in (("num_classes", num_classes), ("prompts_file", prompts_file),
+                             ("prompt_embeds_file", embeds_file)) if v is not None]
+    if len(chosen) > 1:
+        raise UserError(f"model.conditioning sets {' and '.join(chosen)}; a model takes one of them")
+    if embeds_file is not None:
+        limits = [int(v) for v in (max_prompts, limit) if v is not None]
+        return read_prompt_embeds(embeds_file, min(limits) if limits else None)
     if prompts_file is not None:
         if components.text_encoder is None:
             raise UserError(f"model.conditioning.prompts_file={prompts_file} needs a text_encoder/ + tokenizer/ in "

@@ -2,8 +2,8 @@
 model folder on disk (offline; `save_pretrained` layout: `unet/` and `scheduler/`, or a flat UNet repo with
 `config.json` and `scheduler_config.json` at its root), or a hub checkpoint already in the local HF cache.
 
-    unet, scheduler, sampler = load_model(cfg.model)      # the one entry point train.py calls
-    components = load_components(cfg.model)               # optional FP parts: VAE, text encoder (dq.zoo.components)
+    unet, scheduler = load_model_folder(model_folder(cfg.model))   # the folder-level parts; dq.zoo.load_model
+                                                                    # (dq/zoo/bundle.py) loads everything at once
 
 Weights load from safetensors only and configs from JSON, so loading never executes code from the folder.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import diffusers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -28,12 +28,6 @@ EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
 MODEL_SOURCES = ("embedded", "local", "hub")
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 ATTENTION_HEADS_FILE = "attention_heads.json"  # per-layer head counts UNet2DModel's config cannot express
-
-
-class LoadedModel(NamedTuple):
-    unet: nn.Module  # in eval mode, float32, on the CPU
-    scheduler: SchedulerMixin  # the training noise schedule; samplers are built from its config
-    sampler: SamplerConfig  # the sampler settings of the model config
 
 
 def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
@@ -133,15 +127,12 @@ def hub_snapshot(repo_id: str | None, revision: str | None = None) -> Path:
         ) from err
 
 
-def load_model(model_cfg: Mapping[str, Any]) -> LoadedModel:
-    """(unet, scheduler, sampler) for a model config (conf/model/*.yaml: source, path, sampler)."""
-    folder = model_folder(model_cfg)
+def model_sampler(model_cfg: Mapping[str, Any]) -> SamplerConfig:
+    """The sampler settings of a model config (`model.sampler`)."""
     sampler_cfg = model_cfg.get("sampler")
     if sampler_cfg is None:
         raise UserError("the model config has no `sampler` settings (name, num_steps, eta, spacing, guidance_scale)")
-    sampler = SamplerConfig.from_mapping(sampler_cfg)
-    unet, scheduler = load_model_folder(folder)
-    return LoadedModel(unet, scheduler, sampler)
+    return SamplerConfig.from_mapping(sampler_cfg)
 
 
 def _value(model_cfg: Mapping[str, Any], key: str) -> Any:

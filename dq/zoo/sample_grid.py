@@ -20,7 +20,7 @@ from dq import cli
 from dq.errors import MissingFileError
 from dq.sampling.grid import image_grid, write_png
 from dq.sampling.sampler import sample
-from dq.zoo.loading import load_model
+from dq.zoo.bundle import load_model
 
 
 @cli.entry
@@ -44,7 +44,8 @@ def main(argv: list[str]) -> None:
         model_cfg.path = args.path
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    unet, scheduler, sampler = load_model(model_cfg)
+    model = load_model(model_cfg)
+    unet, scheduler, sampler = model.unet, model.scheduler, model.sampler
     start = time.perf_counter()
     images = sample(unet, scheduler.config, sampler, args.rows * args.cols, seed=args.seed, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start

@@ -8,9 +8,8 @@ from torch import nn
 
 from dq.bkd import (
     BlockDistiller,
-    BlockScheduleCallback,
     DistillConfig,
-    TemporalGroupCallback,
+    TPQRangeLogger,
     candidate_blocks,
     capture_block,
     execution_order,
@@ -53,7 +52,7 @@ def _trainer(distiller: BlockDistiller, **kwargs) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         max_epochs=len(candidate_blocks(distiller.student)),
-        callbacks=[BlockScheduleCallback(), TemporalGroupCallback(T), *kwargs.pop("callbacks", [])],
+        callbacks=[TPQRangeLogger(), *kwargs.pop("callbacks", [])],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -199,7 +198,7 @@ def test_whole_model_qat_is_one_block():
         tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T),
         DistillConfig(iters_per_block=3, batch_size=8, capture_batch_size=16, whole_model=True), _calibration(),
     )
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[BlockScheduleCallback(), TemporalGroupCallback(T)],
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[TPQRangeLogger()],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(distiller)
     assert distiller.blocks == [""] and list(distiller.state.final_losses) == ["model"]

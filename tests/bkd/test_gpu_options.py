@@ -8,9 +8,8 @@ from torch import nn
 
 from dq.bkd import (
     BlockDistiller,
-    BlockScheduleCallback,
     DistillConfig,
-    TemporalGroupCallback,
+    TPQRangeLogger,
     candidate_blocks,
     choose_cache_device,
 )
@@ -124,7 +123,7 @@ def _train(distiller: BlockDistiller, blocks: int) -> _Record:
         accelerator="cpu",
         max_epochs=len(candidate_blocks(distiller.student)),
         max_steps=distiller.distill.iters_per_block * blocks,
-        callbacks=[BlockScheduleCallback(), TemporalGroupCallback(T), record],
+        callbacks=[TPQRangeLogger(), record],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

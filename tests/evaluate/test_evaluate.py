@@ -214,20 +214,26 @@ def test_eval_configs_compose(name, backend, num_samples):
         assert cfg.eval.reference == "cleanfid:cifar10/32/train"
 
 
-def test_conditioning_gives_class_k_mod_num_classes_and_records_prompt_files(tmp_path):
-    from omegaconf import OmegaConf
+def test_model_conditioning_gives_class_k_mod_num_classes_and_records_prompt_files(tmp_path):
     from safetensors.torch import save_file
 
-    from dq.evaluation.pipeline import conditioning_of
+    from dq.zoo import ModelComponents, model_conditioning
 
-    base = {"num_classes": None, "uncond_class": None, "prompt_embeds": None}
-    assert conditioning_of(OmegaConf.create(base)) == (None, {})
-    conditioning, record = conditioning_of(OmegaConf.create({**base, "num_classes": 10, "uncond_class": 10}))
-    cond, uncond = conditioning(torch.tensor([3, 12, 25]))
-    assert cond.tolist() == [3, 2, 5] and uncond.tolist() == [10, 10, 10] and record["num_classes"] == 10
-    save_file({"prompt_embeds": torch.randn(2, 3, 4)}, tmp_path / "p.safetensors")
-    conditioning, record = conditioning_of(OmegaConf.create({**base, "prompt_embeds": str(tmp_path / "p.safetensors")}))
-    assert conditioning(torch.tensor([0, 1, 2]))[0].shape == (3, 3, 4)
-    assert record["prompt_embeds"]["num_prompts"] == 2 and len(record["prompt_embeds"]["sha256"]) == 64
-    with pytest.raises(ValueError, match="uncond_class is set but eval.num_classes is not"):
-        conditioning_of(OmegaConf.create({**base, "uncond_class": 10}))
+    none = model_conditioning({"conditioning": None}, ModelComponents())
+    assert not none.is_conditional and none.for_indices(torch.arange(3)) == (None, None) and none.record() == {}
+    classes = model_conditioning({"conditioning": {"num_classes": 10, "uncond_class": 10}}, ModelComponents())
+    cond, uncond = classes.for_indices(torch.tensor([3, 12, 25]))
+    assert cond.tolist() == [3, 2, 5] and uncond.tolist() == [10, 10, 10] and classes.record()["num_classes"] == 10
+    save_file({"prompt_embeds": torch.randn(5, 3, 4)}, tmp_path / "p.safetensors")
+    text = model_conditioning({"conditioning": {"prompt_embeds_file": str(tmp_path / "p.safetensors")}},
+                              ModelComponents(), limit=2)
+    assert text.for_indices(torch.tensor([0, 1, 2]))[0].shape == (3, 3, 4)
+    record = text.record()["prompt_embeds"]
+    assert record["num_prompts"] == 2 and len(record["sha256"]) == 64
+    with pytest.raises(ValueError, match="uncond_class is set but num_classes is not"):
+        model_conditioning({"conditioning": {"uncond_class": 10}}, ModelComponents())
+    with pytest.raises(ValueError, match="num_classes and prompt_embeds_file"):
+        model_conditioning({"conditioning": {"num_classes": 3, "prompt_embeds_file": "x"}}, ModelComponents())
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        model_conditioning({"conditioning": {"prompt_embeds_file": str(tmp_path / "bad.safetensors")}}, ModelComponents())

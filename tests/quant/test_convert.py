@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from dq.arch import QuantAttnProcessor, describe
 from dq.quant import (
-    QuantAttnProcessor,
     QuantConfig,
     QuantConv2d,
     QuantLinear,
@@ -16,7 +16,6 @@ from dq.quant import (
     quantize_model,
     set_quant_enabled,
     set_step,
-    skip_split_points,
     step_context,
     tpq_num_steps,
 )
@@ -111,7 +110,7 @@ def test_wd_keeps_the_float_function(build):
     torch.testing.assert_close(no_wd.conv_in.weight, model.conv_in.weight, rtol=0, atol=0)
 
 
-def test_skip_split_points_match_the_concatenation():
+def test_skip_splits_match_the_concatenation():
     model = tiny_unet2d()
     seen = {}
 
@@ -126,13 +125,13 @@ def test_skip_split_points_match_the_concatenation():
             resnet.register_forward_pre_hook(record(f"up_blocks.{i}.resnets.{j}"), with_kwargs=True)
     x, t, _ = _inputs(model, batch=1)
     model(x, t)
-    splits = skip_split_points(model)
-    assert set(splits) == set(seen)
+    splits = describe(model).skip_splits
+    assert {name.rsplit(".", 1)[0] for name in splits} == set(seen)
     for name, split in splits.items():
-        assert 0 < split < seen[name]  # h first, then the skip: both halves non-empty
+        assert 0 < split < seen[name.rsplit(".", 1)[0]]  # h first, then the skip: both halves non-empty
     student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T))
     conv1 = student.up_blocks[0].resnets[0].conv1
-    assert conv1.split_at == splits["up_blocks.0.resnets.0"] and conv1.skip_act_quantizer is not None
+    assert conv1.split_at == splits["up_blocks.0.resnets.0.conv1"] and conv1.skip_act_quantizer is not None
     unsplit = quantize_model(model, QuantConfig(split_skip=False, num_steps=T, num_groups=T))
     assert unsplit.up_blocks[0].resnets[0].conv1.skip_act_quantizer is None
 

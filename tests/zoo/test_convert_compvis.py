@@ -60,7 +60,8 @@ def test_converted_folder_reproduces_every_compvis_part(name, tmp_path):
     modules, config, checkpoint, ckpt, cfg = write_source(tmp_path, description)
     out = convert(ckpt, cfg, tmp_path / "out", log=lambda _: None)
 
-    unet, scheduler, _ = load_model(model_cfg(out))
+    loaded = load_model(model_cfg(out))
+    unet, scheduler = loaded.unet, loaded.scheduler
     x, t, context = unet_inputs(description, modules)
     with torch.no_grad():
         expected = modules["unet"](x, t, context)
@@ -106,7 +107,8 @@ def test_church_heads_survive_quantization(tmp_path):
     modules, _, _, ckpt, cfg = write_source(tmp_path, TINY_CHURCH)
     out = convert(ckpt, cfg, tmp_path / "out", log=lambda _: None)
     assert (out / "unet" / "attention_heads.json").is_file()
-    unet, _, _ = load_model(model_cfg(out))
+    loaded = load_model(model_cfg(out))
+    unet = loaded.unet
     student = quantize_model(unet, QuantConfig(weight_bits=8, act_bits=8, num_steps=4, num_groups=4, weight_dilation=False))
     set_quant_enabled(student, weights=False, activations=False)
     x, t, _ = unet_inputs(TINY_CHURCH, modules)
@@ -114,7 +116,8 @@ def test_church_heads_survive_quantization(tmp_path):
         torch.testing.assert_close(student(x, t).sample, modules["unet"](x, t), atol=2e-5, rtol=1e-4)
     # and the file matters: the same weights read with one head per layer give other outputs
     (out / "unet" / "attention_heads.json").unlink()
-    plain, _, _ = load_model(model_cfg(out))
+    loaded = load_model(model_cfg(out))
+    plain = loaded.unet
     with torch.no_grad():
         assert (plain(x, t).sample - modules["unet"](x, t)).abs().max() > 1e-3
 
@@ -131,7 +134,8 @@ def test_church_heads_survive_quantization(tmp_path):
 def test_unet_variants(description, tmp_path):
     modules, _, _, ckpt, cfg = write_source(tmp_path, description, seed=3)
     out = convert(ckpt, cfg, tmp_path / "out", log=lambda _: None)
-    unet, _, _ = load_model(model_cfg(out))
+    loaded = load_model(model_cfg(out))
+    unet = loaded.unet
     x, t, context = unet_inputs(description, modules, batch=2)
     with torch.no_grad():
         torch.testing.assert_close(diffusers_unet(unet, x, t, context), modules["unet"](x, t, context), atol=2e-5, rtol=1e-4)

@@ -18,7 +18,7 @@ def embedded():
 
 
 def test_embedded_model_is_small_and_has_default_sampler(embedded):
-    unet, scheduler, sampler = embedded
+    unet, scheduler, sampler = embedded.unet, embedded.scheduler, embedded.sampler
     assert sampler == SamplerConfig(name="ddim", num_steps=25, eta=0.0, spacing="quad", guidance_scale=None)
     assert (unet.config.sample_size, unet.config.in_channels, unet.config.out_channels) == (16, 1, 1)
     assert "AttnDownBlock2D" in unet.config.down_block_types and "AttnUpBlock2D" in unet.config.up_block_types
@@ -28,7 +28,7 @@ def test_embedded_model_is_small_and_has_default_sampler(embedded):
 
 
 def test_short_ddim_run_is_reproducible_and_looks_like_digits(embedded):
-    unet, scheduler, _ = embedded
+    unet, scheduler = embedded.unet, embedded.scheduler
     short = SamplerConfig(name="ddim", num_steps=10, eta=0.0, spacing="quad")
     images = sample(unet, scheduler.config, short, 16, seed=0, batch_size=16, progress=False)
     assert torch.equal(images, sample(unet, scheduler.config, short, 16, seed=0, batch_size=16, progress=False))
@@ -41,7 +41,7 @@ def test_short_ddim_run_is_reproducible_and_looks_like_digits(embedded):
 
 def test_64_samples_at_default_steps(embedded):
     """The speed figure (64 samples, default steps) comes from bench/bench_sampling.py, not from here."""
-    unet, scheduler, sampler = embedded
+    unet, scheduler, sampler = embedded.unet, embedded.scheduler, embedded.sampler
     images = sample(unet, scheduler.config, sampler, 64, seed=0, batch_size=64, progress=False)
     assert images.shape == (64, 1, 16, 16)
     assert torch.isfinite(images).all() and images.min() >= -1.0 and images.max() <= 1.0

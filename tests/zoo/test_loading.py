@@ -25,7 +25,8 @@ def local_cfg(path):
 
 
 def test_local_folder_written_by_save_pretrained_loads(model_folder, tiny_unet, ddpm_scheduler):
-    unet, scheduler, sampler = load_model(local_cfg(model_folder))
+    loaded = load_model(local_cfg(model_folder))
+    unet, scheduler, sampler = loaded.unet, loaded.scheduler, loaded.sampler
     assert type(unet) is type(tiny_unet) and not unet.training
     for name, tensor in tiny_unet.state_dict().items():
         assert torch.equal(unet.state_dict()[name], tensor), name
@@ -37,7 +38,8 @@ def test_local_folder_written_by_save_pretrained_loads(model_folder, tiny_unet, 
 def test_hydra_model_local_override(model_folder):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["model=local", f"model.path={model_folder}"])
-    unet, _, sampler = load_model(cfg.model)
+    loaded = load_model(cfg.model)
+    unet, sampler = loaded.unet, loaded.sampler
     assert unet.config.sample_size == 8
     assert (sampler.name, sampler.num_steps, sampler.spacing) == ("ddim", 100, "quad")
 

@@ -1,0 +1,70 @@
+"""An architecture description: what dq needs to know about a backbone family, as plain data.
+
+    arch = describe(unet)          # the description of a diffusers UNet2DModel / UNet2DConditionModel
+    arch.blocks                    # BKD's blocks, in the order a forward pass runs them
+    arch.first_layers, arch.last_layers, arch.skip_splits, arch.attention
+
+dq.quant's converter (precision policy, skip splits, quantized attention) and dq.bkd's block list read a
+model's structure from here only; teaching dq a new backbone = one module that registers a describer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from dq.errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The structure of one model, by module name.
+
+    family: the backbone family ("unet2d"), or "generic" for a model no description knows (layers only).
+    blocks: BKD's blocks in execution order: modules each run exactly once per forward pass, together
+      holding every Conv2d / Linear of the model (a layer outside any larger block is a block of its own).
+    first_layers / last_layers: the layers the precision policy's first_layer_bits / last_layer_bits apply to.
+    skip_splits: {layer name: channels of the first part of its input} for layers whose input is a
+      concatenation [h, skip] (their two parts get separate activation quantizers).
+    attention: the attention modules whose matmul inputs (q, k, v, softmax output) get quantized.
+    quantize_attention: installs those quantizers on one attention module (the family's attention code).
+    """
+
+    family: str
+    blocks: tuple[str, ...] = ()
+    first_layers: tuple[str, ...] = ()
+    last_layers: tuple[str, ...] = ()
+    skip_splits: dict[str, int] = field(default_factory=dict)
+    attention: tuple[str, ...] = ()
+    quantize_attention: Callable[..., None] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_generic(self) -> bool:
+        return self.family == "generic"
+
+
+_DESCRIBERS: dict[str, Callable[[nn.Module], Architecture]] = {}
+
+
+def register(class_name: str, describer: Callable[[nn.Module], Architecture]) -> None:
+    """Make `describe` use `describer` for models of the class named `class_name`."""
+    _DESCRIBERS[class_name] = describer
+
+
+def described_classes() -> list[str]:
+    return sorted(_DESCRIBERS)
+
+
+def describe(model: nn.Module, *, required: bool = False) -> Architecture:
+    """The description of `model` by its class. A class no description knows gets a generic one (no
+    blocks, no first/last layers, no skip splits, no attention), or UnsupportedError when `required`."""
+    describer = _DESCRIBERS.get(type(model).__name__)
+    if describer is not None:
+        return describer(model)
+    if required:
+        raise UnsupportedError(
+            f"dq has no architecture description of {type(model).__name__}; it knows {described_classes()}"
+        )
+    return Architecture("generic")

@@ -1,0 +1,49 @@
+"""The one loader of a model config: everything dq uses from a diffusion model, in one bundle.
+
+    model = load_model(cfg.model, prompt_limit=256)
+    model.unet, model.scheduler, model.sampler          # the FP UNet, its noise schedule, its sampler settings
+    model.components                                    # FP VAE / text encoder / class embeddings (never quantized)
+    model.conditioning                                  # model.conditioning as tensors (class labels, prompts)
+
+The model config (conf/model/*.yaml) is the one home of a model's conditioning: calibration, the fidelity
+check, evaluation and export all take it from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import nn
+
+from dq.sampling.config import SamplerConfig
+from dq.zoo.components import ModelComponents, load_components
+from dq.zoo.conditioning import ModelConditioning, model_conditioning
+from dq.zoo.loading import load_model_folder, model_folder, model_sampler
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded model config. The UNet is in eval mode, float32, on the CPU."""
+
+    folder: Path
+    unet: nn.Module
+    scheduler: SchedulerMixin  # the training noise schedule; samplers are built from its config
+    sampler: SamplerConfig  # the sampler settings of the model config
+    components: ModelComponents
+    conditioning: ModelConditioning
+
+
+def load_model(model_cfg: Mapping[str, Any], *, prompt_limit: int | None = None) -> ModelBundle:
+    """Everything of a model config (source, path / repo_id, sampler, conditioning, latent_scale), from
+    one resolution of its folder. prompt_limit: encode only the first prompts of a text model (sample k
+    uses prompt k % P, so P = the number of samples gives the same tensors)."""
+    folder = model_folder(model_cfg)
+    sampler = model_sampler(model_cfg)
+    unet, scheduler = load_model_folder(folder)
+    components = load_components(model_cfg, folder)
+    conditioning = model_conditioning(model_cfg, components, limit=prompt_limit)
+    return ModelBundle(folder, unet, scheduler, sampler, components, conditioning)
