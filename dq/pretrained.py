@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dq.arch import UNET_CLASSES, attention_heads, build_unet
+from dq.arch import DENOISER_CLASSES, attention_heads, build_denoiser
 from dq.errors import MissingFileError, OutputExistsError, UserError
 from dq.io import atomic_write, link_or_copy, place_file, staged_dir
 from dq.quant import QuantConfig, load_quant_state, quant_config, save_quant_state
@@ -65,8 +65,8 @@ def save_student(student: nn.Module, directory: str | os.PathLike, *,
     """
     directory = Path(directory)
     config = quant_config(student)
-    if not hasattr(student, "config") or type(student).__name__ not in UNET_CLASSES:
-        raise UserError(f"save_student takes a student of {sorted(UNET_CLASSES)}, got {type(student).__name__}")
+    if not hasattr(student, "config") or type(student).__name__ not in DENOISER_CLASSES:
+        raise UserError(f"save_student takes a student of {sorted(DENOISER_CLASSES)}, got {type(student).__name__}")
     keying = timestep_keying(student)
     if timesteps is None:
         if keying is None:
@@ -135,8 +135,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     for key in ("unet_class", "attention_heads", "timesteps", "quant_config", "files"):
         if key not in manifest:
             raise StudentFolderError(f"{path} lacks the key {key!r}")
-    if manifest["unet_class"] not in UNET_CLASSES:
-        raise StudentFolderError(f"{path}: UNet class {manifest['unet_class']!r} is not one of {sorted(UNET_CLASSES)}")
+    if manifest["unet_class"] not in DENOISER_CLASSES:
+        raise StudentFolderError(f"{path}: denoiser class {manifest['unet_class']!r} is not one of {sorted(DENOISER_CLASSES)}")
     missing = [name for name in manifest["files"] if not (directory / name).is_file()]
     if missing or not (directory / "config.json").is_file():
         raise StudentFolderError(f"{directory} is incomplete: {missing or ['config.json']} missing")
@@ -164,7 +164,7 @@ def load_student(directory: str | os.PathLike, *, tpq_policy: str = "exact", int
         return load_int_model(directory / EXPORT_FILE, device=device, backend=backend, tpq_policy=tpq_policy)
     try:
         unet_config = json.loads((directory / "config.json").read_text())
-        unet = build_unet(manifest["unet_class"], unet_config, manifest["attention_heads"])
+        unet = build_denoiser(manifest["unet_class"], unet_config, manifest["attention_heads"])
     except (json.JSONDecodeError, ValueError) as err:
         raise StudentFolderError(f"{directory / 'config.json'}: {err}") from err
     try:

@@ -2,19 +2,21 @@
 family registers a describer; the converter and BKD read a model's structure from `describe(model)`.
 Also the diffusers UNet classes and their builder, and diffusers attention (quantized processor, heads)."""
 
+from dq.arch import transformer2d as _transformer2d  # noqa: F401  (registers the DiT / PixArt descriptions)
 from dq.arch import unet2d as _unet2d  # noqa: F401  (registers the UNet description)
 from dq.arch.attention import QuantAttnProcessor, attention_heads, quantize_attention, set_attention_heads
-from dq.arch.description import Architecture, describe, described_classes, register
-from dq.arch.unets import UNET_CLASSES, build_unet
+from dq.arch.classes import DENOISER_CLASSES, build_denoiser
+from dq.arch.description import Architecture, describe, described_classes, model_call, register
 
 __all__ = [
-    "UNET_CLASSES",
+    "DENOISER_CLASSES",
     "Architecture",
     "QuantAttnProcessor",
     "attention_heads",
-    "build_unet",
+    "build_denoiser",
     "describe",
     "described_classes",
+    "model_call",
     "quantize_attention",
     "register",
     "set_attention_heads",

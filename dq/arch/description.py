@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from dq.errors import UnsupportedError
@@ -45,12 +46,24 @@ class Architecture:
         return self.family == "generic"
 
 
+ModelCall = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 _DESCRIBERS: dict[str, Callable[[nn.Module], Architecture]] = {}
+_CALLS: dict[str, ModelCall] = {}
 
 
-def register(class_name: str, describer: Callable[[nn.Module], Architecture]) -> None:
-    """Make `describe` use `describer` for models of the class named `class_name`."""
+def register(class_name: str, describer: Callable[[nn.Module], Architecture], call: ModelCall | None = None) -> None:
+    """Make `describe` use `describer` for models of the class named `class_name`. call: the model's denoiser
+    call, (model, x [B, C, H, W], timesteps [B], cond or None) -> the prediction [B, C, H, W] (cond: class
+    labels int64 [B] or embeddings [B, L, D]); None: a diffusers UNet's, model(x, t) with cond passed as
+    class_labels / encoder_hidden_states."""
     _DESCRIBERS[class_name] = describer
+    if call is not None:
+        _CALLS[class_name] = call
+
+
+def model_call(model: nn.Module) -> ModelCall | None:
+    """The registered denoiser call of `model`'s class (None: the UNet convention). Cheap: a table lookup."""
+    return _CALLS.get(type(model).__name__)
 
 
 def described_classes() -> list[str]:

@@ -19,20 +19,24 @@ from torch.utils import _pytree as pytree
 from dq.arch import describe
 from dq.errors import UserError
 from dq.quant import act_quantizers, step_context, weight_quantizers
-from dq.sampling import cond_kwargs, unet_forward
+from dq.sampling import unet_forward
 
 WHOLE_MODEL = ""  # the block name of the whole model (end-to-end QAT as one block)
 
 
-def main_tensor(output: Any) -> torch.Tensor:
-    """The tensor a block returns (diffusers blocks return a tensor, a tuple, or an output dataclass)."""
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors a block returns, in order: a tensor, the tensors of a tuple (a transformer block may
+    return (encoder_hidden_states, hidden_states); None elements are skipped), or an output dataclass's
+    `sample`. BKD matches every one of them to the teacher's."""
     if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
+        return [output]
+    if isinstance(output, (tuple, list)):
+        tensors = [t for t in output if isinstance(t, torch.Tensor)]
+        if tensors:
+            return tensors
     if isinstance(getattr(output, "sample", None), torch.Tensor):
-        return output.sample
-    raise TypeError(f"cannot find the output tensor of a block returning {type(output).__name__}")
+        return [output.sample]
+    raise TypeError(f"cannot find the output tensors of a block returning {type(output).__name__}")
 
 
 def _has_quantizers(module: nn.Module) -> bool:
@@ -100,13 +104,13 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class BlockIO:
-    """The captured inputs of a block call (args/kwargs as a flattened pytree) and its output."""
+    """The captured inputs of a block call (args/kwargs as a flattened pytree) and its output tensors."""
 
     leaves: list[Any]  # tensors with a leading batch dimension, or constants
     spec: pytree.TreeSpec
-    output: torch.Tensor | None
+    output: list[torch.Tensor] | None  # every tensor the block returns (output_tensors), or None
 
-    def call(self, block: nn.Module, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+    def call(self, block: nn.Module, index: torch.Tensor | slice | None = None) -> list[torch.Tensor]:
         """Run `block` on the captured inputs (rows `index` of every batched tensor), moved to the block's
         device (the cache may live on the CPU while the block trains on a GPU)."""
         device = next(block.parameters()).device
@@ -115,12 +119,12 @@ class BlockIO:
             for leaf in self.leaves
         ]
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        return main_tensor(block(*args, **kwargs))
+        return output_tensors(block(*args, **kwargs))
 
     def tensors(self) -> list[torch.Tensor]:
         """Every captured tensor: the batched inputs, then the output when there is one."""
         tensors = [leaf for leaf in self.leaves if isinstance(leaf, torch.Tensor)]
-        return tensors if self.output is None else [*tensors, self.output]
+        return tensors if self.output is None else [*tensors, *self.output]
 
     @property
     def device(self) -> torch.device:
@@ -136,7 +140,7 @@ class BlockIO:
     def to(self, device: torch.device | str) -> BlockIO:
         """The same inputs and output on `device` (tensors already there are not copied)."""
         leaves = [leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
-        return BlockIO(leaves, self.spec, None if self.output is None else self.output.to(device))
+        return BlockIO(leaves, self.spec, None if self.output is None else [t.to(device) for t in self.output])
 
 
 def _run_until_stopped(model: nn.Module, batch: dict[str, torch.Tensor], handles: list) -> None:
@@ -155,10 +159,6 @@ def capture_block(
 ) -> BlockIO:
     """Run `model` on `batch` up to block `block_name` and return the block's inputs, and its output when
     want_output (then the block runs; otherwise the pass stops before it). Later blocks never run."""
-    if block_name == WHOLE_MODEL:  # the model's own inputs; its output when asked
-        args, kwargs = (batch["x_t"], batch["timestep"]), cond_kwargs(batch.get("cond"))
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        return BlockIO(leaves, spec, run_model(model, batch) if want_output else None)
     captured: dict[str, Any] = {}
 
     def before(module, args, kwargs):
@@ -167,10 +167,10 @@ def capture_block(
             raise _StopForward
 
     def after(module, args, kwargs, output):
-        captured["output"] = main_tensor(output)
+        captured["output"] = output_tensors(output)
         raise _StopForward
 
-    block = model.get_submodule(block_name)
+    block = model if block_name == WHOLE_MODEL else model.get_submodule(block_name)  # the model: its own call
     handles = [block.register_forward_pre_hook(before, with_kwargs=True)]
     if want_output:
         handles.append(block.register_forward_hook(after, with_kwargs=True))
@@ -181,16 +181,17 @@ def capture_block(
     return BlockIO(leaves, spec, captured.get("output"))
 
 
-def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Run `model` on `batch` once and return the outputs of the blocks `names` (given in execution order);
+def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]
+                    ) -> dict[str, list[torch.Tensor]]:
+    """Run `model` on `batch` once and return the output tensors of the blocks `names` (in execution order);
     the pass stops after the last of them. The same values as one capture_block per name: a forward stopped
     early computes its prefix exactly as a full one does."""
-    outputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
     last = names[-1]
 
     def hook_for(name: str):
         def hook(module, args, output):
-            outputs[name] = main_tensor(output)
+            outputs[name] = output_tensors(output)
             if name == last:
                 raise _StopForward
 
@@ -216,5 +217,7 @@ def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO
             if any(p.leaves[i] != leaf for p in parts):
                 raise UserError(f"a non-tensor input of the block changes between batches: {leaf!r}")
             leaves.append(leaf)
-    output = None if first.output is None else torch.cat([p.output.detach().to(device) for p in parts]).contiguous()
+    output = None if first.output is None else [
+        torch.cat([p.output[i].detach().to(device) for p in parts]).contiguous() for i in range(len(first.output))
+    ]
     return BlockIO(leaves, first.spec, output)

@@ -235,7 +235,7 @@ class BlockDistiller(L.LightningModule):
         # all N tuples, build_cache) and "init" (the activation quantizers' initialisation pass)
         self.prep_seconds = {"cache": 0.0, "init": 0.0}
         self.block_prep_seconds: dict[str, float] = {}  # per block: its whole preparation (begin_block)
-        self._targets: dict[str, torch.Tensor] = {}  # teacher targets captured ahead of their blocks
+        self._targets: dict[str, list[torch.Tensor]] = {}  # teacher targets captured ahead of their blocks
         self._target_row_bytes: dict[str, int] | None = None
         # what the student depends on (dq.resume.run_identity), stored in every checkpoint; set by train.py
         self.run_identity: dict[str, Any] | None = None
@@ -286,12 +286,12 @@ class BlockDistiller(L.LightningModule):
         return cache.to(device)
 
     @torch.no_grad()
-    def teacher_targets(self, name: str) -> torch.Tensor:
-        """The teacher's output of block `name` for every calibration row (fp32, on the CPU), from the
+    def teacher_targets(self, name: str) -> list[torch.Tensor]:
+        """The teacher's output tensors of block `name` for every calibration row (fp32, on the CPU), from the
         targets captured ahead (target_cache_mb) or a new teacher pass that also captures the next blocks'."""
         if name not in self._targets:
             names = self.target_group(name)
-            parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+            parts: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}
             step = self.distill.capture_batch_size
             for start in range(0, self.num_samples, step):
                 batch = self.calibration_batch(slice(start, start + step))
@@ -301,8 +301,8 @@ class BlockDistiller(L.LightningModule):
                     else:
                         outputs = capture_outputs(self.teacher, names, batch)
                 for n in names:  # fp32 targets whatever the teacher's precision: the loss is computed in fp32
-                    parts[n].append(outputs[n].float().cpu())
-            self._targets = {n: torch.cat(p).contiguous() for n, p in parts.items()}
+                    parts[n].append([t.float().cpu() for t in outputs[n]])
+            self._targets = {n: [torch.cat(chunks).contiguous() for chunks in zip(*p)] for n, p in parts.items()}
         return self._targets.pop(name)
 
     def target_group(self, name: str) -> list[str]:
@@ -313,7 +313,7 @@ class BlockDistiller(L.LightningModule):
             example = self.calibration_batch(slice(0, 1))
             with torch.no_grad():
                 sizes = capture_outputs(self.teacher, self.blocks, example)
-            self._target_row_bytes = {n: t[0].numel() * 4 for n, t in sizes.items()}
+            self._target_row_bytes = {n: sum(t[0].numel() * 4 for t in ts) for n, ts in sizes.items()}
         budget, k = self.distill.target_cache_mb * 2**20, self.blocks.index(name)
         group, total = [name], self._target_row_bytes[name] * self.num_samples
         for other in self.blocks[k + 1 :]:
@@ -517,9 +517,11 @@ class BlockDistiller(L.LightningModule):
         name = self.blocks[self.state.block]
         rows, steps = self.shard(batch["index"]), self.shard(batch["step"])  # this rank's share, its TPQ steps
         with step_context(self.student, steps.to(self.device)):
-            prediction = self._block_forward(name, self._device_rows(rows))
-        target = self.cache.output[self._device_rows(rows)].to(prediction.device)
-        loss = F.mse_loss(prediction.float(), target.float())  # eq. 15
+            predictions = self._block_forward(name, self._device_rows(rows))
+        targets = [t[self._device_rows(rows)].to(p.device) for p, t in zip(predictions, self.cache.output, strict=True)]
+        losses = [F.mse_loss(p.float(), t.float()) for p, t in zip(predictions, targets)]  # eq. 15
+        # a block returning several tensors (a joint-attention transformer block): the mean of their losses
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         optimizer = self.optimizers()
         factor = self.learning_rate_factor(self.state.iteration)
         for group in optimizer.param_groups:
@@ -537,8 +539,8 @@ class BlockDistiller(L.LightningModule):
         self.log("bkd/block", float(self.state.block), on_step=True, on_epoch=False)
         return loss
 
-    def _block_forward(self, name: str, rows: torch.Tensor | slice) -> torch.Tensor:
-        """The current block's output on cached rows `rows`, through its torch.compile wrapper with
+    def _block_forward(self, name: str, rows: torch.Tensor | slice) -> list[torch.Tensor]:
+        """The current block's output tensors on cached rows `rows`, through its torch.compile wrapper with
         distill.compile (the training steps only; initialisation and capture run eagerly)."""
         block = self.block_module(name)
         compiled = self._compiled.get(name)

@@ -317,8 +317,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     progress = bool(cfg.progress_bar)
     target = load_target(cfg, fabric.device)
     cfg = _with_run_names(cfg, target)
-    conditioning = target.conditioning.for_indices if target.conditioning.is_conditional else None
-    cond_record = target.conditioning.record()
+    conditioning, cond_record = target.conditioning.indexer(), target.conditioning.record()
     plan = plan_metrics(eval_cfg, target) if fabric.global_rank == 0 else None
 
     seconds: dict[str, float] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dq.arch import QuantAttnProcessor, build_unet
+from dq.arch import QuantAttnProcessor, build_denoiser
 from dq.export.artifact import (
     Export,
     ExportError,
@@ -47,7 +47,7 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
     backend = resolve_backend(backend, device)
     meta = export.metadata
     try:
-        unet = build_unet(meta["unet_class"], meta["unet_config"], meta["attention_heads"])
+        unet = build_denoiser(meta["unet_class"], meta["unet_config"], meta["attention_heads"])
     except ValueError as err:
         raise ExportError(f"{export.path}: {err}") from err
     step_to_group = export.tensors["step_to_group"].long()

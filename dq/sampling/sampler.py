@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
+from dq.arch import model_call
 from dq.errors import UserError
 from dq.io import derived_seed
 from dq.quant import key_by_timestep, step_context, timestep_keying, tpq_num_steps
@@ -74,8 +75,12 @@ def planned_timesteps(scheduler_config: Mapping[str, Any], sampler: SamplerConfi
 
 
 def unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-    """The UNet's output for x [B, C, H, W] at timesteps int64 [B]; cond: class labels int64 [B] or
-    embeddings [B, L, D] (cross-attention), or None for an unconditional model."""
+    """The denoiser's prediction for x [B, C, H, W] at timesteps int64 [B]; cond: class labels int64 [B] or
+    embeddings [B, L, D] (cross-attention), or None for an unconditional model. The call convention is the
+    model's architecture description's (dq.arch); a diffusers UNet's by default."""
+    call = model_call(unet)
+    if call is not None:
+        return call(unet, x, timesteps, cond)
     return unet(x, timesteps, return_dict=False, **cond_kwargs(cond))[0]
 
 
@@ -203,8 +208,7 @@ def sample(
         raise UserError(f"sampler guidance_scale={sampler.guidance_scale} needs cond and uncond conditioning")
     cond = _expand_rows(cond, num_samples, "cond")
     uncond = _expand_rows(uncond, num_samples, "uncond")
-    parameter = next(unet.parameters())
-    device, dtype = parameter.device, parameter.dtype
+    device = next(unet.parameters()).device
     config = unet.config
     shape = (int(config.in_channels), *_sample_size(config.sample_size))
     timesteps = planned_timesteps(scheduler_config, sampler)
@@ -219,27 +223,38 @@ def sample(
             generators = [torch.Generator().manual_seed(sample_seed(seed, int(k))) for k in indices]
             batch_cond = None if cond is None else cond[start:stop].to(device)
             batch_uncond = None if uncond is None else uncond[start:stop].to(device)
-            scheduler = build_scheduler(scheduler_config, sampler)
-            x = _per_sample_noise(generators, shape) * float(scheduler.init_noise_sigma)
-            x = x.to(device=device, dtype=dtype)
-            draws_noise = _draws_step_noise(scheduler, sampler)
-            takes_eta = "eta" in inspect.signature(scheduler.step).parameters
-            for step_index, timestep in enumerate(scheduler.timesteps.tolist()):
-                model_input = scheduler.scale_model_input(x, timestep)
-                if on_step is not None:
-                    on_step(step_index, int(timestep), model_input, indices)
-                with step_context(unet, step_index) if explicit_steps else contextlib.nullcontext():
-                    output = predict_noise(unet, model_input, int(timestep), batch_cond, batch_uncond,
-                                           sampler.guidance_scale)
-                step_kwargs: dict[str, Any] = {}
-                if takes_eta:
-                    step_kwargs["eta"] = sampler.eta
-                if draws_noise:
-                    step_kwargs["variance_noise"] = _per_sample_noise(generators, shape).to(device=device, dtype=dtype)
-                x = scheduler.step(output, timestep, x, return_dict=False, **step_kwargs)[0]
-                bar.update(1)
+            x = _denoise(unet, scheduler_config, sampler, generators, shape, indices, (batch_cond, batch_uncond),
+                         explicit_steps, on_step, bar)
             outputs.append(x.float().cpu())
     return torch.cat(outputs)
+
+
+def _denoise(unet: nn.Module, scheduler_config: Mapping[str, Any], sampler: SamplerConfig,
+             generators: list[torch.Generator], shape: tuple[int, ...], indices: torch.Tensor,
+             conditioning: tuple[torch.Tensor | None, torch.Tensor | None], explicit_steps: bool,
+             on_step: StepCallback | None, bar: tqdm) -> torch.Tensor:
+    """One batch's denoising loop, from its per-sample noise (generators) to the final samples."""
+    parameter = next(unet.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    scheduler = build_scheduler(scheduler_config, sampler)
+    x = _per_sample_noise(generators, shape) * float(scheduler.init_noise_sigma)
+    x = x.to(device=device, dtype=dtype)
+    draws_noise = _draws_step_noise(scheduler, sampler)
+    takes_eta = "eta" in inspect.signature(scheduler.step).parameters
+    for step_index, timestep in enumerate(scheduler.timesteps.tolist()):
+        model_input = scheduler.scale_model_input(x, timestep)
+        if on_step is not None:
+            on_step(step_index, int(timestep), model_input, indices)
+        with step_context(unet, step_index) if explicit_steps else contextlib.nullcontext():
+            output = predict_noise(unet, model_input, int(timestep), *conditioning, sampler.guidance_scale)
+        step_kwargs: dict[str, Any] = {}
+        if takes_eta:
+            step_kwargs["eta"] = sampler.eta
+        if draws_noise:
+            step_kwargs["variance_noise"] = _per_sample_noise(generators, shape).to(device=device, dtype=dtype)
+        x = scheduler.step(output, timestep, x, return_dict=False, **step_kwargs)[0]
+        bar.update(1)
+    return x
 
 
 def _per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:

@@ -16,7 +16,7 @@ fidelity check, evaluation (and its CLIP score's prompts) and export all read it
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,6 +55,10 @@ class ModelConditioning(NamedTuple):
         if not self.is_conditional:
             return None, None
         return trajectory_conditioning(indices, **self.datamodule_kwargs())
+
+    def indexer(self) -> Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]] | None:
+        """for_indices for a conditional model, None for an unconditional one (what samplers take)."""
+        return self.for_indices if self.is_conditional else None
 
     def record(self) -> dict[str, Any]:
         """What the protocol of a result says about the conditioning."""

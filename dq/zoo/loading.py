@@ -19,30 +19,44 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dq.arch import UNET_CLASSES, set_attention_heads
+from dq.arch import DENOISER_CLASSES, set_attention_heads
 from dq.errors import MissingFileError, UserError
 from dq.io import read_json_object
 from dq.sampling.config import SamplerConfig
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
+# the packaged models by model.embedded: the digits UNet (the default) and the class-conditional digits DiT
+EMBEDDED_MODELS = {"unet": EMBEDDED_MODEL_DIR, "dit": Path(__file__).resolve().parent / "embedded_dit"}
 MODEL_SOURCES = ("embedded", "local", "hub")
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 ATTENTION_HEADS_FILE = "attention_heads.json"  # per-layer head counts UNet2DModel's config cannot express
 
 
+def denoiser_dir(root: Path) -> Path:
+    """The denoiser's folder in a model folder: `unet/`, `transformer/` (DiT, PixArt pipelines), or the
+    root itself for a flat repo (config.json + scheduler_config.json at the root, as google/ddpm-*)."""
+    for name in ("unet", "transformer"):
+        if (root / name).is_dir():
+            return Path(name)
+    if (root / "config.json").is_file() and (root / "scheduler_config.json").is_file():
+        return Path(".")
+    return Path("unet")
+
+
 def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
-    """(unet, scheduler) from a diffusers model folder: `unet/config.json` + `unet/{UNET_WEIGHTS}` and
-    `scheduler/scheduler_config.json`, as `save_pretrained` (or a downloaded pipeline) lays them out.
+    """(denoiser, scheduler) from a diffusers model folder: `unet/` (or `transformer/`) with config.json and
+    {UNET_WEIGHTS}, and `scheduler/scheduler_config.json`, as `save_pretrained` (or a downloaded
+    pipeline) lays them out.
 
     ValueError naming the missing or malformed part when the folder does not have that layout.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"model folder {root} does not exist or is not a directory")
-    layout_hint = "expected unet/ and scheduler/ as UNet2DModel.save_pretrained / SchedulerMixin.save_pretrained write them"
-    # some hub repos (google/ddpm-*) keep the UNet and its scheduler flat at the root instead of in subfolders
-    flat = not (root / "unet").is_dir() and (root / "config.json").is_file() and (root / "scheduler_config.json").is_file()
-    unet_dir, scheduler_dir = (Path("."), Path(".")) if flat else (Path("unet"), Path("scheduler"))
+    layout_hint = ("expected unet/ (or transformer/) and scheduler/ as the model's save_pretrained and "
+                   "SchedulerMixin.save_pretrained write them")
+    unet_dir = denoiser_dir(root)
+    scheduler_dir = Path(".") if unet_dir == Path(".") else Path("scheduler")
     missing = [
         str(part)
         for part in (unet_dir / "config.json", unet_dir / UNET_WEIGHTS, scheduler_dir / "scheduler_config.json")
@@ -53,11 +67,11 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
         note = f" (found {pickled}: pickle weights are not loaded, convert them to safetensors)" if pickled else ""
         raise UserError(f"model folder {root} is missing {missing}{note}; {layout_hint}")
 
-    unet_config = read_json_object(root / unet_dir / "config.json", "UNet config")
+    unet_config = read_json_object(root / unet_dir / "config.json", "denoiser config")
     unet_class_name = unet_config.get("_class_name")
-    if unet_class_name not in UNET_CLASSES:
+    if unet_class_name not in DENOISER_CLASSES:
         raise UserError(
-            f"{root / unet_dir / 'config.json'} has _class_name {unet_class_name!r}; expected one of {sorted(UNET_CLASSES)}"
+            f"{root / unet_dir / 'config.json'} has _class_name {unet_class_name!r}; expected one of {sorted(DENOISER_CLASSES)}"
         )
     scheduler_file = root / scheduler_dir / "scheduler_config.json"
     scheduler_config = read_json_object(scheduler_file, "scheduler config")
@@ -71,7 +85,7 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
     if "num_train_timesteps" not in scheduler_config:
         raise UserError(f"{scheduler_file} has no num_train_timesteps")
 
-    unet = UNET_CLASSES[unet_class_name].from_pretrained(
+    unet = DENOISER_CLASSES[unet_class_name].from_pretrained(
         root / unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False  # no `accelerate` needed
     )
     heads_file = root / unet_dir / ATTENTION_HEADS_FILE
@@ -85,7 +99,8 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
 
 
 def model_folder(model_cfg: Mapping[str, Any]) -> Path:
-    """The folder a model config points at: the package's embedded model, `path` for source=local, or the
+    """The folder a model config points at: the package's embedded model (model.embedded: unet, the default,
+    or dit), `path` for source=local, or the
     local HF-cache snapshot of `repo_id` (at `revision`) for source=hub."""
     source = model_cfg.get("source")
     if source not in MODEL_SOURCES:
@@ -98,7 +113,10 @@ def model_folder(model_cfg: Mapping[str, Any]) -> Path:
     if source == "embedded":
         if path is not None:
             raise UserError(f"model.source=embedded loads the packaged model; use model=local for path {path!r}")
-        return EMBEDDED_MODEL_DIR
+        name = model_cfg.get("embedded") or "unet"
+        if name not in EMBEDDED_MODELS:
+            raise UserError(f"model.embedded must be one of {sorted(EMBEDDED_MODELS)}, got {name!r}")
+        return EMBEDDED_MODELS[name]
     if path is None or str(path) == "":
         raise UserError(
             "model=local needs model.path=/dir, a folder holding unet/ and scheduler/ as save_pretrained writes them"

@@ -64,7 +64,7 @@ def test_bf16_teacher_targets_are_fp32_close_to_the_fp32_ones_and_the_student_in
     reference, bf16 = _distiller(), _distiller(teacher_precision="bf16")
     _prepare_block(reference, k)
     _prepare_block(bf16, k)
-    target, rounded = reference.cache.output, bf16.cache.output
+    (target,), (rounded,) = reference.cache.output, bf16.cache.output
     assert rounded.dtype == torch.float32 and rounded.shape == target.shape
     assert not torch.equal(rounded, target)  # autocast was active on the teacher
     assert float((rounded - target).norm() / target.norm()) < 2e-2

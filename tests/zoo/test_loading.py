@@ -93,3 +93,20 @@ def _edit_json(path, **changes):
     payload = json.loads(path.read_text())
     payload.update(changes)
     path.write_text(json.dumps(payload))
+
+
+def test_transformer_folder_of_a_dit_pipeline_loads(tmp_path, ddpm_scheduler):
+    from tests.arch.test_transformers import tiny_dit
+
+    dit = tiny_dit()
+    dit.save_pretrained(tmp_path / "dit" / "transformer")  # DiTPipeline's layout
+    ddpm_scheduler.save_pretrained(tmp_path / "dit" / "scheduler")
+    loaded = load_model(local_cfg(tmp_path / "dit"))
+    assert type(loaded.unet).__name__ == "DiTTransformer2DModel"
+    for a, b in zip(loaded.unet.state_dict().values(), dit.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_unknown_embedded_model_is_refused():
+    with pytest.raises(ValueError, match="model.embedded must be one of"):
+        load_model({"source": "embedded", "embedded": "vit", "sampler": {"num_steps": 4}})

@@ -1,0 +1,84 @@
+"""Architecture descriptions of diffusers' image diffusion transformers with BasicTransformerBlock blocks:
+DiTTransformer2DModel (class-conditional, adaLN-Zero) and PixArtTransformer2DModel (text cross-attention,
+adaLN-single).
+
+Execution order of their forward pass: the patch embedding (pos_embed), then, for PixArt, the timestep
+embedding (adaln_single) and the caption projection, each transformer block, and the output layers (DiT:
+proj_out_1, the final adaLN modulation, and proj_out_2; PixArt: proj_out). Each of those is one BKD block.
+DiT computes its final modulation from the first block's label/timestep embedder (a module inside block 0
+run again after the last block): that embedder is trained with block 0 and used, as trained, after it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dq.arch.attention import quantize_attention
+from dq.arch.description import Architecture, register
+from dq.errors import UnsupportedError
+
+
+def _has_layers(module: nn.Module | None) -> bool:
+    return module is not None and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
+
+
+def _prediction(model: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """The noise prediction: the first C channels when the model also predicts the variance (learn_sigma)."""
+    return output[:, : x.shape[1]] if output.shape[1] != x.shape[1] else output
+
+
+def _call_dit(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    if cond is None or torch.is_floating_point(cond):
+        raise UnsupportedError("DiTTransformer2DModel is class-conditional: give class labels int64 [B] as cond")
+    return _prediction(model, x, model(x, timestep=timesteps, class_labels=cond, return_dict=False)[0])
+
+
+def _call_pixart(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None
+                 ) -> torch.Tensor:
+    if cond is None or not torch.is_floating_point(cond) or cond.ndim != 3:
+        raise UnsupportedError("PixArtTransformer2DModel is text-conditional: give embeddings [B, L, D] as cond")
+    added = {"resolution": None, "aspect_ratio": None}  # only used when the config asks for them
+    if getattr(model, "use_additional_conditions", False):
+        raise UnsupportedError("PixArt configs with use_additional_conditions (resolution / aspect-ratio "
+                               "embeddings) are not supported by dq yet")
+    output = model(x, encoder_hidden_states=cond, timestep=timesteps, added_cond_kwargs=added, return_dict=False)[0]
+    return _prediction(model, x, output)
+
+
+def _check_parts(model: nn.Module, known: tuple[str, ...]) -> None:
+    unknown = [n for n, child in model.named_children() if n not in known and _has_layers(child)]
+    if unknown:
+        raise UnsupportedError(f"{type(model).__name__} has parts dq's description does not know: {unknown}")
+
+
+def _attention(model: nn.Module) -> tuple[str, ...]:
+    from diffusers.models.attention_processor import Attention
+
+    return tuple(name for name, m in model.named_modules() if isinstance(m, Attention))
+
+
+def describe_dit(model: nn.Module) -> Architecture:
+    _check_parts(model, ("pos_embed", "transformer_blocks", "norm_out", "proj_out_1", "proj_out_2"))
+    blocks = ["pos_embed", *(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))),
+              "proj_out_1", "proj_out_2"]
+    return Architecture(family="transformer2d", blocks=tuple(blocks), first_layers=("pos_embed.proj",),
+                        last_layers=("proj_out_2",), attention=_attention(model),
+                        quantize_attention=quantize_attention)
+
+
+def describe_pixart(model: nn.Module) -> Architecture:
+    _check_parts(model, ("pos_embed", "adaln_single", "caption_projection", "transformer_blocks", "norm_out",
+                         "proj_out"))
+    blocks = ["pos_embed", "adaln_single"]
+    if _has_layers(getattr(model, "caption_projection", None)):
+        blocks.append("caption_projection")
+    blocks += [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+    blocks.append("proj_out")
+    return Architecture(family="transformer2d", blocks=tuple(blocks), first_layers=("pos_embed.proj",),
+                        last_layers=("proj_out",), attention=_attention(model),
+                        quantize_attention=quantize_attention)
+
+
+register("DiTTransformer2DModel", describe_dit, _call_dit)
+register("PixArtTransformer2DModel", describe_pixart, _call_pixart)
