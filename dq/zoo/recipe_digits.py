@@ -1,10 +1,14 @@
-"""The recipe that trained dq's embedded model: a small DDPM on scikit-learn's real handwritten digits.
+"""The recipes that trained dq's embedded models on scikit-learn's real handwritten digits: a small DDPM
+UNet (unconditional), and a small class-conditional DiT (diffusers DiTTransformer2DModel).
 
-    python -m dq.zoo.recipe_digits --out dq/zoo/embedded    # 2,400 steps: ~18 min on 2 idle CPU cores
+    python -m dq.zoo.recipe_digits --out dq/zoo/embedded              # 2,400 steps: ~18 min on 2 idle CPU cores
+    python -m dq.zoo.recipe_digits --arch dit --out dq/zoo/embedded_dit
 
-It writes `<out>/unet/` and `<out>/scheduler/` (diffusers `save_pretrained` layout, safetensors) with the
-EMA weights, and `<out>/training_record.json` (arguments, final loss, wall time, versions). Training is
-plain DDPM: epsilon-prediction MSE at uniform timesteps, no augmentation, Adam, EMA of the weights.
+They write `<out>/unet/` (or `<out>/transformer/`) and `<out>/scheduler/` (diffusers `save_pretrained`
+layout, safetensors) with the EMA weights, and `<out>/training_record.json` (arguments, final loss, wall
+time, versions). Training is plain DDPM: epsilon-prediction MSE at uniform timesteps, no augmentation, Adam,
+EMA of the weights. The DiT sees each image's label, replaced by the null class (10) with probability
+--label-dropout, so that it also learns the unconditional prediction classifier-free guidance needs.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
 from dq import cli
 from dq.data import DIGITS_SIZE, load_digit_images
@@ -45,6 +49,25 @@ def embedded_unet_config(sample_size: int = DIGITS_SIZE) -> dict:
         "downsample_padding": 0,
         "flip_sin_to_cos": False,
         "freq_shift": 1,
+    }
+
+
+NULL_CLASS = 10  # the DiT's "no label" class (classifier-free guidance); the digits are classes 0..9
+
+
+def embedded_dit_config(sample_size: int = DIGITS_SIZE) -> dict:
+    """DiTTransformer2DModel arguments: adaLN-Zero blocks, patch 2 (64 tokens at 16x16), width 96 (4 heads
+    of 24), depth 4, 10 classes + the null class, no learned variance (epsilon only)."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": 1,
+        "out_channels": 1,
+        "patch_size": 2,
+        "num_attention_heads": 4,
+        "attention_head_dim": 24,
+        "num_layers": 4,
+        "num_embeds_ada_norm": NULL_CLASS,  # diffusers adds the null row: the label table has 11 rows
+        "norm_type": "ada_norm_zero",
     }
 
 
@@ -74,9 +97,9 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
         ema_param.lerp_(param, 1.0 - decay)
 
 
-def save_model_folder(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path) -> None:
-    """Write `out/unet` and `out/scheduler`; each folder is written beside and renamed into place."""
-    for name, part in (("unet", unet), ("scheduler", scheduler)):
+def save_model_folder(unet: torch.nn.Module, scheduler: DDPMScheduler, out: Path, denoiser: str = "unet") -> None:
+    """Write `out/<denoiser>` and `out/scheduler`; each folder is written beside and renamed into place."""
+    for name, part in ((denoiser, unet), ("scheduler", scheduler)):
         with staged_dir(out / name) as staging:
             part.save_pretrained(staging)
 
@@ -84,14 +107,18 @@ def save_model_folder(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path) ->
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    images, _ = load_digit_images(size=DIGITS_SIZE)  # [1797, 1, 16, 16] in [-1, 1]
-    unet = UNet2DModel(**embedded_unet_config())
+    images, labels = load_digit_images(size=DIGITS_SIZE)  # [1797, 1, 16, 16] in [-1, 1], [1797]
+    dit = args.arch == "dit"
+    unet = DiTTransformer2DModel(**embedded_dit_config()) if dit else UNet2DModel(**embedded_unet_config())
+    folder = "transformer" if dit else "unet"
+    if dit:  # eval mode: the labels are dropped here (seeded), not by diffusers' own train-mode label dropout
+        unet.eval()
     scheduler = DDPMScheduler(**embedded_scheduler_config())
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.Adam(unet.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     num_params = sum(p.numel() for p in unet.parameters())
-    print(f"UNet2DModel with {num_params:,} parameters; {len(images)} training images", flush=True)
+    print(f"{type(unet).__name__} with {num_params:,} parameters; {len(images)} training images", flush=True)
 
     start, smoothed_loss = time.time(), None
     for step in range(args.steps):
@@ -100,7 +127,13 @@ def train(args: argparse.Namespace) -> dict:
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        loss = F.mse_loss(unet(noisy, timesteps).sample, noise)
+        if dit:
+            label = labels[index].clone()
+            label[torch.rand(args.batch_size, generator=generator) < args.label_dropout] = NULL_CLASS
+            prediction = unet(noisy, timestep=timesteps, class_labels=label).sample
+        else:
+            prediction = unet(noisy, timesteps).sample
+        loss = F.mse_loss(prediction, noise)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args.lr, args.steps, args.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
@@ -114,10 +147,10 @@ def train(args: argparse.Namespace) -> dict:
             print(f"step {step + 1}/{args.steps} loss {smoothed_loss:.4f} "
                   f"lr {optimizer.param_groups[0]['lr']:.2e} {time.time() - start:.0f}s", flush=True)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
-            save_model_folder(ema_unet, scheduler, Path(args.out))
+            save_model_folder(ema_unet, scheduler, Path(args.out), folder)
 
     wall_time_s = time.time() - start
-    save_model_folder(ema_unet, scheduler, Path(args.out))
+    save_model_folder(ema_unet, scheduler, Path(args.out), folder)
     record = {
         "command": "python -m dq.zoo.recipe_digits " + " ".join(sys.argv[1:]),
         "arguments": vars(args),
@@ -128,13 +161,37 @@ def train(args: argparse.Namespace) -> dict:
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},
     }
+    if dit:  # do the samples show the digit asked for? (dq's digit classifier, per guidance scale)
+        record["class_accuracy"] = {str(g): round(class_accuracy(ema_unet, dict(scheduler.config), g), 4)
+                                    for g in args.eval_guidance}
+        print(f"class accuracy of 200 samples per guidance scale: {record['class_accuracy']}", flush=True)
     write_json(Path(args.out) / "training_record.json", record)
     return record
 
 
+@torch.no_grad()
+def class_accuracy(model: torch.nn.Module, scheduler_config: dict, guidance_scale: float, num_samples: int = 200,
+                   seed: int = 0) -> float:
+    """The share of `num_samples` samples (25-step quad DDIM, sample k asks for class k % 10, classifier-free
+    guidance at `guidance_scale` against the null class) that dq's digit classifier reads as the class asked."""
+    from dq.metrics.digit_classifier import accuracy, load_classifier
+    from dq.sampling import SamplerConfig, sample
+
+    sampler = SamplerConfig(name="ddim", num_steps=25, eta=0.0, spacing="quad", guidance_scale=guidance_scale)
+    labels = torch.arange(num_samples) % 10
+    images = sample(model, scheduler_config, sampler, num_samples, seed=seed, batch_size=100, progress=False,
+                    cond=labels, uncond=torch.full((num_samples,), NULL_CLASS))
+    classifier, _ = load_classifier()
+    return accuracy(classifier, images.clamp(-1.0, 1.0), labels)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="model folder to write (unet/, scheduler/)")
+    parser.add_argument("--out", required=True, help="model folder to write (unet/ or transformer/, scheduler/)")
+    parser.add_argument("--arch", choices=("unet", "dit"), default="unet")
+    parser.add_argument("--label-dropout", type=float, default=0.1, help="dit: share of labels set to the null class")
+    parser.add_argument("--eval-guidance", type=float, nargs="*", default=[1.0, 2.0, 4.0],
+                        help="dit: guidance scales at which the samples' class accuracy is recorded")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
