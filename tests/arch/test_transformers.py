@@ -11,7 +11,14 @@ from torch import nn
 from dq.arch import describe
 from dq.bkd import BlockDistiller, DistillConfig, candidate_blocks, execution_order
 from dq.calibration import CalibrationDataModule
-from dq.quant import QuantConfig, load_quant_state, quantize_model, save_quant_state, set_quant_enabled, step_context
+from dq.quant import (
+    QuantConfig,
+    load_quant_state,
+    quantize_model,
+    save_quant_state,
+    set_quant_enabled,
+    step_context,
+)
 from dq.sampling import SamplerConfig, sample, unet_forward
 
 T = 4
