@@ -21,6 +21,13 @@ def attention_heads(unet: nn.Module) -> dict[str, int]:
     return {name: int(m.heads) for name, m in unet.named_modules() if isinstance(m, Attention)}
 
 
+def attention_modules(model: nn.Module) -> tuple[str, ...]:
+    """The names of the diffusers Attention modules of `model`, in named_modules order."""
+    from diffusers.models.attention_processor import Attention
+
+    return tuple(name for name, m in model.named_modules() if isinstance(m, Attention))
+
+
 def set_attention_heads(unet: nn.Module, heads: Mapping[str, int]) -> None:
     """Give the named diffusers Attention modules these head counts (their projections are unchanged: only
     the split into heads and the 1/sqrt(head size) scale depend on it). ValueError for a name that is not an

@@ -47,6 +47,18 @@ class Architecture:
 
 
 ModelCall = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+def has_layers(module: nn.Module | None) -> bool:
+    """Whether `module` holds a Conv2d or Linear (a part the quantizer converts)."""
+    return module is not None and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
+
+
+def check_parts(model: nn.Module, known: tuple[str, ...], description: str) -> None:
+    """UnsupportedError naming the children of `model` that hold layers and are not in `known`."""
+    unknown = [n for n, child in model.named_children() if n not in known and has_layers(child)]
+    if unknown:
+        raise UnsupportedError(f"{type(model).__name__} has parts {description} does not know: {unknown}")
+
+
 _DESCRIBERS: dict[str, Callable[[nn.Module], Architecture]] = {}
 _CALLS: dict[str, ModelCall] = {}
 

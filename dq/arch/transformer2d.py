@@ -14,13 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dq.arch.attention import quantize_attention
-from dq.arch.description import Architecture, register
+from dq.arch.attention import attention_modules, quantize_attention
+from dq.arch.description import Architecture, check_parts, has_layers, register
 from dq.errors import UnsupportedError
-
-
-def _has_layers(module: nn.Module | None) -> bool:
-    return module is not None and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
 
 
 def _prediction(model: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -46,37 +42,26 @@ def _call_pixart(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, con
     return _prediction(model, x, output)
 
 
-def _check_parts(model: nn.Module, known: tuple[str, ...]) -> None:
-    unknown = [n for n, child in model.named_children() if n not in known and _has_layers(child)]
-    if unknown:
-        raise UnsupportedError(f"{type(model).__name__} has parts dq's description does not know: {unknown}")
-
-
-def _attention(model: nn.Module) -> tuple[str, ...]:
-    from diffusers.models.attention_processor import Attention
-
-    return tuple(name for name, m in model.named_modules() if isinstance(m, Attention))
-
-
 def describe_dit(model: nn.Module) -> Architecture:
-    _check_parts(model, ("pos_embed", "transformer_blocks", "norm_out", "proj_out_1", "proj_out_2"))
+    check_parts(model, ("pos_embed", "transformer_blocks", "norm_out", "proj_out_1", "proj_out_2"),
+                "dq's description")
     blocks = ["pos_embed", *(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))),
               "proj_out_1", "proj_out_2"]
     return Architecture(family="transformer2d", blocks=tuple(blocks), first_layers=("pos_embed.proj",),
-                        last_layers=("proj_out_2",), attention=_attention(model),
+                        last_layers=("proj_out_2",), attention=attention_modules(model),
                         quantize_attention=quantize_attention)
 
 
 def describe_pixart(model: nn.Module) -> Architecture:
-    _check_parts(model, ("pos_embed", "adaln_single", "caption_projection", "transformer_blocks", "norm_out",
-                         "proj_out"))
+    check_parts(model, ("pos_embed", "adaln_single", "caption_projection", "transformer_blocks", "norm_out",
+                        "proj_out"), "dq's description")
     blocks = ["pos_embed", "adaln_single"]
-    if _has_layers(getattr(model, "caption_projection", None)):
+    if has_layers(getattr(model, "caption_projection", None)):
         blocks.append("caption_projection")
     blocks += [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
     blocks.append("proj_out")
     return Architecture(family="transformer2d", blocks=tuple(blocks), first_layers=("pos_embed.proj",),
-                        last_layers=("proj_out",), attention=_attention(model),
+                        last_layers=("proj_out",), attention=attention_modules(model),
                         quantize_attention=quantize_attention)
 
 

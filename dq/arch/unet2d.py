@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from dq.arch.attention import quantize_attention
-from dq.arch.description import Architecture, register
+from dq.arch.attention import attention_modules, quantize_attention
+from dq.arch.description import Architecture, check_parts, has_layers, register
 from dq.errors import UnsupportedError, UserError
 
 # top-level children that run before conv_in, in forward order (each present one with layers is a block)
@@ -23,10 +23,6 @@ EMBEDDINGS = ("time_embedding", "class_embedding", "add_embedding", "encoder_hid
 STRUCTURE = ("time_proj", "add_time_proj", "time_embed_act", "conv_in", "down_blocks", "mid_block", "up_blocks",
              "conv_norm_out", "conv_act", "conv_out")
 SAMPLERS = ("downsamplers", "upsamplers")
-
-
-def _has_layers(module: nn.Module | None) -> bool:
-    return module is not None and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
 
 
 def _children(module: nn.Module, attr: str) -> list[nn.Module | None]:
@@ -52,7 +48,7 @@ def _stage_blocks(prefix: str, stage: nn.Module, mid: bool = False) -> list[str]
     for attr in SAMPLERS:
         names += [f"{prefix}.{attr}.{j}" for j in range(len(_children(stage, attr)))]
     known = {"resnets", "attentions", *SAMPLERS}
-    others = [name for name, child in stage.named_children() if name not in known and _has_layers(child)]
+    others = [name for name, child in stage.named_children() if name not in known and has_layers(child)]
     if others:
         raise UnsupportedError(
             f"{prefix} ({type(stage).__name__}) has layers outside its resnets/attentions/samplers ({others}); "
@@ -82,12 +78,8 @@ def skip_splits(model: nn.Module) -> dict[str, int]:
 
 
 def describe_unet2d(model: nn.Module) -> Architecture:
-    from diffusers.models.attention_processor import Attention
-
-    unknown = [n for n, child in model.named_children() if n not in EMBEDDINGS + STRUCTURE and _has_layers(child)]
-    if unknown:
-        raise UnsupportedError(f"{type(model).__name__} has parts dq's UNet description does not know: {unknown}")
-    blocks = [n for n in EMBEDDINGS if _has_layers(getattr(model, n, None))]
+    check_parts(model, EMBEDDINGS + STRUCTURE, "dq's UNet description")
+    blocks = [n for n in EMBEDDINGS if has_layers(getattr(model, n, None))]
     blocks.append("conv_in")
     for i, stage in enumerate(model.down_blocks):
         blocks += _stage_blocks(f"down_blocks.{i}", stage)
@@ -102,7 +94,7 @@ def describe_unet2d(model: nn.Module) -> Architecture:
         first_layers=("conv_in",),
         last_layers=("conv_out",),
         skip_splits=skip_splits(model),
-        attention=tuple(name for name, m in model.named_modules() if isinstance(m, Attention)),
+        attention=attention_modules(model),
         quantize_attention=quantize_attention,
     )
 
