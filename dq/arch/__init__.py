@@ -6,7 +6,7 @@ from dq.arch import transformer2d as _transformer2d  # noqa: F401  (registers th
 from dq.arch import unet2d as _unet2d  # noqa: F401  (registers the UNet description)
 from dq.arch.attention import QuantAttnProcessor, attention_heads, quantize_attention, set_attention_heads
 from dq.arch.classes import DENOISER_CLASSES, build_denoiser
-from dq.arch.description import Architecture, describe, described_classes, model_call, register
+from dq.arch.description import Architecture, describe, described_classes, model_call, register, sample_shape
 
 __all__ = [
     "DENOISER_CLASSES",
@@ -19,5 +19,6 @@ __all__ = [
     "model_call",
     "quantize_attention",
     "register",
+    "sample_shape",
     "set_attention_heads",
 ]

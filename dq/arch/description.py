@@ -31,6 +31,10 @@ class Architecture:
       concatenation [h, skip] (their two parts get separate activation quantizers).
     attention: the attention modules whose matmul inputs (q, k, v, softmax output) get quantized.
     quantize_attention: installs those quantizers on one attention module (the family's attention code).
+    modulation_layers: the adaLN modulation linears (the shift / scale / gate of a transformer's norms), which
+      the precision policy's modulation_bits applies to.
+    shared_inputs: keyword arguments of the blocks that carry no batch dimension (Flux's rotary embedding):
+      BKD's cache keeps one copy of them instead of slicing them per sample.
     """
 
     family: str
@@ -40,6 +44,8 @@ class Architecture:
     skip_splits: dict[str, int] = field(default_factory=dict)
     attention: tuple[str, ...] = ()
     quantize_attention: Callable[..., None] | None = field(default=None, compare=False, repr=False)
+    modulation_layers: tuple[str, ...] = ()
+    shared_inputs: tuple[str, ...] = ()
 
     @property
     def is_generic(self) -> bool:
@@ -47,6 +53,8 @@ class Architecture:
 
 
 ModelCall = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+SampleShape = Callable[[nn.Module], tuple[int, int, int]]
+
 def has_layers(module: nn.Module | None) -> bool:
     """Whether `module` holds a Conv2d or Linear (a part the quantizer converts)."""
     return module is not None and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
@@ -61,16 +69,35 @@ def check_parts(model: nn.Module, known: tuple[str, ...], description: str) -> N
 
 _DESCRIBERS: dict[str, Callable[[nn.Module], Architecture]] = {}
 _CALLS: dict[str, ModelCall] = {}
+_SHAPES: dict[str, SampleShape] = {}
 
 
-def register(class_name: str, describer: Callable[[nn.Module], Architecture], call: ModelCall | None = None) -> None:
+def register(class_name: str, describer: Callable[[nn.Module], Architecture], call: ModelCall | None = None,
+             sample_shape: SampleShape | None = None) -> None:
     """Make `describe` use `describer` for models of the class named `class_name`. call: the model's denoiser
     call, (model, x [B, C, H, W], timesteps [B], cond or None) -> the prediction [B, C, H, W] (cond: class
     labels int64 [B] or embeddings [B, L, D]); None: a diffusers UNet's, model(x, t) with cond passed as
-    class_labels / encoder_hidden_states."""
+    class_labels / encoder_hidden_states. sample_shape: (C, H, W) of the model's input x; None: the
+    config's in_channels and sample_size."""
     _DESCRIBERS[class_name] = describer
     if call is not None:
         _CALLS[class_name] = call
+    if sample_shape is not None:
+        _SHAPES[class_name] = sample_shape
+
+
+def sample_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of one sample the denoiser takes (noise, calibration inputs): the registered shape of its
+    class, or its config's in_channels and sample_size (an int or [height, width])."""
+    shape = _SHAPES.get(type(model).__name__)
+    if shape is not None:
+        return shape(model)
+    config = model.config
+    size = getattr(config, "sample_size", None)
+    if size is None:
+        raise UnsupportedError(f"{type(model).__name__}'s config has no sample_size; dq cannot tell the sample shape")
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(config.in_channels), int(height), int(width)
 
 
 def model_call(model: nn.Module) -> ModelCall | None:

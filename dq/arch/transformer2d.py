@@ -47,9 +47,12 @@ def describe_dit(model: nn.Module) -> Architecture:
                 "dq's description")
     blocks = ["pos_embed", *(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))),
               "proj_out_1", "proj_out_2"]
+    # adaLN-Zero: each block's norm1.linear gives its shift / scale / gate; proj_out_1 the final norm's
+    modulation = (*(f"transformer_blocks.{i}.norm1.linear" for i in range(len(model.transformer_blocks))),
+                  "proj_out_1")
     return Architecture(family="transformer2d", blocks=tuple(blocks), first_layers=("pos_embed.proj",),
                         last_layers=("proj_out_2",), attention=attention_modules(model),
-                        quantize_attention=quantize_attention)
+                        quantize_attention=quantize_attention, modulation_layers=modulation)
 
 
 def describe_pixart(model: nn.Module) -> Architecture:
@@ -60,9 +63,10 @@ def describe_pixart(model: nn.Module) -> Architecture:
         blocks.append("caption_projection")
     blocks += [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
     blocks.append("proj_out")
+    # adaLN-single: one linear gives every block's shift / scale / gate (each adds its own learned table)
     return Architecture(family="transformer2d", blocks=tuple(blocks), first_layers=("pos_embed.proj",),
                         last_layers=("proj_out",), attention=attention_modules(model),
-                        quantize_attention=quantize_attention)
+                        quantize_attention=quantize_attention, modulation_layers=("adaln_single.linear",))
 
 
 register("DiTTransformer2DModel", describe_dit, _call_dit)

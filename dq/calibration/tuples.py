@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dq.arch import sample_shape
 from dq.errors import CorruptFileError, UserError
 from dq.io import atomic_write, seeded_generator, stable_key, write_json
 from dq.sampling import SamplerConfig, sample
@@ -130,7 +131,7 @@ def generate_shard(
     num_steps = len(timesteps)
     row_of = torch.full((max(stop - start, 0), num_steps), -1, dtype=torch.int64)
     row_of[local_plan[:, 0] - start, local_plan[:, 1]] = torch.arange(len(local_plan))
-    channels, height, width = _sample_shape(unet)
+    channels, height, width = sample_shape(unet)
     x_t = torch.empty((len(local_plan), channels, height, width), dtype=torch.float32)
     filled = torch.zeros(len(local_plan), dtype=torch.bool)
 
@@ -233,8 +234,3 @@ def load_tuples(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise CorruptFileError(f"{path}: its tensors do not match the content hash it records (bytes changed)")
     return tuples, metadata
 
-
-def _sample_shape(unet: nn.Module) -> tuple[int, int, int]:
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    return int(unet.config.in_channels), int(height), int(width)

@@ -22,6 +22,8 @@ class QuantConfig:
       activation (per tensor, one (Δ, z) per TPQ group).
     first_layer_bits, last_layer_bits: bits of conv_in / conv_out (weights and input); None = the
       configured weight_bits/act_bits ("standard setting": 8).
+    modulation_bits: bits of a transformer's adaLN modulation linears (weights and input; the layers its
+      architecture description names); None = weight_bits/act_bits. Keep them in float with `exclude`.
     attn_bits: bits of the attention matmul inputs q, k, v (None = act_bits); softmax_bits: of the
       attention probabilities.
     include, exclude: fnmatch patterns on module names (as `named_modules` gives them); a layer is
@@ -37,6 +39,7 @@ class QuantConfig:
     act_bits: int = 4
     first_layer_bits: int | None = 8
     last_layer_bits: int | None = 8
+    modulation_bits: int | None = None
     attn_bits: int | None = None
     softmax_bits: int = 8
     quantize_attention: bool = True
@@ -57,7 +60,8 @@ class QuantConfig:
         # tuples keep the config hashable and comparable after a JSON round trip (which gives lists)
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        for name in ("weight_bits", "act_bits", "softmax_bits", "first_layer_bits", "last_layer_bits", "attn_bits"):
+        for name in ("weight_bits", "act_bits", "softmax_bits", "first_layer_bits", "last_layer_bits",
+                     "modulation_bits", "attn_bits"):
             value = getattr(self, name)
             if value is None and name not in ("weight_bits", "act_bits", "softmax_bits"):
                 continue

@@ -97,6 +97,8 @@ def _replace_layer(student: nn.Module, name: str, module: nn.Module, config: Qua
         weight_bits = act_bits = config.first_layer_bits
     if name in arch.last_layers and config.last_layer_bits is not None:
         weight_bits = act_bits = config.last_layer_bits
+    if name in arch.modulation_layers and config.modulation_bits is not None:
+        weight_bits = act_bits = config.modulation_bits
     split_at = arch.skip_splits.get(name) if config.split_skip else None
     quant_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
     quantized = quant_cls.from_float(module, weight_bits, act_bits, config, split_at)

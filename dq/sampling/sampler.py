@@ -22,7 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-from dq.arch import model_call
+from dq.arch import model_call, sample_shape
 from dq.errors import UserError
 from dq.io import derived_seed
 from dq.quant import key_by_timestep, step_context, timestep_keying, tpq_num_steps
@@ -209,8 +209,7 @@ def sample(
     cond = _expand_rows(cond, num_samples, "cond")
     uncond = _expand_rows(uncond, num_samples, "uncond")
     device = next(unet.parameters()).device
-    config = unet.config
-    shape = (int(config.in_channels), *_sample_size(config.sample_size))
+    shape = sample_shape(unet)
     timesteps = planned_timesteps(scheduler_config, sampler)
     explicit_steps = check_student_steps(unet, timesteps, sampler)
 
@@ -261,9 +260,3 @@ def _per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...])
     """[B, *shape] standard normal, row b drawn from generators[b] on the CPU (device-independent)."""
     return torch.stack([torch.randn(shape, generator=generator) for generator in generators])
 
-
-def _sample_size(sample_size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
-    if isinstance(sample_size, int):
-        return (sample_size, sample_size)
-    height, width = sample_size
-    return (int(height), int(width))

@@ -101,3 +101,20 @@ def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path):
     loaded = load_quant_state(MODELS[kind](), tmp_path / "student.safetensors")
     again = sample(loaded, SCHEDULER, SAMPLER, 4, seed=0, batch_size=4, progress=False, cond=cond)
     torch.testing.assert_close(again, images, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_modulation_bits_apply_to_the_adaln_modulation_linears_only(kind):
+    model = MODELS[kind]()
+    modulation = set(describe(model).modulation_layers)
+    assert modulation == ({"transformer_blocks.0.norm1.linear", "transformer_blocks.1.norm1.linear", "proj_out_1"}
+                          if kind == "dit" else {"adaln_single.linear"})
+    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, modulation_bits=6, num_steps=T,
+                                                num_groups=T))
+    bits = {n: (m.weight_quantizer.bits, m.act_quantizer.bits) for n, m in student.named_modules()
+            if hasattr(m, "weight_quantizer")}
+    for name, pair in bits.items():
+        if name in modulation:
+            assert pair == (6, 6), name
+        elif name not in ("pos_embed.proj", "proj_out_2", "proj_out"):  # first / last layers: 8 bits
+            assert pair == (4, 4), name
