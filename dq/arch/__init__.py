@@ -7,6 +7,10 @@ from dq.arch import unet2d as _unet2d  # noqa: F401  (registers the UNet descrip
 from dq.arch.attention import QuantAttnProcessor, attention_heads, quantize_attention, set_attention_heads
 from dq.arch.classes import DENOISER_CLASSES, build_denoiser
 from dq.arch.description import Architecture, describe, described_classes, model_call, register, sample_shape
+from dq.arch.flow_transformers import (  # registers SD3/Flux/Sana
+    pack_text_conditioning,
+    unpack_text_conditioning,
+)
 
 __all__ = [
     "DENOISER_CLASSES",
@@ -17,8 +21,10 @@ __all__ = [
     "describe",
     "described_classes",
     "model_call",
+    "pack_text_conditioning",
     "quantize_attention",
     "register",
     "sample_shape",
     "set_attention_heads",
+    "unpack_text_conditioning",
 ]

@@ -7,7 +7,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from torch import nn
 
 from dq.arch.attention import set_attention_heads
@@ -18,6 +26,9 @@ DENOISER_CLASSES: dict[str, type[nn.Module]] = {
     "UNet2DConditionModel": UNet2DConditionModel,
     "DiTTransformer2DModel": DiTTransformer2DModel,
     "PixArtTransformer2DModel": PixArtTransformer2DModel,
+    "SD3Transformer2DModel": SD3Transformer2DModel,
+    "FluxTransformer2DModel": FluxTransformer2DModel,
+    "SanaTransformer2DModel": SanaTransformer2DModel,
 }
 
 

@@ -106,17 +106,19 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class BlockIO:
     """The captured inputs of a block call (args/kwargs as a flattened pytree) and its output tensors."""
 
-    leaves: list[Any]  # tensors with a leading batch dimension, or constants
+    leaves: list[Any]  # tensors with a leading batch dimension, shared tensors, or constants
     spec: pytree.TreeSpec
     output: list[torch.Tensor] | None  # every tensor the block returns (output_tensors), or None
+    shared: frozenset[int] = frozenset()  # indices of tensor leaves with no batch dimension (one copy for all)
 
     def call(self, block: nn.Module, index: torch.Tensor | slice | None = None) -> list[torch.Tensor]:
-        """Run `block` on the captured inputs (rows `index` of every batched tensor), moved to the block's
-        device (the cache may live on the CPU while the block trains on a GPU)."""
+        """Run `block` on the captured inputs (rows `index` of every batched tensor; shared tensors whole),
+        moved to the block's device (the cache may live on the CPU while the block trains on a GPU)."""
         device = next(block.parameters()).device
         leaves = [
-            (leaf if index is None else leaf[index]).to(device, non_blocking=True) if isinstance(leaf, torch.Tensor) else leaf
-            for leaf in self.leaves
+            (leaf if index is None or i in self.shared else leaf[index]).to(device, non_blocking=True)
+            if isinstance(leaf, torch.Tensor) else leaf
+            for i, leaf in enumerate(self.leaves)
         ]
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return output_tensors(block(*args, **kwargs))
@@ -140,7 +142,8 @@ class BlockIO:
     def to(self, device: torch.device | str) -> BlockIO:
         """The same inputs and output on `device` (tensors already there are not copied)."""
         leaves = [leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
-        return BlockIO(leaves, self.spec, None if self.output is None else [t.to(device) for t in self.output])
+        return BlockIO(leaves, self.spec, None if self.output is None else [t.to(device) for t in self.output],
+                       self.shared)
 
 
 def _run_until_stopped(model: nn.Module, batch: dict[str, torch.Tensor], handles: list) -> None:
@@ -177,8 +180,11 @@ def capture_block(
     _run_until_stopped(model, batch, handles)
     if "inputs" not in captured:
         raise RuntimeError(f"block {block_name!r} did not run in the forward pass")
-    leaves, spec = pytree.tree_flatten(captured["inputs"])
-    return BlockIO(leaves, spec, captured.get("output"))
+    with_paths, spec = pytree.tree_flatten_with_path(captured["inputs"])
+    shared_names = set(describe(model).shared_inputs)
+    shared = frozenset(i for i, (path, leaf) in enumerate(with_paths) if isinstance(leaf, torch.Tensor)
+                       and any(isinstance(k, pytree.MappingKey) and k.key in shared_names for k in path))
+    return BlockIO([leaf for _, leaf in with_paths], spec, captured.get("output"), shared)
 
 
 def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]
@@ -209,7 +215,11 @@ def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO
     first = parts[0]
     leaves = []
     for i, leaf in enumerate(first.leaves):
-        if isinstance(leaf, torch.Tensor):
+        if i in first.shared:  # no batch dimension: the same tensor in every chunk
+            if any(not torch.equal(p.leaves[i].cpu(), leaf.cpu()) for p in parts):
+                raise UserError(f"a shared (unbatched) input of the block changes between batches: leaf {i}")
+            leaves.append(leaf.detach().to(device))
+        elif isinstance(leaf, torch.Tensor):
             # contiguous: attention outputs come back channels-last, and PyTorch's CPU GroupNorm backward
             # crashes on channels-last inputs taken from such a cache (seen with torch 2.13)
             leaves.append(torch.cat([p.leaves[i].detach().to(device) for p in parts]).contiguous())
@@ -220,4 +230,4 @@ def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO
     output = None if first.output is None else [
         torch.cat([p.output[i].detach().to(device) for p in parts]).contiguous() for i in range(len(first.output))
     ]
-    return BlockIO(leaves, first.spec, output)
+    return BlockIO(leaves, first.spec, output, first.shared)

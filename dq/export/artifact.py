@@ -149,6 +149,9 @@ def layer_export(name: str, module: QuantConv2d | QuantLinear, float_dtype: str 
                  weight_dilation: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, layer info) of one quantized layer's weight side: packed codes, Δw, z_w, WD's s, the bias."""
     quantizer = module.weight_quantizer
+    if getattr(module, "groups", 1) != 1:
+        raise ExportError(f"{name} is a grouped convolution (groups={module.groups}); the integer runtime has no "
+                          "grouped kernel yet")
     if not quantizer.enabled:
         raise ExportError(f"the weight quantizer of {name} is switched off; export a trained run")
     if quantizer.bits > 8 or module.act_quantizer.bits > 8:

@@ -46,11 +46,6 @@ class _QuantLayerMixin:
         optimizer references and tied weights); WD is applied to the weight when the config asks for it."""
         if type(layer) is not cls.float_type:
             raise TypeError(f"{cls.__name__}.from_float expects a plain {cls.float_type.__name__}, got {type(layer).__name__}")
-        if getattr(layer, "groups", 1) != 1:
-            raise UserError(
-                f"grouped convolutions (groups={layer.groups}) are not supported by Weight Dilation; "
-                "exclude this layer with QuantConfig.exclude"
-            )
         quant = cls.__new__(cls)
         nn.Module.__init__(quant)
         state = {k: v for k, v in layer.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
@@ -62,12 +57,17 @@ class _QuantLayerMixin:
         return quant
 
     def _setup_quant(self, weight_bits: int, act_bits: int, config: QuantConfig, split_at: int | None) -> None:
-        in_channels = self.weight.shape[1]
+        groups = getattr(self, "groups", 1)
+        in_channels = self.weight.shape[1] * groups
         if split_at is not None and not 0 < split_at < in_channels:
             raise UserError(f"split_at must be in (0, {in_channels}), got {split_at}")
+        if split_at is not None and groups != 1:
+            raise UserError(f"a grouped convolution (groups={groups}) cannot take a split input")
         self.split_at = split_at
         self.register_buffer("wd_scale", torch.ones(in_channels, dtype=self.weight.dtype, device=self.weight.device))
-        if config.weight_dilation:
+        # A grouped convolution keeps s = 1: in a depthwise one (Sana's GLU feed-forward) every weight row reads a
+        # single input channel, which then holds its own row's max and min, so eq. 11 gives s = 1 anyway.
+        if config.weight_dilation and groups == 1:
             with torch.no_grad():
                 s = dilation_scale(self.weight, config.dilation_max_scale)
                 self.weight.copy_(apply_dilation(self.weight, s))

@@ -10,7 +10,7 @@ from typing import Any
 from dq.config_values import known_fields
 from dq.errors import UserError
 
-SAMPLER_NAMES = ("ddim", "plms", "pndm", "dpm_solver")
+SAMPLER_NAMES = ("ddim", "plms", "pndm", "dpm_solver", "flow_euler")
 SPACINGS = ("uniform", "quad")
 
 
@@ -18,11 +18,13 @@ SPACINGS = ("uniform", "quad")
 class SamplerConfig:
     """name: "ddim" (any eta, any spacing), "plms" (diffusers PNDMScheduler with skip_prk_steps, as Stable
     Diffusion uses it), "pndm" (PNDM with its Runge-Kutta warm-up) or "dpm_solver" (diffusers
-    DPMSolverMultistepScheduler with the model's scheduler config).
+    DPMSolverMultistepScheduler with the model's scheduler config) or "flow_euler" (the Euler sampler of
+    flow-matching models, SD3 / Flux / Sana: dq.sampling.flow).
     num_steps: the sampler's step count T (PLMS makes T+1 model calls: see `planned_timesteps`).
     eta: DDIM's noise scale (0 = deterministic); must be 0 for the other samplers.
     spacing: "uniform" or "quad" (METHOD.md §6); PLMS/PNDM support "uniform" only.
     guidance_scale: classifier-free guidance scale; None (or 1.0) runs the conditional model alone.
+    shift: flow_euler's noise-level shift (None: the scheduler config's); must be None for the others.
     """
 
     name: str = "ddim"
@@ -30,6 +32,7 @@ class SamplerConfig:
     eta: float = 0.0
     spacing: str = "quad"
     guidance_scale: float | None = None
+    shift: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLER_NAMES:
@@ -44,6 +47,12 @@ class SamplerConfig:
             raise UserError(f"eta applies to the ddim sampler only; sampler {self.name!r} needs eta=0, got {self.eta}")
         if self.spacing != "uniform" and self.name in ("plms", "pndm"):
             raise UserError(f"sampler {self.name!r} supports spacing 'uniform' only, got {self.spacing!r}")
+        if self.name == "flow_euler" and self.spacing != "uniform":
+            raise UserError(f"sampler 'flow_euler' spaces its noise levels uniformly (then shifts them); set "
+                            f"spacing: uniform, got {self.spacing!r}")
+        if self.shift is not None and (self.name != "flow_euler" or not float(self.shift) > 0.0):
+            raise UserError(f"shift applies to the flow_euler sampler only and must be > 0, got {self.shift!r} "
+                            f"for sampler {self.name!r}")
         if self.guidance_scale is not None and float(self.guidance_scale) < 0.0:
             raise UserError(f"guidance_scale must be >= 0 or None, got {self.guidance_scale!r}")
 
@@ -58,9 +67,14 @@ class SamplerConfig:
         values = known_fields(cls, mapping, "sampler setting(s)")
         if "eta" in values:
             values["eta"] = float(values["eta"])
-        if values.get("guidance_scale") is not None:
-            values["guidance_scale"] = float(values["guidance_scale"])
+        for key in ("guidance_scale", "shift"):
+            if values.get(key) is not None:
+                values[key] = float(values[key])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as a plain dict; `shift` only when set (so keys recorded before it existed still match)."""
+        values = dataclasses.asdict(self)
+        if values["shift"] is None:
+            del values["shift"]
+        return values

@@ -28,6 +28,7 @@ from dq.io import derived_seed
 from dq.quant import key_by_timestep, step_context, timestep_keying, tpq_num_steps
 from dq.sampling.config import SamplerConfig
 from dq.sampling.ddim import SpacedDDIMScheduler
+from dq.sampling.flow import FlowEulerScheduler
 from dq.sampling.spacing import sampling_timesteps
 
 # on_step(step_index, timestep, x_t [B, C, H, W] (the model input), sample_indices int64 [B])
@@ -39,7 +40,7 @@ def sample_seed(seed: int, index: int) -> int:
     return derived_seed("dq-sample", int(seed), int(index))
 
 
-def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig) -> SchedulerMixin:
+def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig) -> SchedulerMixin | FlowEulerScheduler:
     """A fresh diffusers scheduler for `sampler`, built from the model's (training) scheduler config, with
     its timesteps set. Schedulers keep per-trajectory state, so build one per batch."""
     config = dict(scheduler_config)
@@ -63,6 +64,8 @@ def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig)
             )
         scheduler = DPMSolverMultistepScheduler.from_config(config)
         scheduler.set_timesteps(timesteps=timesteps.tolist())
+    elif sampler.name == "flow_euler":
+        scheduler = FlowEulerScheduler(config, sampler.num_steps, sampler.shift)
     else:  # SamplerConfig already rejects other names
         raise UserError(f"unknown sampler {sampler.name!r}")
     return scheduler

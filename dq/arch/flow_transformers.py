@@ -1,0 +1,145 @@
+"""Architecture descriptions of diffusers' flow-matching image transformers: SD3Transformer2DModel (MMDiT,
+JointTransformerBlock), FluxTransformer2DModel (double-stream FluxTransformerBlock, then single-stream
+FluxSingleTransformerBlock) and SanaTransformer2DModel (linear attention, GLU feed-forward with a
+depthwise conv). They predict a velocity and are sampled with dq's flow_euler sampler (dq.sampling.flow).
+
+BKD's blocks, in the order their forward passes run them:
+  SD3:  pos_embed, time_text_embed, context_embedder, transformer_blocks.i, norm_out, proj_out
+  Flux: x_embedder, time_text_embed, context_embedder, transformer_blocks.i, single_transformer_blocks.i,
+        norm_out, proj_out
+  Sana: patch_embed, time_embed, caption_projection, transformer_blocks.i, proj_out
+A joint block returns (encoder_hidden_states, hidden_states) and BKD matches both; SD3's last block returns
+(None, hidden_states). Flux's blocks share one rotary embedding with no batch dimension (shared_inputs).
+
+Text conditioning of SD3 and Flux is two tensors, the prompt embeddings [B, L, D] and the pooled projection
+[B, P]; dq carries conditioning as one tensor, so they travel packed as [B, L + 1, D]: the L token rows,
+then one row holding the pooled vector in its first P features (`pack_text_conditioning`).
+
+Not yet: the attention matmuls (q·k, softmax·v) of these three run in float (their joint / linear attention
+processors have no quantized twin yet; every Linear and Conv2d around them is quantized), guidance-distilled
+Flux (guidance_embeds) and Sana-Sprint, and Flux's resolution-dependent shift (give sampler.shift).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dq.arch.description import Architecture, check_parts, register
+from dq.errors import UnsupportedError, UserError
+
+
+def pack_text_conditioning(prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """[B, L + 1, D]: the prompt embeddings [B, L, D], then a row with the pooled projection [B, P] (P <= D)
+    in its first P features and zeros after: SD3's and Flux's conditioning as one tensor."""
+    if prompt_embeds.ndim != 3 or pooled.ndim != 2 or pooled.shape[0] != prompt_embeds.shape[0]:
+        raise UserError(f"pack_text_conditioning takes embeddings [B, L, D] and pooled [B, P], got "
+                        f"{tuple(prompt_embeds.shape)} and {tuple(pooled.shape)}")
+    width = prompt_embeds.shape[2]
+    if pooled.shape[1] > width:
+        raise UserError(f"the pooled projection ({pooled.shape[1]} features) is wider than the embeddings ({width})")
+    row = prompt_embeds.new_zeros(prompt_embeds.shape[0], 1, width)
+    row[:, 0, : pooled.shape[1]] = pooled.to(prompt_embeds.dtype)
+    return torch.cat([prompt_embeds, row], dim=1)
+
+
+def unpack_text_conditioning(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt embeddings [B, L, D], pooled [B, P]) from pack_text_conditioning's tensor."""
+    return cond[:, :-1], cond[:, -1, :pooled_dim]
+
+
+def _text_cond(model: nn.Module, cond: torch.Tensor | None, packed: bool) -> torch.Tensor:
+    name = type(model).__name__
+    if cond is None or not torch.is_floating_point(cond) or cond.ndim != 3:
+        layout = "pack_text_conditioning(prompt_embeds, pooled) [B, L + 1, D]" if packed else "embeddings [B, L, D]"
+        raise UnsupportedError(f"{name} is text-conditional: give {layout} as cond")
+    return cond
+
+
+def _refuse_guidance_embeds(model: nn.Module) -> None:
+    if getattr(model.config, "guidance_embeds", False):
+        raise UnsupportedError(f"{type(model).__name__} with guidance_embeds (guidance-distilled) is not supported "
+                               "by dq yet")
+
+
+def _call_sd3(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    embeds, pooled = unpack_text_conditioning(_text_cond(model, cond, True), model.config.pooled_projection_dim)
+    return model(x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=timesteps.to(x.dtype),
+                 return_dict=False)[0]
+
+
+def _call_flux(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """Flux takes the latents as 2x2 patches [B, (H/2)(W/2), 4C] with their (0, row, col) position ids and
+    σ = t / 1000 as its timestep; the output is unpacked back to [B, C, H, W]."""
+    _refuse_guidance_embeds(model)
+    embeds, pooled = unpack_text_conditioning(_text_cond(model, cond, True), model.config.pooled_projection_dim)
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise UserError(f"Flux packs 2x2 latent patches: height and width must be even, got {h}x{w}")
+    tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+    img_ids[..., 1] = torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+    img_ids[..., 2] = torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+    txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+    out = model(tokens, encoder_hidden_states=embeds, pooled_projections=pooled,
+                timestep=timesteps.to(x.dtype) / 1000, img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids,
+                return_dict=False)[0]
+    channels = out.shape[-1] // 4
+    return out.reshape(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, h, w)
+
+
+def _call_sana(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    _refuse_guidance_embeds(model)
+    timestep = timesteps.to(x.dtype) * float(getattr(model.config, "timestep_scale", 1.0))
+    return model(x, encoder_hidden_states=_text_cond(model, cond, False), timestep=timestep, return_dict=False)[0]
+
+
+def _flux_shape(model: nn.Module) -> tuple[int, int, int]:
+    size = getattr(model.config, "sample_size", None)
+    if size is None:
+        raise UnsupportedError("FluxTransformer2DModel's config records no latent size; set it with "
+                               "model.register_to_config(sample_size=128) (1024 px images) before sampling")
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(model.config.in_channels) // 4, int(height), int(width)
+
+
+def _numbered(prefix: str, count: int, suffixes: tuple[str, ...] = ("",)) -> list[str]:
+    return [f"{prefix}.{i}{suffix}" for i in range(count) for suffix in suffixes]
+
+
+def describe_sd3(model: nn.Module) -> Architecture:
+    check_parts(model, ("pos_embed", "time_text_embed", "context_embedder", "transformer_blocks", "norm_out",
+                        "proj_out"), "dq's description")
+    n = len(model.transformer_blocks)
+    blocks = ["pos_embed", "time_text_embed", "context_embedder", *_numbered("transformer_blocks", n), "norm_out",
+              "proj_out"]
+    modulation = (*_numbered("transformer_blocks", n, (".norm1.linear", ".norm1_context.linear")), "norm_out.linear")
+    return Architecture(family="mmdit", blocks=tuple(blocks), first_layers=("pos_embed.proj",),
+                        last_layers=("proj_out",), modulation_layers=modulation)
+
+
+def describe_flux(model: nn.Module) -> Architecture:
+    check_parts(model, ("time_text_embed", "context_embedder", "x_embedder", "transformer_blocks",
+                        "single_transformer_blocks", "norm_out", "proj_out"), "dq's description")
+    double, single = len(model.transformer_blocks), len(model.single_transformer_blocks)
+    blocks = ["x_embedder", "time_text_embed", "context_embedder", *_numbered("transformer_blocks", double),
+              *_numbered("single_transformer_blocks", single), "norm_out", "proj_out"]
+    modulation = (*_numbered("transformer_blocks", double, (".norm1.linear", ".norm1_context.linear")),
+                  *_numbered("single_transformer_blocks", single, (".norm.linear",)), "norm_out.linear")
+    return Architecture(family="mmdit", blocks=tuple(blocks), first_layers=("x_embedder",),
+                        last_layers=("proj_out",), modulation_layers=modulation,
+                        shared_inputs=("image_rotary_emb",))
+
+
+def describe_sana(model: nn.Module) -> Architecture:
+    check_parts(model, ("patch_embed", "time_embed", "caption_projection", "caption_norm", "transformer_blocks",
+                        "norm_out", "proj_out"), "dq's description")
+    blocks = ["patch_embed", "time_embed", "caption_projection", *_numbered("transformer_blocks",
+                                                                           len(model.transformer_blocks)), "proj_out"]
+    return Architecture(family="sana", blocks=tuple(blocks), first_layers=("patch_embed.proj",),
+                        last_layers=("proj_out",), modulation_layers=("time_embed.linear",))
+
+
+register("SD3Transformer2DModel", describe_sd3, _call_sd3)
+register("FluxTransformer2DModel", describe_flux, _call_flux, sample_shape=_flux_shape)
+register("SanaTransformer2DModel", describe_sana, _call_sana)
