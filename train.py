@@ -280,6 +280,13 @@ def write_outputs(job: Job) -> dict[str, Any]:
     return results
 
 
+def _model_name(model_cfg) -> str | None:
+    """The model's name in results.json: its source, and which embedded model ("embedded_dit")."""
+    source = model_cfg.get("source")
+    embedded = model_cfg.get("embedded")
+    return f"embedded_{embedded}" if source == "embedded" and embedded not in (None, "unet") else source
+
+
 def run_record(job: Job, train_seconds: float) -> dict[str, Any]:
     """The head of results.json: what ran, how long, the per-block losses."""
     cfg, distiller = job.cfg, job.distiller
@@ -290,7 +297,7 @@ def run_record(job: Job, train_seconds: float) -> dict[str, Any]:
         "quant": cfg.quant.name,
         "weight_bits": job.quant_config.weight_bits,
         "act_bits": job.quant_config.act_bits,
-        "model": cfg.model.get("source"),
+        "model": _model_name(cfg.model),
         "num_steps": len(job.timesteps),
         "num_groups": job.quant_config.num_groups,
         "num_blocks": len(distiller.blocks),

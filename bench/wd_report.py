@@ -1,6 +1,7 @@
 """What Weight Dilation does to each quantized layer of a model (METHOD.md §2), measured.
 
     python bench/wd_report.py                                  # the embedded model, W4A4 -> docs/wd_report.{md,json}
+    python bench/wd_report.py --model conf/model/embedded_dit.yaml --out docs/embedded_dit   # the embedded DiT
     python bench/wd_report.py --model conf/model/ddpm_cifar10.yaml --tuples 512 --out /tmp/wd
 
 Per quantized Conv2d / Linear of the student: the input channels whose factor s is 1 (the channels that
@@ -9,6 +10,9 @@ range the per-tensor activation quantizer has to cover: per sampling step, range
 calibration tuples drawn from the FP model's own trajectories (with min-max initialisation this ratio is
 the change of that step's Δ_x; below 1 means a finer activation grid). A layer with a skip split
 (concatenated inputs quantized apart) reports the mean over its two quantizers.
+
+A second table sums the layers up by family: the layer's name without its list indices and block-list
+prefix (transformer_blocks.3.ff.net.2 -> ff.net.2; down_blocks.1.resnets.0.conv1 -> resnets.conv1).
 """
 
 from __future__ import annotations
@@ -90,6 +94,32 @@ def layer_rows(student: torch.nn.Module, ranges: dict[str, torch.Tensor]) -> lis
     return rows
 
 
+def family(layer: str) -> str:
+    """The layer family: its name without the indices into module lists (a number after a plural name:
+    blocks.3, resnets.0) and without a leading `*_blocks` list name; other numbers stay (ff.net.2)."""
+    parts = layer.split(".")
+    kept = [p for i, p in enumerate(parts) if not (p.isdigit() and i > 0 and parts[i - 1].endswith("s"))]
+    if len(kept) > 1 and kept[0].endswith("_blocks"):
+        kept = kept[1:]
+    return ".".join(kept)
+
+
+def family_rows(rows: list[dict]) -> list[dict]:
+    """Per family (in order of first appearance): layer count, median share of s = 1, median of the layers'
+    median s, largest s, median and smallest Δ_x ratio."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(family(row["layer"]), []).append(row)
+    return [{
+        "family": name, "layers": len(members),
+        "ones": round(statistics.median(r["ones"] for r in members), 4),
+        "median_s": round(statistics.median(r["median_s"] for r in members), 4),
+        "max_s": round(max(r["max_s"] for r in members), 3),
+        "delta_x_ratio": round(statistics.median(r["delta_x_ratio"] for r in members), 4),
+        "min_delta_x_ratio": round(min(r["delta_x_ratio"] for r in members), 4),
+    } for name, members in groups.items()]
+
+
 def render(rows: list[dict], header: dict) -> str:
     ones = [r["ones"] for r in rows]
     ratios = [r["delta_x_ratio"] for r in rows]
@@ -101,8 +131,15 @@ def render(rows: list[dict], header: dict) -> str:
         f"Over the {len(rows)} quantized layers: channels with s = 1: median {statistics.median(ones):.1%} "
         f"(min {min(ones):.1%}, max {max(ones):.1%}); Δ_x ratio range(X/s)/range(X): median "
         f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}).", "",
-        "| layer | kind | weight shape | s = 1 | median s | max s | Δ_x ratio |", "|---|---|---|---|---|---|---|",
+        "## Per layer family", "",
+        "| family | layers | s = 1 (median) | median s (median) | max s | Δ_x ratio (median) | Δ_x ratio (min) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for f in family_rows(rows):
+        lines.append(f"| {f['family']} | {f['layers']} | {f['ones']:.1%} | {f['median_s']:.3f} | {f['max_s']:.2f} | "
+                     f"{f['delta_x_ratio']:.3f} | {f['min_delta_x_ratio']:.3f} |")
+    lines += ["", "## Per layer", "",
+              "| layer | kind | weight shape | s = 1 | median s | max s | Δ_x ratio |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {r['kind']} | {'×'.join(map(str, r['shape']))} | {r['ones']:.1%} | "
                      f"{r['median_s']:.3f} | {r['max_s']:.2f} | {r['delta_x_ratio']:.3f} |")
@@ -122,25 +159,27 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(model_cfg)
     steps = len(planned_timesteps(loaded.scheduler.config, loaded.sampler))
     config = QuantConfig(weight_bits=q.weight_bits, act_bits=q.act_bits, first_layer_bits=q.first_layer_bits,
-                         last_layer_bits=q.last_layer_bits, softmax_bits=q.softmax_bits, num_steps=steps,
+                         last_layer_bits=q.last_layer_bits, modulation_bits=q.get("modulation_bits"),
+                         softmax_bits=q.softmax_bits, num_steps=steps,
                          num_groups=steps, weight_dilation=True, weight_init="minmax", act_init="minmax")
     student = quantize_model(loaded.unet, config)
     with tempfile.TemporaryDirectory() as cache:
         data = CalibrationDataModule(loaded.unet, loaded.scheduler.config, loaded.sampler, num_samples=args.tuples,
-                                     num_trajectories=args.trajectories, seed=args.seed, cache_dir=cache)
+                                     num_trajectories=args.trajectories, seed=args.seed, cache_dir=cache,
+                                     **loaded.conditioning.datamodule_kwargs())
         data.setup("fit")
         tuples = {k: v for k, v in data.tuples.items() if k in ("x_t", "timestep", "step", "cond")}
     layers = [n for n, m in student.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     scales = {n: student.get_submodule(n).wd_scale for n in layers}
     splits = {n: student.get_submodule(n).split_at for n in layers}
     rows = layer_rows(student, input_ranges(loaded.unet, layers, tuples, steps, scales, splits))
-    header = {"model": model_cfg.get("source") or str(model_cfg.get("path")), "weight_bits": q.weight_bits,
+    header = {"model": args.model.stem, "weight_bits": q.weight_bits,
               "act_bits": q.act_bits, "tuples": args.tuples, "trajectories": args.trajectories, "steps": steps,
-              "seed": args.seed, "command": "python bench/" + Path(__file__).name + " " + " ".join(argv or sys.argv[1:])}
+              "seed": args.seed, "command": ("python bench/" + Path(__file__).name + " " + " ".join(argv or sys.argv[1:])).strip()}
     args.out.mkdir(parents=True, exist_ok=True)
     text = render(rows, header)
     atomic_write(args.out / "wd_report.md", lambda tmp: Path(tmp).write_text(text))
-    payload = json.dumps({**header, "layers": rows}, indent=1)
+    payload = json.dumps({**header, "families": family_rows(rows), "layers": rows}, indent=1)
     atomic_write(args.out / "wd_report.json", lambda tmp: Path(tmp).write_text(payload + "\n"))
     print(text)
 
