@@ -106,7 +106,8 @@ def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None) ->
 def decode_latents(vae: nn.Module, latents: torch.Tensor, scaling_factor: float, batch_size: int = 8) -> torch.Tensor:
     """Pixels float32 [N, C_img, H·f, W·f] in [-1, 1] on the CPU from latents [N, C_lat, H, W] (the sampler's
     output) of a latent model whose first stage is `vae` (AutoencoderKL or VQModel; a VQModel quantizes to
-    its codebook first, as the LDM decoder does). Runs on the VAE's device and dtype, `batch_size` at a time
+    its codebook first, as the LDM decoder does; a VAE config's shift_factor, as SD3's and Flux's, is added
+    back after the scaling). Runs on the VAE's device and dtype, `batch_size` at a time
     (the decoder at 256²-512² is the memory peak of latent sampling)."""
     if latents.ndim != 4:
         raise UserError(f"latents must be [N, C, H, W], got shape {tuple(latents.shape)}")
@@ -116,10 +117,11 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor, scaling_factor: float,
             "model's own vae/?"
         )
     parameter = next(vae.parameters())
+    shift = vae.config.get("shift_factor")  # SD3's and Flux's VAEs: latents = scale * (z - shift)
     images = []
     for start in range(0, len(latents), batch_size):
-        chunk = latents[start : start + batch_size].to(device=parameter.device, dtype=parameter.dtype)
-        images.append(vae.decode(chunk / scaling_factor).sample.float().cpu())
+        chunk = latents[start : start + batch_size].to(device=parameter.device, dtype=parameter.dtype) / scaling_factor
+        images.append(vae.decode(chunk if not shift else chunk + float(shift)).sample.float().cpu())
     return torch.cat(images).clamp(-1.0, 1.0)
 
 
