@@ -8,7 +8,7 @@ Arguments (key=value): run (required), out (default <run>/student_int.safetensor
 bfloat16 | float32: the norms, biases and embeddings; default float32), overwrite (default false), verify
 (default 32: that many samples from the same noise by the integer model, the fake-quant student and the FP
 model, and the PSNR between them; 0 skips it), verify_seed (default 1234: the noise seed of that check).
-Prints the file's size against the FP32 UNet, what takes the room, and the check. Errors: one `dq: error:`
+Prints the file's size against the FP32 denoiser, what takes the room, and the check. Errors: one `dq: error:`
 line, exit 2, nothing written.
 """
 
@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
     path, summary = export_run(args["run"], args["out"], args["float_dtype"], args["overwrite"] == "true",
                                int(args["verify"]), int(args["verify_seed"]))
     ratio = summary["bytes"] / summary["fp32_unet_bytes"]
-    print(f"dq: exported {path}: {summary['bytes'] / 1e6:.3f} MB, {ratio:.3f} of the FP32 UNet "
+    print(f"dq: exported {path}: {summary['bytes'] / 1e6:.3f} MB, {ratio:.3f} of the FP32 denoiser "
           f"({summary['fp32_unet_bytes'] / 1e6:.3f} MB of float32 tensors)")
     for part, size in summary["breakdown"].items():
         print(f"dq:   {part:22s} {size / 1e3:10.1f} kB")

@@ -15,6 +15,8 @@ from dq.export.kernels import onednn_available
 from dq.metrics import psnr
 from dq.quant import QuantConfig, set_step, step_context
 from dq.sampling import SamplerConfig, sample, unet_forward
+from tests.arch import test_flow_transformers as flow
+from tests.arch import test_transformers as basic
 from tests.conftest import frameworks_imported_by, make_tiny_unet
 from tests.export.conftest import TINY_STEPS, TINY_TIMESTEPS, calibrated_student, tiny_student
 from tests.quant.conftest import tiny_unet2d_condition
@@ -154,3 +156,30 @@ def test_conditional_unets_export_and_run(kind, tmp_path):
         fake, integer, fp = unet_forward(student, x, t, cond), unet_forward(model, x, t, cond), unet_forward(unet, x, t, cond)
     assert (integer - fake).pow(2).mean() < 1e-4 * (fake - fp).pow(2).mean()
 
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart", "sd3", "flux"])
+def test_transformer_students_export_and_run(kind, tmp_path):
+    """Diffusion transformers: DiT (class labels), PixArt (text), SD3 and Flux (packed text + pooled)."""
+    models = {"dit": basic.tiny_dit, "pixart": basic.tiny_pixart, "sd3": flow.tiny_sd3, "flux": flow.tiny_flux}
+    model = models[kind]()
+    example = (basic._example if kind in ("dit", "pixart") else flow._example)(kind, model, n=2)
+    x, cond = example["x_t"], example["cond"]
+    config = QuantConfig(weight_bits=8, act_bits=8, num_steps=2, num_groups=2)
+    student = calibrated_student(model, config, {0: x, 1: x}, [700, 300], cond)
+    integer_model = load_int_model(export_student(student, tmp_path / f"{kind}.safetensors", [700, 300]))
+    with torch.no_grad(), step_context(student, 1), step_context(integer_model, 1):
+        t = torch.full((2,), 300)
+        fake, fp = unet_forward(student, x, t, cond), unet_forward(model, x, t, cond)
+        integer = unet_forward(integer_model, x, t, cond)
+    assert (integer - fake).pow(2).mean() < 1e-4 * (fake - fp).pow(2).mean()
+
+
+def test_sana_depthwise_conv_refuses_export_and_writes_nothing(tmp_path):
+    model = flow.tiny_sana()
+    example = flow._example("sana", model, n=2)
+    config = QuantConfig(weight_bits=8, act_bits=8, num_steps=2, num_groups=2)
+    student = calibrated_student(model, config, {0: example["x_t"], 1: example["x_t"]}, [700, 300], example["cond"])
+    with pytest.raises(ExportError, match="grouped convolution"):
+        export_student(student, tmp_path / "sana.safetensors", [700, 300])
+    assert list(tmp_path.iterdir()) == []
