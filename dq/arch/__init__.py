@@ -4,7 +4,13 @@ Also the diffusers UNet classes and their builder, and diffusers attention (quan
 
 from dq.arch import transformer2d as _transformer2d  # noqa: F401  (registers the DiT / PixArt descriptions)
 from dq.arch import unet2d as _unet2d  # noqa: F401  (registers the UNet description)
-from dq.arch.attention import QuantAttnProcessor, attention_heads, quantize_attention, set_attention_heads
+from dq.arch.attention import (
+    QuantAttnProcessor,
+    QuantJointAttnProcessor,
+    attention_heads,
+    quantize_attention,
+    set_attention_heads,
+)
 from dq.arch.classes import DENOISER_CLASSES, build_denoiser
 from dq.arch.description import Architecture, describe, described_classes, model_call, register, sample_shape
 from dq.arch.flow_transformers import (  # registers SD3/Flux/Sana
@@ -16,6 +22,7 @@ __all__ = [
     "DENOISER_CLASSES",
     "Architecture",
     "QuantAttnProcessor",
+    "QuantJointAttnProcessor",
     "attention_heads",
     "build_denoiser",
     "describe",

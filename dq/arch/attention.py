@@ -133,3 +133,68 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def quantize_joint_attention(module: nn.Module, config: QuantConfig) -> None:
+    """Give an SD3 joint `Attention` or a Flux `FluxAttention` module a QuantJointAttnProcessor (q/k/v of both
+    streams at config.qkv_bits, the softmax output at config.softmax_bits), on the module's device."""
+    if getattr(module, "fused_projections", False):
+        raise UserError("attention with fused qkv projections is not quantized by dq; unfuse them first")
+    device = next(module.parameters()).device
+    module.set_processor(QuantJointAttnProcessor(config.qkv_bits, config.softmax_bits, config).to(device))
+
+
+class QuantJointAttnProcessor(QuantAttnProcessor):
+    """Joint attention of SD3 (`Attention` with added q/k/v projections: image tokens, then text tokens) and
+    Flux (`FluxAttention`: text tokens, then image tokens, rotary embedding; a single-stream block's has no
+    added projections and no output projection), with quantized matmul inputs: q, k, v after their norms and
+    the rotary embedding, one quantizer each over both streams, and the softmax output."""
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ / sqrt(d)) v with quantized inputs; q, k, v and the result [B, H, L, d]."""
+        query, key, value = self.q_quantizer(query), self.k_quantizer(key), self.v_quantizer(value)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+        probs = self.probs_quantizer(scores.float().softmax(dim=-1).to(value.dtype))
+        return torch.matmul(probs, value)
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if attention_mask is not None:
+            raise UserError("dq's quantized joint attention takes no attention mask")
+        flux = type(attn).__name__ == "FluxAttention"
+        batch = hidden_states.shape[0]
+        heads = attn.heads
+
+        def split(x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:  # [B, L, H·d] -> [B, L, H, d], normed
+            x = x.unflatten(-1, (heads, -1))
+            return norm(x) if norm is not None else x
+
+        query = split(attn.to_q(hidden_states), attn.norm_q)
+        key = split(attn.to_k(hidden_states), attn.norm_k)
+        value = split(attn.to_v(hidden_states), None)
+        joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
+        if joint:
+            context = (split(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q),
+                       split(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k),
+                       split(attn.add_v_proj(encoder_hidden_states), None))
+            order = (lambda img, txt: (txt, img)) if flux else (lambda img, txt: (img, txt))
+            query, key, value = (torch.cat(order(x, c), dim=1) for x, c in zip((query, key, value), context))
+        if image_rotary_emb is not None:  # Flux: (cos, sin) [L, d] over the joint sequence
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        out = out.transpose(1, 2).reshape(batch, -1, query.shape[2] * query.shape[3]).to(query.dtype)
+        if not joint:  # a Flux single-stream block projects the attention output itself
+            return out if flux else attn.to_out[1](attn.to_out[0](out))
+        text_len = encoder_hidden_states.shape[1]
+        if flux:
+            text, image = out[:, :text_len], out[:, text_len:]
+        else:
+            image, text = out[:, : out.shape[1] - text_len], out[:, out.shape[1] - text_len:]
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        if not getattr(attn, "context_pre_only", False):  # SD3's last block keeps its text tokens as they are
+            text = attn.to_add_out(text.contiguous())
+        return image, text

@@ -15,9 +15,10 @@ Text conditioning of SD3 and Flux is two tensors, the prompt embeddings [B, L, D
 [B, P]; dq carries conditioning as one tensor, so they travel packed as [B, L + 1, D]: the L token rows,
 then one row holding the pooled vector in its first P features (`pack_text_conditioning`).
 
-Not yet: the attention matmuls (q·k, softmax·v) of these three run in float (their joint / linear attention
-processors have no quantized twin yet; every Linear and Conv2d around them is quantized), guidance-distilled
-Flux (guidance_embeds) and Sana-Sprint, and Flux's resolution-dependent shift (give sampler.shift).
+Quantized attention matmuls (q, k, v, softmax output): SD3's and Flux's joint attention (dq.arch.attention.
+QuantJointAttnProcessor) and Sana's cross-attention; Sana's linear self-attention (no softmax) stays in float.
+Not yet: guidance-distilled Flux (guidance_embeds) and Sana-Sprint, and Flux's resolution-dependent shift
+(give sampler.shift).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dq.arch.attention import quantize_attention, quantize_joint_attention
 from dq.arch.description import Architecture, check_parts, register
 from dq.errors import UnsupportedError, UserError
 
@@ -114,8 +116,11 @@ def describe_sd3(model: nn.Module) -> Architecture:
     blocks = ["pos_embed", "time_text_embed", "context_embedder", *_numbered("transformer_blocks", n), "norm_out",
               "proj_out"]
     modulation = (*_numbered("transformer_blocks", n, (".norm1.linear", ".norm1_context.linear")), "norm_out.linear")
+    attention = tuple(f"transformer_blocks.{i}.{a}" for i in range(n) for a in ("attn", "attn2")
+                      if getattr(model.transformer_blocks[i], a, None) is not None)  # attn2: SD3.5's second one
     return Architecture(family="mmdit", blocks=tuple(blocks), first_layers=("pos_embed.proj",),
-                        last_layers=("proj_out",), modulation_layers=modulation)
+                        last_layers=("proj_out",), modulation_layers=modulation, attention=attention,
+                        quantize_attention=quantize_joint_attention)
 
 
 def describe_flux(model: nn.Module) -> Architecture:
@@ -126,9 +131,11 @@ def describe_flux(model: nn.Module) -> Architecture:
               *_numbered("single_transformer_blocks", single), "norm_out", "proj_out"]
     modulation = (*_numbered("transformer_blocks", double, (".norm1.linear", ".norm1_context.linear")),
                   *_numbered("single_transformer_blocks", single, (".norm.linear",)), "norm_out.linear")
+    attention = (*_numbered("transformer_blocks", double, (".attn",)),
+                 *_numbered("single_transformer_blocks", single, (".attn",)))
     return Architecture(family="mmdit", blocks=tuple(blocks), first_layers=("x_embedder",),
-                        last_layers=("proj_out",), modulation_layers=modulation,
-                        shared_inputs=("image_rotary_emb",))
+                        last_layers=("proj_out",), modulation_layers=modulation, attention=attention,
+                        quantize_attention=quantize_joint_attention, shared_inputs=("image_rotary_emb",))
 
 
 def describe_sana(model: nn.Module) -> Architecture:
@@ -136,8 +143,12 @@ def describe_sana(model: nn.Module) -> Architecture:
                         "norm_out", "proj_out"), "dq's description")
     blocks = ["patch_embed", "time_embed", "caption_projection", *_numbered("transformer_blocks",
                                                                            len(model.transformer_blocks)), "proj_out"]
+    # attn2 (cross-attention to the caption) is softmax attention; attn1 is linear attention (ReLU kernels, no
+    # softmax), whose matmuls stay in float
+    attention = _numbered("transformer_blocks", len(model.transformer_blocks), (".attn2",))
     return Architecture(family="sana", blocks=tuple(blocks), first_layers=("patch_embed.proj",),
-                        last_layers=("proj_out",), modulation_layers=("time_embed.linear",))
+                        last_layers=("proj_out",), modulation_layers=("time_embed.linear",),
+                        attention=tuple(attention), quantize_attention=quantize_attention)
 
 
 register("SD3Transformer2DModel", describe_sd3, _call_sd3)

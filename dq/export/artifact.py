@@ -209,7 +209,8 @@ def export_tensors(student: nn.Module, float_dtype: str = "float32") -> tuple[di
         elif isinstance(module, QuantAttnProcessor):
             for short in ATTN_QUANTIZERS:
                 table(f"{name}.{short}", getattr(module, f"{short}_quantizer"))
-            attention[name] = {"qkv_bits": module.q_quantizer.bits, "softmax_bits": module.probs_quantizer.bits}
+            attention[name] = {"qkv_bits": module.q_quantizer.bits, "softmax_bits": module.probs_quantizer.bits,
+                               "processor": type(module).__name__}
             claimed.update(f"{name}.{key}" for key in module.state_dict())
     if not layers:
         raise ExportError("the student has no quantized Conv2d/Linear layer to export")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dq.arch import QuantAttnProcessor, build_denoiser
+from dq.arch import QuantAttnProcessor, QuantJointAttnProcessor, build_denoiser
 from dq.export.artifact import (
     Export,
     ExportError,
@@ -27,6 +27,7 @@ from dq.quant.layers import QuantConv2d, QuantLinear
 from dq.quant.timesteps import check_policy, key_by_timestep
 
 EXPORT_ATTR = "dq_export"  # the export's metadata, on the model it built
+PROCESSORS = {cls.__name__: cls for cls in (QuantAttnProcessor, QuantJointAttnProcessor)}  # by the export's record
 
 
 def load_int_model(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto",
@@ -63,7 +64,11 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
         tables = export.attention_tables(proc_name)
         bits = {"q": info["qkv_bits"], "k": info["qkv_bits"], "v": info["qkv_bits"], "probs": info["softmax_bits"]}
         quantizers = {q: IntActQuantizer(bits[q], *tables[q], step_to_group) for q in tables}
-        processor = QuantAttnProcessor.from_quantizers(**quantizers)
+        processor_class = PROCESSORS.get(info.get("processor", "QuantAttnProcessor"))  # files before SD3/Flux: none
+        if processor_class is None:
+            raise ExportError(f"{export.path}: {proc_name} has an attention processor dq does not know: "
+                              f"{info.get('processor')!r}")
+        processor = processor_class.from_quantizers(**quantizers)
         attn.set_processor(processor)
         int_keys.update(f"{proc_name}.{k}" for k in processor.state_dict())
     floats = export.float_state()
