@@ -49,6 +49,7 @@ from dq.quant import (
     QuantConfig,
     TemporalActQuantizer,
     WeightQuantizer,
+    activation_drop,
     calibrate_activations,
     quantize_model,
     step_context,
@@ -100,6 +101,7 @@ class DistillConfig:
     compile_mode: str | None = None  # torch.compile(mode=...): None, "reduce-overhead", "max-autotune", ...
     compile_backend: str = "inductor"  # torch.compile(backend=...); "aot_eager" compiles fast (tests)
     target_cache_mb: float = 1024.0  # host memory for teacher targets captured ahead of their block
+    act_drop: float = 0.0  # training steps: each activation element skips its quantizer with this probability
 
     def __post_init__(self) -> None:
         check_field_types(self, "method.distill.")
@@ -122,6 +124,8 @@ class DistillConfig:
             raise UserError(f"cache_gpu_fraction must lie in (0, 1], got {self.cache_gpu_fraction}")
         if not self.target_cache_mb >= 0:
             raise UserError(f"target_cache_mb must be >= 0, got {self.target_cache_mb}")
+        if not 0.0 <= self.act_drop < 1.0:
+            raise UserError(f"act_drop must lie in [0, 1), got {self.act_drop}")
         if self.teacher_precision not in TEACHER_PRECISIONS:
             allowed = ", ".join(TEACHER_PRECISIONS)
             raise UserError(f"teacher_precision must be one of {allowed}, got {self.teacher_precision!r}")
@@ -516,7 +520,7 @@ class BlockDistiller(L.LightningModule):
         fault_point("train")
         name = self.blocks[self.state.block]
         rows, steps = self.shard(batch["index"]), self.shard(batch["step"])  # this rank's share, its TPQ steps
-        with step_context(self.student, steps.to(self.device)):
+        with step_context(self.student, steps.to(self.device)), self._activation_drop(name):
             predictions = self._block_forward(name, self._device_rows(rows))
         targets = [t[self._device_rows(rows)].to(p.device) for p, t in zip(predictions, self.cache.output, strict=True)]
         losses = [F.mse_loss(p.float(), t.float()) for p, t in zip(predictions, targets)]  # eq. 15
@@ -538,6 +542,17 @@ class BlockDistiller(L.LightningModule):
         self.log("bkd/loss", reported, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         self.log("bkd/block", float(self.state.block), on_step=True, on_epoch=False)
         return loss
+
+    def _activation_drop(self, name: str) -> contextlib.AbstractContextManager:
+        """act_drop > 0: the block's activation quantizers pass a random share of elements unquantized, the
+        masks a pure function of (seed, block, iteration, rank) like the batches; else nothing."""
+        if self.distill.act_drop == 0.0:
+            return contextlib.nullcontext()
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(((self.seed * 1_000_003 + self.state.block) * 1_000_003 + self.state.iteration)
+                              * 1_009 + rank + 7)
+        return activation_drop(self.block_module(name), self.distill.act_drop, generator)
 
     def _block_forward(self, name: str, rows: torch.Tensor | slice) -> list[torch.Tensor]:
         """The current block's output tensors on cached rows `rows`, through its torch.compile wrapper with

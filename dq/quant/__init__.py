@@ -4,6 +4,7 @@ the student's saved state. Imports torch only (no Lightning, Hydra or diffusers)
 from dq.quant.config import QuantConfig
 from dq.quant.convert import (
     act_quantizers,
+    activation_drop,
     calibrate_activations,
     is_quantized,
     quant_config,
@@ -45,6 +46,7 @@ __all__ = [
     "TemporalActQuantizer",
     "WeightQuantizer",
     "act_quantizers",
+    "activation_drop",
     "apply_dilation",
     "calibrate_activations",
     "dilation_scale",

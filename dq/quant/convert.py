@@ -196,6 +196,24 @@ def calibrate_activations(model: nn.Module, seed: int = 0) -> Iterator[list[Temp
                 quantizer.cancel_observing()
 
 
+@contextlib.contextmanager
+def activation_drop(model: nn.Module, prob: float, generator: torch.Generator | None = None) -> Iterator[None]:
+    """`with activation_drop(block, p, gen):` every activation quantizer of `model` passes each element of
+    its input unquantized with probability p (masks drawn from `generator`), and quantizes the rest; outside
+    the block, p is 0 again. BKD's training steps use it with method.distill.act_drop (a QDrop-style
+    option; the inference path never drops)."""
+    if not 0.0 <= prob < 1.0:
+        raise UserError(f"the activation drop probability must lie in [0, 1), got {prob}")
+    quantizers = act_quantizers(model)
+    for quantizer in quantizers:
+        quantizer.drop_prob, quantizer.drop_generator = prob, generator
+    try:
+        yield
+    finally:
+        for quantizer in quantizers:
+            quantizer.drop_prob, quantizer.drop_generator = 0.0, None
+
+
 def set_quant_enabled(model: nn.Module, weights: bool = True, activations: bool = True) -> None:
     """Switch fake quantization of weights and/or activations on or off (off = float path, WD kept)."""
     for quantizer in weight_quantizers(model):

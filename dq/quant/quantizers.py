@@ -209,6 +209,10 @@ class TemporalActQuantizer(StepIndexed):
         self.enabled = True
         self._observer: _RangeObserver | None = None
         self._checked_calibrated = False
+        # activation drop during training (set by dq.quant.activation_drop): each element passes unquantized
+        # with probability drop_prob, its mask drawn from drop_generator
+        self.drop_prob = 0.0
+        self.drop_generator: torch.Generator | None = None
 
     @property
     def num_groups(self) -> int:
@@ -295,7 +299,11 @@ class TemporalActQuantizer(StepIndexed):
         if self.lsq_grad_scale:
             factor = ops.lsq_grad_factor(x[0].numel(), self.bits)
             scale, zero_point = ops.scale_grad(scale, factor), ops.scale_grad(zero_point, factor)
-        return self.fake_quantize_step(x, scale, zero_point, self.bits)
+        quantized = self.fake_quantize_step(x, scale, zero_point, self.bits)
+        if self.drop_prob > 0.0:
+            keep_float = torch.rand(x.shape, generator=self.drop_generator, device=x.device) < self.drop_prob
+            return torch.where(keep_float, x, quantized)
+        return quantized
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._checked_calibrated = False

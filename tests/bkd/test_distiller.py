@@ -284,3 +284,18 @@ def test_initialisation_only_never_runs_the_teacher(monkeypatch):
 def test_target_cache_budget_is_checked():
     with pytest.raises(ValueError, match="target_cache_mb"):
         DistillConfig(target_cache_mb=-1)
+
+
+def _trained_state(act_drop: float) -> dict[str, torch.Tensor]:
+    distill = DistillConfig(iters_per_block=3, batch_size=8, capture_batch_size=16, act_drop=act_drop)
+    distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
+    _trainer(distiller).fit(distiller)
+    return {k: v.clone() for k, v in distiller.student.state_dict().items()}
+
+
+def test_activation_drop_changes_training_reproducibly_and_is_off_after_it():
+    plain, dropped, again = _trained_state(0.0), _trained_state(0.5), _trained_state(0.5)
+    assert all(torch.equal(dropped[k], again[k]) for k in dropped)  # masks are a function of seed/block/step
+    assert any(not torch.equal(dropped[k], plain[k]) for k in plain)
+    with pytest.raises(ValueError, match="act_drop"):
+        DistillConfig(act_drop=1.0)

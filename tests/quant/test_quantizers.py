@@ -153,3 +153,24 @@ def test_mse_init_searches_from_the_exact_range():
     assert abs(float(hi) / 4.0 * 10 - round(float(hi) / 4.0 * 10)) < 1e-5
     lo_s, hi_s = ops.mse_search_range(x, bits=8, grid=10)
     assert float(hi_s) <= 1.0
+
+
+def test_activation_drop_passes_the_chosen_share_unquantized_and_is_reproducible():
+    from dq.quant import activation_drop
+
+    q = _calibrated()
+    q.step = 3
+    x = torch.linspace(-1.0, 2.0, 40_000).reshape(200, 200) * 4.0 + 0.013  # off the grid almost everywhere
+    quantized = q(x)
+    block = torch.nn.Sequential(q)
+    with activation_drop(block, 0.25, torch.Generator().manual_seed(5)):
+        dropped = q(x)
+    with activation_drop(block, 0.25, torch.Generator().manual_seed(5)):
+        again = q(x)
+    assert torch.equal(dropped, again)  # the masks come from the generator
+    kept_float = dropped == x
+    assert torch.equal(dropped[~kept_float], quantized[~kept_float])  # the rest is quantized as usual
+    assert abs(kept_float.float().mean().item() - 0.25) < 0.01
+    assert q.drop_prob == 0.0 and torch.equal(q(x), quantized)  # outside the block nothing is dropped
+    with pytest.raises(ValueError, match="drop probability"), activation_drop(block, 1.0):
+        pass
