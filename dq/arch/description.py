@@ -33,8 +33,9 @@ class Architecture:
     quantize_attention: installs those quantizers on one attention module (the family's attention code).
     modulation_layers: the adaLN modulation linears (the shift / scale / gate of a transformer's norms), which
       the precision policy's modulation_bits applies to.
-    shared_inputs: keyword arguments of the blocks that carry no batch dimension (Flux's rotary embedding):
-      BKD's cache keeps one copy of them instead of slicing them per sample.
+    shared_inputs: keyword arguments of the blocks, or of the model call (the whole-model block of
+      end-to-end training), that carry no batch dimension (Flux's rotary embedding, its position ids): BKD's
+      cache keeps one copy of them instead of slicing them per sample.
     """
 
     family: str

@@ -135,7 +135,8 @@ def describe_flux(model: nn.Module) -> Architecture:
                  *_numbered("single_transformer_blocks", single, (".attn",)))
     return Architecture(family="mmdit", blocks=tuple(blocks), first_layers=("x_embedder",),
                         last_layers=("proj_out",), modulation_layers=modulation, attention=attention,
-                        quantize_attention=quantize_joint_attention, shared_inputs=("image_rotary_emb",))
+                        quantize_attention=quantize_joint_attention,
+                        shared_inputs=("image_rotary_emb", "img_ids", "txt_ids"))
 
 
 def describe_sana(model: nn.Module) -> Architecture:
