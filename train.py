@@ -227,7 +227,9 @@ def fit_student(job: Job, checkpoint: Path | None) -> int:
     if job.distill.iters_per_block == 0:  # initialisation only: no optimisation, no Lightning loop needed
         job.distiller.initialize_only()
         return 0
-    num_blocks = 1 if job.distill.whole_model else len(candidate_blocks(job.distiller.student))
+    # the blocks, then the end-to-end stage when there is one (end_to_end_iters)
+    blocks = candidate_blocks(job.distiller.student)
+    num_blocks = 1 if job.distill.whole_model else len(blocks) + int(job.distill.end_to_end_iters > 0)
     trainer = make_trainer(job.cfg, job.out_dir, num_blocks)
     trainer.fit(job.distiller, ckpt_path=checkpoint)
     return trainer.global_rank
@@ -239,6 +241,7 @@ def make_trainer(cfg: DictConfig, out_dir: Path, num_blocks: int) -> L.Trainer:
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_epochs=num_blocks,
+        reload_dataloaders_every_n_epochs=1,  # each block's loader has its own length (BlockBatches)
         logger=hydra.utils.instantiate(cfg.logger),
         callbacks=[
             *([BlockProgressBar()] if cfg.progress_bar else []),
@@ -302,10 +305,12 @@ def run_record(job: Job, train_seconds: float) -> dict[str, Any]:
         "num_groups": job.quant_config.num_groups,
         "num_blocks": len(distiller.blocks),
         "iters_per_block": job.distill.iters_per_block,
+        "end_to_end_iters": job.distill.end_to_end_iters,
         "block_final_losses": distiller.state.final_losses,
         "train_seconds": round(train_seconds, 1),
         # block preparation inside train_seconds (this process only, when resumed): caches and initialisation
         "prep_seconds": {k: round(v, 1) for k, v in distiller.prep_seconds.items()},
+        "end_to_end_seconds": round(distiller.end_to_end_seconds, 1),  # the stage after BKD, inside train_seconds
         "peak_memory_mb": round(_peak_memory_mb(), 1),
     }
 

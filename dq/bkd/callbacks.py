@@ -51,7 +51,7 @@ class BlockCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: BlockDistiller, outputs, batch, batch_idx: int) -> None:
         iteration = pl_module.state.iteration
-        if iteration % self.every_n_steps == 0 and iteration < pl_module.distill.iters_per_block:
+        if iteration % self.every_n_steps == 0 and iteration < pl_module.block_iters(pl_module.state.block):
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: BlockDistiller) -> None:

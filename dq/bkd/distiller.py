@@ -102,6 +102,12 @@ class DistillConfig:
     compile_backend: str = "inductor"  # torch.compile(backend=...); "aot_eager" compiles fast (tests)
     target_cache_mb: float = 1024.0  # host memory for teacher targets captured ahead of their block
     act_drop: float = 0.0  # training steps: each activation element skips its quantizer with this probability
+    # after the last block, the whole student distilled on the model output (eq. 15 with the model as the
+    # block) for this many iterations (0 = BKD only), with learning rates of its own (same units as above)
+    end_to_end_iters: int = 0
+    end_to_end_lr_weights: float = 3e-5
+    end_to_end_lr_quant: float = 3e-4
+    end_to_end_lr_zero_point: float = 3e-3
 
     def __post_init__(self) -> None:
         check_field_types(self, "method.distill.")
@@ -124,6 +130,17 @@ class DistillConfig:
             raise UserError(f"cache_gpu_fraction must lie in (0, 1], got {self.cache_gpu_fraction}")
         if not self.target_cache_mb >= 0:
             raise UserError(f"target_cache_mb must be >= 0, got {self.target_cache_mb}")
+        if self.end_to_end_iters < 0:
+            raise UserError(f"end_to_end_iters must be >= 0, got {self.end_to_end_iters}")
+        if self.end_to_end_lr_weights < 0 or self.end_to_end_lr_quant <= 0 or self.end_to_end_lr_zero_point < 0:
+            raise UserError(
+                "end-to-end learning rates must be end_to_end_lr_weights >= 0, end_to_end_lr_quant > 0, "
+                f"end_to_end_lr_zero_point >= 0; got {self.end_to_end_lr_weights}, {self.end_to_end_lr_quant}, "
+                f"{self.end_to_end_lr_zero_point}"
+            )
+        if self.end_to_end_iters and (self.whole_model or self.iters_per_block == 0):
+            raise UserError("end_to_end_iters adds an end-to-end stage after the trained blocks: it needs "
+                            "iters_per_block > 0 and whole_model false (set it to 0 for PTQ and end-to-end QAT)")
         if not 0.0 <= self.act_drop < 1.0:
             raise UserError(f"act_drop must lie in [0, 1), got {self.act_drop}")
         if self.teacher_precision not in TEACHER_PRECISIONS:
@@ -180,17 +197,19 @@ class BlockBatches:
     distiller advances and restores from its checkpoint), so a resumed run gets exactly the batches that
     were left (rows are a pure function of seed, block and iteration)."""
 
-    def __init__(self, steps: torch.Tensor, seed: int, batch_size: int, iters_per_block: int,
+    def __init__(self, steps: torch.Tensor, seed: int, batch_size: int, block_iters: list[int],
                  cursor: BlockState) -> None:
         self.steps, self.seed, self.batch_size = steps, seed, batch_size
-        self.iters_per_block, self.cursor = iters_per_block, cursor
+        self.block_iters, self.cursor = block_iters, cursor
 
     def __len__(self) -> int:
-        return self.iters_per_block
+        # the block at the cursor: the Trainer reloads this loader every epoch (= block), so each block
+        # gets its own length (BKD blocks and the end-to-end stage can differ)
+        return self.block_iters[min(self.cursor.block, len(self.block_iters) - 1)]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         block, start = self.cursor.block, self.cursor.iteration
-        for iteration in range(start, self.iters_per_block):
+        for iteration in range(start, self.block_iters[block]):
             rows = batch_indices(self.seed, block, iteration, len(self.steps), self.batch_size)
             yield {"index": rows, "step": self.steps[rows]}
 
@@ -239,6 +258,8 @@ class BlockDistiller(L.LightningModule):
         # all N tuples, build_cache) and "init" (the activation quantizers' initialisation pass)
         self.prep_seconds = {"cache": 0.0, "init": 0.0}
         self.block_prep_seconds: dict[str, float] = {}  # per block: its whole preparation (begin_block)
+        self.end_to_end_seconds = 0.0  # wall seconds of the end-to-end stage in this process
+        self._stage_started: float | None = None
         self._targets: dict[str, list[torch.Tensor]] = {}  # teacher targets captured ahead of their blocks
         self._target_row_bytes: dict[str, int] | None = None
         # what the student depends on (dq.resume.run_identity), stored in every checkpoint; set by train.py
@@ -280,7 +301,7 @@ class BlockDistiller(L.LightningModule):
             inputs.append(capture_block(self.student, name, batch, want_output=False).to("cpu"))
         cache = concat_block_io(inputs, "cpu")
         # initialisation needs only the student's inputs: PTQ (no iterations) never asks the teacher
-        cache.output = self.teacher_targets(name) if self.distill.iters_per_block > 0 else None
+        cache.output = self.teacher_targets(name) if self.block_iters(self.state.block) > 0 else None
         device = self.cache_device_for(cache.nbytes)
         self.cache_devices[name] = str(device)
         # said aloud only when "auto" had to leave a GPU run's cache on the CPU (slower steps)
@@ -313,14 +334,15 @@ class BlockDistiller(L.LightningModule):
         """Block `name` and the blocks after it whose targets fit with it in target_cache_mb (fp32, all N rows)."""
         if name == WHOLE_MODEL or self.distill.target_cache_mb == 0:
             return [name]
+        blocks = [b for b in self.blocks if b != WHOLE_MODEL]  # the end-to-end stage's targets come on their own
         if self._target_row_bytes is None:  # one teacher pass on one row: each block's output size
             example = self.calibration_batch(slice(0, 1))
             with torch.no_grad():
-                sizes = capture_outputs(self.teacher, self.blocks, example)
+                sizes = capture_outputs(self.teacher, blocks, example)
             self._target_row_bytes = {n: sum(t[0].numel() * 4 for t in ts) for n, ts in sizes.items()}
-        budget, k = self.distill.target_cache_mb * 2**20, self.blocks.index(name)
+        budget, k = self.distill.target_cache_mb * 2**20, blocks.index(name)
         group, total = [name], self._target_row_bytes[name] * self.num_samples
-        for other in self.blocks[k + 1 :]:
+        for other in blocks[k + 1 :]:
             total += self._target_row_bytes[other] * self.num_samples
             if total > budget:
                 break
@@ -358,9 +380,17 @@ class BlockDistiller(L.LightningModule):
         """Row indices on the device of the current cache (the device it was actually placed on)."""
         return rows if isinstance(rows, slice) else rows.to(self.cache.device)
 
+    def block_iters(self, k: int) -> int:
+        """Training iterations of block k: iters_per_block, or end_to_end_iters for the end-to-end stage."""
+        return self.distill.end_to_end_iters if self.is_end_to_end_stage(k) else self.distill.iters_per_block
+
+    def is_end_to_end_stage(self, k: int) -> bool:
+        """Whether block k is the end-to-end stage after BKD (the whole student, already initialised)."""
+        return self.blocks[k] == WHOLE_MODEL and not self.distill.whole_model
+
     def learning_rate_factor(self, iteration: int) -> float:
-        """Cosine decay over the block's iterations, from 1 to min_lr_ratio."""
-        total, floor = max(1, self.distill.iters_per_block), self.distill.min_lr_ratio
+        """Cosine decay over the current block's iterations, from 1 to min_lr_ratio."""
+        total, floor = max(1, self.block_iters(self.state.block)), self.distill.min_lr_ratio
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(iteration, total) / total))
 
     # ------------------------------------------------------------------ block lifecycle
@@ -395,6 +425,8 @@ class BlockDistiller(L.LightningModule):
             example = {k: v.to(device) for k, v in self.calibration_batch(slice(0, 2)).items()}
             self.blocks = candidate_blocks(self.student)
             check_block_order(self.teacher, self.blocks, example)
+            if self.distill.end_to_end_iters > 0:  # then the whole student, end to end (its quantizers are set)
+                self.blocks.append(WHOLE_MODEL)
         if not self.state.initialized:
             self.state.initialized = [False] * len(self.blocks)
 
@@ -405,12 +437,18 @@ class BlockDistiller(L.LightningModule):
         if k != self.state.block:  # a new block, not a resume into the middle of one
             self.state.block, self.state.iteration = k, 0
         name = self.blocks[k]
-        phase("prepare", f"block {k + 1}/{len(self.blocks)}: {name}")
+        phase("prepare", f"block {k + 1}/{len(self.blocks)}: {name or 'the whole model (end to end)'}")
         started = time.perf_counter()
         self.cache = self.build_cache(name)
         cached = time.perf_counter()
         self.prep_seconds["cache"] += cached - started
-        if not self.state.initialized[k]:
+        if self.is_end_to_end_stage(k):
+            self._stage_started = started
+            # every block was frozen when it ended; the stage trains what the optimizer holds, all at once
+            for group in (self.optimizers().param_groups if self._trainer is not None else []):
+                for param in group["params"]:
+                    param.requires_grad_(True)
+        elif not self.state.initialized[k]:
             self.initialize_block(name)
             self.state.initialized[k] = True
         self.prep_seconds["init"] += time.perf_counter() - cached
@@ -424,7 +462,7 @@ class BlockDistiller(L.LightningModule):
         resumed, self._resume = self._resume, None
         # a checkpoint written after block k-1 ended holds block k at iteration 0: block k starts afresh
         if resumed is None or resumed["block"] != k or resumed["iteration"] == 0:
-            self._set_step_size_learning_rates(name)
+            self._set_block_learning_rates(k)
             self._losses = []
 
     def end_block(self) -> None:
@@ -435,6 +473,9 @@ class BlockDistiller(L.LightningModule):
             self.state.final_losses[name or "model"] = sum(tail) / len(tail)
         self.block_module(name).requires_grad_(False)
         self.cache, self._losses = None, []
+        if self._stage_started is not None:
+            self.end_to_end_seconds += time.perf_counter() - self._stage_started
+            self._stage_started = None
         if self._compiled:
             # Dynamo keeps its compiled code per code object (shared by every block of a class), guarded by
             # shapes and module attributes: without a reset, blocks would pile up recompilations until
@@ -452,7 +493,7 @@ class BlockDistiller(L.LightningModule):
 
     def block_finished(self, k: int) -> bool:
         """Whether block k has run all its iterations (the epoch of a cut-short block is not finished)."""
-        return self.state.block > k or (self.state.block == k and self.state.iteration >= self.distill.iters_per_block)
+        return self.state.block > k or (self.state.block == k and self.state.iteration >= self.block_iters(k))
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -460,6 +501,10 @@ class BlockDistiller(L.LightningModule):
         epochs = self.trainer.max_epochs
         if epochs is None or epochs > len(self.blocks):  # fewer: a partial run (bench)
             raise UserError(f"the trainer runs {epochs} epochs but the student has {len(self.blocks)} blocks")
+        lengths = {self.block_iters(k) for k in range(len(self.blocks))}
+        if len(lengths) > 1 and self.trainer.reload_dataloaders_every_n_epochs != 1:
+            raise UserError("the blocks have different iteration counts (end_to_end_iters): the Trainer needs "
+                            "reload_dataloaders_every_n_epochs=1 so that each block's loader has its own length")
 
     def on_train_epoch_start(self) -> None:
         self.begin_block(self.current_epoch)
@@ -491,27 +536,37 @@ class BlockDistiller(L.LightningModule):
                 zero_points.append(module.zero_point)
         quant_ids = {id(g["params"][0]) for g in groups} | {id(z) for z in zero_points}
         weights = [p for p in self.student.parameters() if id(p) not in quant_ids]
-        groups.append({"params": zero_points, "lr": self.distill.lr_zero_point, "base_lr": self.distill.lr_zero_point})
+        groups.append({"params": zero_points, "lr": self.distill.lr_zero_point, "base_lr": self.distill.lr_zero_point,
+                       "kind": "zero_point"})
         if self.distill.train_weights and self.distill.lr_weights > 0:
-            groups.append({"params": weights, "lr": self.distill.lr_weights, "base_lr": self.distill.lr_weights})
+            groups.append({"params": weights, "lr": self.distill.lr_weights, "base_lr": self.distill.lr_weights,
+                           "kind": "weights"})
         else:
             for param in weights:
                 param.requires_grad_(False)
         return torch.optim.Adam(groups)
 
-    def _set_step_size_learning_rates(self, name: str) -> None:
-        """base_lr of the block's Δ groups: lr_quant × mean |Δ| (Δ is initialised by now)."""
+    def _set_block_learning_rates(self, k: int) -> None:
+        """base_lr of every group for block k: each of its Δ groups lr_quant × mean |Δ| (Δ is initialised by
+        now), the weights and zero points their rates; the end-to-end stage's own rates in that stage."""
         if self._trainer is None:
             return
+        name, d = self.blocks[k], self.distill
+        stage = self.is_end_to_end_stage(k)
+        rates = {"weights": d.end_to_end_lr_weights if stage else d.lr_weights,
+                 "zero_point": d.end_to_end_lr_zero_point if stage else d.lr_zero_point}
+        lr_quant = d.end_to_end_lr_quant if stage else d.lr_quant
         prefix = "" if name == WHOLE_MODEL else name + "."
         for group in self.optimizers().param_groups:
             quantizer = group.get("quantizer")
-            if quantizer is not None and (not prefix or quantizer.startswith(prefix)):
-                group["base_lr"] = self.distill.lr_quant * float(group["params"][0].detach().abs().mean())
+            if quantizer is None:
+                group["base_lr"] = rates[group["kind"]]
+            elif not prefix or quantizer.startswith(prefix):
+                group["base_lr"] = lr_quant * float(group["params"][0].detach().abs().mean())
 
     def train_dataloader(self) -> BlockBatches:
         return BlockBatches(self.calibration["step"], self.seed, self.distill.batch_size,
-                            self.distill.iters_per_block, self.state)
+                            [self.block_iters(k) for k in range(len(self.blocks))], self.state)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return unet_forward(self.student, x, timesteps, cond)

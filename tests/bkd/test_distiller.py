@@ -51,7 +51,7 @@ def _distiller(iters: int = 4, lr_weights: float = 1e-5, lr_quant: float = 1e-3,
 def _trainer(distiller: BlockDistiller, **kwargs) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
-        max_epochs=len(candidate_blocks(distiller.student)),
+        max_epochs=kwargs.pop("max_epochs", len(candidate_blocks(distiller.student))),
         callbacks=[TPQRangeLogger(), *kwargs.pop("callbacks", [])],
         logger=False,
         enable_progress_bar=False,
@@ -299,3 +299,94 @@ def test_activation_drop_changes_training_reproducibly_and_is_off_after_it():
     assert any(not torch.equal(dropped[k], plain[k]) for k in plain)
     with pytest.raises(ValueError, match="act_drop"):
         DistillConfig(act_drop=1.0)
+
+
+def _end_to_end_distiller(iters: int = 3, end_to_end_iters: int = 5, scale: float = 1.0) -> BlockDistiller:
+    distill = DistillConfig(iters_per_block=iters, batch_size=8, capture_batch_size=16, lr_weights=1e-3,
+                            lr_quant=1e-2, lr_zero_point=1e-1, end_to_end_iters=end_to_end_iters,
+                            end_to_end_lr_weights=1e-3 * scale, end_to_end_lr_quant=1e-2 * scale,
+                            end_to_end_lr_zero_point=1e-1 * scale)
+    return BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
+
+
+def _end_to_end_trainer(distiller: BlockDistiller, **kwargs) -> L.Trainer:
+    return _trainer(distiller, max_epochs=len(candidate_blocks(distiller.student)) + 1,
+                    reload_dataloaders_every_n_epochs=1, **kwargs)
+
+
+class _BeforeEndToEnd(L.Callback):
+    """The student's state and its whole-model loss on the calibration set after the last BKD block (callbacks'
+    epoch-start hooks run before the module's, which begins the stage)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if pl_module.state.block == len(pl_module.blocks) - 1:
+            self.state = {k: v.clone() for k, v in pl_module.student.state_dict().items()}
+            self.loss = _model_loss(pl_module)
+
+
+@torch.no_grad()
+def _model_loss(distiller: BlockDistiller) -> float:
+    batch = distiller.calibration_batch(slice(0, N))
+    set_step(distiller.student, batch["step"])
+    student = distiller.student(batch["x_t"], batch["timestep"]).sample
+    teacher = distiller.teacher(batch["x_t"], batch["timestep"]).sample
+    return float(torch.nn.functional.mse_loss(student, teacher))
+
+
+def test_end_to_end_stage_runs_after_the_blocks_and_trains_the_whole_student():
+    distiller = _end_to_end_distiller(end_to_end_iters=20, scale=0.1)
+    probe = _BeforeEndToEnd()
+    trainer = _end_to_end_trainer(distiller, callbacks=[probe])
+    trainer.fit(distiller)
+    blocks = candidate_blocks(distiller.student)
+    assert distiller.blocks == [*blocks, ""] and "model" in distiller.state.final_losses
+    assert trainer.global_step == 3 * len(blocks) + 20  # each block its iterations, then the stage's
+    after = distiller.student.state_dict()
+    # the stage moved the weights and TPQ tables of the first and the last block, which BKD had frozen
+    for key in ("conv_in.weight", "conv_out.weight", "conv_in.act_quantizer.scale"):
+        assert not torch.equal(after[key], probe.state[key]), key
+    assert _model_loss(distiller) < probe.loss
+
+
+class _StageRates(L.Callback):
+    """The base learning rates of the weight and zero-point groups at the first step of each block."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.state.iteration == 0:
+            groups = pl_module.optimizers().param_groups
+            self.rates[pl_module.state.block] = {g["kind"]: g["base_lr"] for g in groups if "kind" in g}
+
+
+def test_end_to_end_stage_has_its_own_learning_rates_and_resumes_exactly(tmp_path):
+    scaled, rates = _end_to_end_distiller(scale=0.25), _StageRates()
+    _end_to_end_trainer(scaled, callbacks=[rates]).fit(scaled)
+    stage = len(scaled.blocks) - 1
+    assert rates.rates[0] == pytest.approx({"weights": 1e-3, "zero_point": 1e-1})  # the blocks' rates
+    assert rates.rates[stage] == pytest.approx({"weights": 0.25e-3, "zero_point": 0.25e-1})  # the stage's
+
+    interrupted = _end_to_end_distiller(scale=0.25)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
+    stop_step = 3 * len(candidate_blocks(interrupted.student)) + 2  # inside the end-to-end stage
+    with pytest.raises(_Interrupt):
+        _end_to_end_trainer(interrupted, callbacks=[checkpoint, _StopAt(stop_step)], enable_checkpointing=True).fit(interrupted)
+    resumed = _end_to_end_distiller(scale=0.25)
+    _end_to_end_trainer(resumed).fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
+    reference, state = scaled.student.state_dict(), resumed.student.state_dict()
+    for key in reference:
+        torch.testing.assert_close(state[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_end_to_end_settings_are_checked():
+    with pytest.raises(ValueError, match="end_to_end_iters must be"):
+        DistillConfig(end_to_end_iters=-1)
+    with pytest.raises(ValueError, match="end-to-end learning rates"):
+        DistillConfig(end_to_end_iters=2, end_to_end_lr_quant=0.0)
+    for conflicting in ({"whole_model": True}, {"iters_per_block": 0}):
+        with pytest.raises(ValueError, match="needs iters_per_block > 0 and whole_model false"):
+            DistillConfig(end_to_end_iters=2, **conflicting)
+    distiller = _end_to_end_distiller()
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
+        _trainer(distiller, max_epochs=len(candidate_blocks(distiller.student)) + 1).fit(distiller)

@@ -17,9 +17,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_model_folder(tiny_unet2d(), tmp_path_factory.mktemp("tiny_model"))
 
 
-def fast_overrides(model_dir: Path, out: Path, cache: Path, iters: int | None = 2) -> list[str]:
+def fast_overrides(model_dir: Path, out: Path, cache: Path, iters: int | None = 2,
+                   end_to_end: int | None = 2) -> list[str]:
     """A run of a few seconds: tiny model, 4 sampling steps, 32 calibration tuples, `iters` iterations a
-    block (None: the method's own count, for the methods that do not train)."""
+    block and `end_to_end` in the end-to-end stage (None: the method's own counts, for the methods that do
+    not train or train end to end only)."""
     return [
         "model=local",
         f"model.path={model_dir}",
@@ -36,6 +38,7 @@ def fast_overrides(model_dir: Path, out: Path, cache: Path, iters: int | None = 
         "progress_bar=false",
         "checkpoint_every_n_steps=1",
         *([] if iters is None else [f"method.distill.iters_per_block={iters}"]),
+        *([] if iters is None or end_to_end is None else [f"method.distill.end_to_end_iters={end_to_end}"]),
     ]
 
 

@@ -89,7 +89,8 @@ def test_quant_configs_compose(bits, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("method", ["ptq_minmax", "qat_full"])
 def test_baselines_run(method, tiny_model_dir, tmp_path):
     iters = None if method == "ptq_minmax" else 2
-    cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path / "run", tmp_path / "cache", iters), f"method={method}"])
+    cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path / "run", tmp_path / "cache", iters, end_to_end=None),
+                          f"method={method}"])
     results = train(cfg)
     assert results["method"] == method
     assert results["num_blocks"] == (1 if method == "qat_full" else results["num_blocks"])
