@@ -526,9 +526,12 @@ class BlockDistiller(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam over the whole student. Only the current block receives gradients and Adam keeps
         per-parameter state, so this equals a fresh optimizer per block; the cosine schedule restarts with
-        each block (training_step). Groups: the weights (lr_weights); each quantizer's step size Δ, whose
-        lr is lr_quant × its mean |Δ| at the start of its block (Adam's steps have a fixed size, and Δ spans
-        orders of magnitude across layers and bit-widths); all zero points (lr_zero_point, in grid codes)."""
+        each block (training_step). The end-to-end stage is the exception: every parameter has been trained
+        in its block by then, and the stage continues its Adam moments from there (how the default was
+        measured; a fresh state for the stage was not). Groups: the weights (lr_weights); each quantizer's
+        step size Δ, whose lr is lr_quant × its mean |Δ| at the start of its block (Adam's steps have a
+        fixed size, and Δ spans orders of magnitude across layers and bit-widths); all zero points
+        (lr_zero_point, in grid codes)."""
         weights, zero_points, groups = [], [], []
         for name, module in self.student.named_modules():
             if isinstance(module, (TemporalActQuantizer, WeightQuantizer)):
