@@ -35,7 +35,7 @@ from dq.bkd import (
     BlockProgressBar,
     DistillConfig,
     TPQRangeLogger,
-    candidate_blocks,
+    training_blocks,
 )
 from dq.bkd.callbacks import group_ranges
 from dq.calibration import CalibrationDataModule, calibration_cache_key
@@ -227,10 +227,7 @@ def fit_student(job: Job, checkpoint: Path | None) -> int:
     if job.distill.iters_per_block == 0:  # initialisation only: no optimisation, no Lightning loop needed
         job.distiller.initialize_only()
         return 0
-    # the blocks, then the end-to-end stage when there is one (end_to_end_iters)
-    blocks = candidate_blocks(job.distiller.student)
-    num_blocks = 1 if job.distill.whole_model else len(blocks) + int(job.distill.end_to_end_iters > 0)
-    trainer = make_trainer(job.cfg, job.out_dir, num_blocks)
+    trainer = make_trainer(job.cfg, job.out_dir, len(training_blocks(job.distiller.student, job.distill)))
     trainer.fit(job.distiller, ckpt_path=checkpoint)
     return trainer.global_rank
 

@@ -4,11 +4,18 @@ observe it."""
 
 from dq.bkd.blocks import candidate_blocks, capture_block, check_block_order, execution_order
 from dq.bkd.callbacks import BlockCheckpoint, BlockProgressBar, TPQRangeLogger
-from dq.bkd.distiller import BlockDistiller, BlockState, DistillConfig, batch_indices, choose_cache_device
+from dq.bkd.distiller import (
+    BlockDistiller,
+    BlockState,
+    DistillConfig,
+    batch_indices,
+    choose_cache_device,
+    training_blocks,
+)
 
 __all__ = [
-    "BlockDistiller",
     "BlockCheckpoint",
+    "BlockDistiller",
     "BlockProgressBar",
     "BlockState",
     "DistillConfig",
@@ -19,4 +26,5 @@ __all__ = [
     "check_block_order",
     "choose_cache_device",
     "execution_order",
+    "training_blocks",
 ]

@@ -221,6 +221,14 @@ class BlockBatches:
         pass
 
 
+def training_blocks(student: nn.Module, distill: DistillConfig) -> list[str]:
+    """What the distiller trains, one Lightning epoch each: the student's blocks in execution order, then the
+    whole model when there is an end-to-end stage; the whole model alone for end-to-end QAT."""
+    if distill.whole_model:
+        return [WHOLE_MODEL]
+    return [*candidate_blocks(student), *([WHOLE_MODEL] if distill.end_to_end_iters > 0 else [])]
+
+
 class BlockDistiller(L.LightningModule):
     """Teacher (frozen FP UNet) + student (quantized copy), trained block by block."""
 
@@ -417,16 +425,13 @@ class BlockDistiller(L.LightningModule):
 
     def setup_blocks(self) -> None:
         """The block list in execution order (the whole student for end-to-end QAT)."""
-        if self.distill.whole_model:
-            self.blocks = [WHOLE_MODEL]
-        else:
+        self.blocks = training_blocks(self.student, self.distill)
+        blocks = [b for b in self.blocks if b != WHOLE_MODEL]
+        if blocks:
             # Lightning may call setup before it moves the module: run the example where the teacher is
             device = next(self.teacher.parameters()).device
             example = {k: v.to(device) for k, v in self.calibration_batch(slice(0, 2)).items()}
-            self.blocks = candidate_blocks(self.student)
-            check_block_order(self.teacher, self.blocks, example)
-            if self.distill.end_to_end_iters > 0:  # then the whole student, end to end (its quantizers are set)
-                self.blocks.append(WHOLE_MODEL)
+            check_block_order(self.teacher, blocks, example)
         if not self.state.initialized:
             self.state.initialized = [False] * len(self.blocks)
 
