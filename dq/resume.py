@@ -25,7 +25,7 @@ from dq.errors import CorruptFileError, MismatchError, MissingFileError
 IDENTITY_KEY = "dq_run"
 FAULT_ENV = "DQ_FAULT_KILL_AT"
 # method.distill keys that change where or how fast the computation runs, not what it computes
-PLACEMENT_KEYS = ("cache_device", "cache_gpu_fraction", "capture_batch_size", "target_cache_mb")
+PLACEMENT_KEYS = ("cache_device", "cache_gpu_fraction", "capture_batch_size", "target_cache_mb", "replay_cache_mb")
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ each resnet, each attention module, each down/up-sampler, the timestep embedding
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -110,18 +111,32 @@ class BlockIO:
     spec: pytree.TreeSpec
     output: list[torch.Tensor] | None  # every tensor the block returns (output_tensors), or None
     shared: frozenset[int] = frozenset()  # indices of tensor leaves with no batch dimension (one copy for all)
+    # per tensor leaf (by index), the order of its dimensions in memory when it was captured, outermost
+    # first, where that is not the plain order (an attention output comes channels-last); the cache itself
+    # is contiguous
+    layouts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def call(self, block: nn.Module, index: torch.Tensor | slice | None = None) -> list[torch.Tensor]:
         """Run `block` on the captured inputs (rows `index` of every batched tensor; shared tensors whole),
         moved to the block's device (the cache may live on the CPU while the block trains on a GPU)."""
+        return output_tensors(self.run(block, index))
+
+    def run(self, block: nn.Module, index: torch.Tensor | slice | None = None, as_captured: bool = False) -> Any:
+        """As `call`, but the block's return value as it is (a tensor, a tuple, an output class). as_captured:
+        the inputs in the memory layout they had in the forward pass (kernels may round differently on
+        another layout), so that the output is bitwise the one that pass would compute."""
         device = next(block.parameters()).device
         leaves = [
             (leaf if index is None or i in self.shared else leaf[index]).to(device, non_blocking=True)
             if isinstance(leaf, torch.Tensor) else leaf
             for i, leaf in enumerate(self.leaves)
         ]
+        if as_captured:
+            for i, order in self.layouts.items():
+                leaf = leaves[i]
+                leaves[i] = torch.empty_permuted(leaf.shape, order, dtype=leaf.dtype, device=leaf.device).copy_(leaf)
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        return output_tensors(block(*args, **kwargs))
+        return block(*args, **kwargs)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every captured tensor: the batched inputs, then the output when there is one."""
@@ -143,7 +158,7 @@ class BlockIO:
         """The same inputs and output on `device` (tensors already there are not copied)."""
         leaves = [leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
         return BlockIO(leaves, self.spec, None if self.output is None else [t.to(device) for t in self.output],
-                       self.shared)
+                       self.shared, self.layouts)
 
 
 def _run_until_stopped(model: nn.Module, batch: dict[str, torch.Tensor], handles: list) -> None:
@@ -184,7 +199,20 @@ def capture_block(
     shared_names = set(describe(model).shared_inputs)
     shared = frozenset(i for i, (path, leaf) in enumerate(with_paths) if isinstance(leaf, torch.Tensor)
                        and any(isinstance(k, pytree.MappingKey) and k.key in shared_names for k in path))
-    return BlockIO([leaf for _, leaf in with_paths], spec, captured.get("output"), shared)
+    leaves = [leaf for _, leaf in with_paths]
+    return BlockIO(leaves, spec, captured.get("output"), shared, memory_layouts(leaves))
+
+
+def memory_layouts(leaves: list[Any]) -> dict[int, tuple[int, ...]]:
+    """For each dense tensor leaf not laid out in its plain dimension order, the order of its dimensions in
+    memory (outermost first: (0, 2, 3, 1) for channels-last)."""
+    layouts = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 1 and not leaf.is_contiguous():
+            order = tuple(sorted(range(leaf.dim()), key=lambda d: -leaf.stride(d)))
+            if torch.empty_permuted(leaf.shape, order).stride() == leaf.stride():  # dense: a permutation
+                layouts[i] = order
+    return layouts
 
 
 def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]
@@ -210,6 +238,20 @@ def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.T
     return outputs
 
 
+def same_block_io(a: BlockIO, b: BlockIO) -> bool:
+    """Whether two captures hold bitwise the same inputs (and outputs, when both have them)."""
+    if a.spec != b.spec or len(a.leaves) != len(b.leaves):
+        return False
+    for x, y in zip(a.leaves, b.leaves):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if not (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y):
+            return False
+    if a.output is not None and b.output is not None:
+        return len(a.output) == len(b.output) and all(map(torch.equal, a.output, b.output))
+    return True
+
+
 def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO:
     """Join the BlockIO of consecutive calibration chunks along the batch dimension, on `device`."""
     first = parts[0]
@@ -230,4 +272,161 @@ def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO
     output = None if first.output is None else [
         torch.cat([p.output[i].detach().to(device) for p in parts]).contiguous() for i in range(len(first.output))
     ]
-    return BlockIO(leaves, first.spec, output, first.shared)
+    return BlockIO(leaves, first.spec, output, first.shared, first.layouts)
+
+
+def block_readers(model: nn.Module, names: list[str], example: dict[str, torch.Tensor]) -> dict[str, frozenset[int]]:
+    """For each block of `names` (in execution order), the positions in `names` of the blocks whose inputs the
+    code between blocks computes from its output (blocks no other block reads are left out).
+
+    One forward of `model` on `example` with autograd on: every block's output tensors are replaced by fresh
+    leaves, so that the graph behind a block's inputs ends at the outputs of the blocks it reads directly (a
+    value that passes through another block is that block's output). A read autograd cannot see (a
+    comparison, an integer op) is missed: BlockDistiller checks what it skips on the first chunk."""
+    index = {name: i for i, name in enumerate(names)}
+    leaf_owner: dict[int, int] = {}  # id of an output leaf -> position of its block
+    kept: list[torch.Tensor] = []  # the leaves, alive while their ids are used
+    readers: dict[int, set[int]] = {}
+
+    def owners_of(tensors: list[torch.Tensor]) -> set[int]:
+        owners, seen, stack = set(), set(), []
+        for t in tensors:
+            if id(t) in leaf_owner:
+                owners.add(leaf_owner[id(t)])
+            elif t.grad_fn is not None:
+                stack.append(t.grad_fn)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+            if variable is not None and id(variable) in leaf_owner:
+                owners.add(leaf_owner[id(variable)])
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+        return owners
+
+    def pre_hook_for(name: str):
+        def hook(module, args, kwargs):
+            tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            for owner in owners_of(tensors):
+                readers.setdefault(owner, set()).add(index[name])
+
+        return hook
+
+    def hook_for(name: str):
+        def fresh(t):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                leaf = t.detach().requires_grad_(True)
+                leaf_owner[id(leaf)] = index[name]
+                kept.append(leaf)
+                return leaf
+            return t
+
+        return lambda module, args, output: pytree.tree_map(fresh, output)
+
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(pre_hook_for(name), with_kwargs=True))
+        handles.append(module.register_forward_hook(hook_for(name)))
+    try:
+        with torch.enable_grad():
+            run_model(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {names[j]: frozenset(r) for j, r in readers.items()}
+
+
+_CONSTANT = (type(None), bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class _TensorShape:
+    """What a stand-in for a tensor needs: shape, dtype and memory layout."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    order: tuple[int, ...]
+
+    @staticmethod
+    def of(t: torch.Tensor) -> _TensorShape:
+        layout = memory_layouts([t]).get(0, tuple(range(t.dim())))
+        return _TensorShape(t.shape, t.dtype, layout)
+
+
+def nbytes_of(tree: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+class BlockReplay:
+    """What trained blocks returned on every calibration chunk, so that when a later block's inputs are captured
+    (build_cache) they need not run again: a block frozen after training gives the same output on the same
+    inputs, and the student's prefix pass then costs the code between blocks, not the blocks.
+
+    Per block and capture chunk it keeps the output as the block returned it (its tuple or output class,
+    memory format included) on the CPU while a later block reads it ("outputs"), and always its shapes
+    ("shapes"), for a stand-in of zeros where no block still to run reads the value. A block with neither
+    runs: what is kept changes what a prefix pass costs, never what it computes."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[Any]] = {}
+        self.shapes: dict[str, list[Any]] = {}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(nbytes_of(chunks) for chunks in self.outputs.values())
+
+    @staticmethod
+    def replayable(output: Any) -> bool:
+        """Whether a block's return value can be stored and rebuilt (tensors and constants in a pytree)."""
+        return all(isinstance(leaf, (torch.Tensor, *_CONSTANT)) for leaf in pytree.tree_leaves(output))
+
+    def record(self, name: str, chunks: list[Any], keep_outputs: bool) -> None:
+        """Block `name`'s outputs, one per capture chunk in order (on the CPU); their shapes are always kept."""
+        self.shapes[name] = [pytree.tree_map(lambda t: _TensorShape.of(t) if isinstance(t, torch.Tensor) else t, c)
+                             for c in chunks]
+        if keep_outputs:
+            self.outputs[name] = chunks
+
+    def drop(self, name: str) -> None:
+        """Forget block `name`'s output values (its shapes stay)."""
+        self.outputs.pop(name, None)
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self.shapes.clear()
+
+    @contextlib.contextmanager
+    def replaying(self, model: nn.Module, chunk: int, device: torch.device, standins: Iterable[str] = ()):
+        """Within: every block of `model` with a kept output returns it for capture chunk `chunk` (a copy on
+        `device`, so that code after it may change it in place), and the blocks `standins` return zeros of
+        their output's shapes, all without running."""
+
+        def copy(t):
+            return t.to(device, copy=True) if isinstance(t, torch.Tensor) else t
+
+        def zeros(t):
+            if isinstance(t, _TensorShape):
+                return torch.empty_permuted(t.shape, t.order, dtype=t.dtype, device=device).zero_()
+            return t
+
+        def returning(value: Any, make):
+            return lambda *args, **kwargs: pytree.tree_map(make, value)
+
+        replacements = {name: returning(chunks[chunk], copy) for name, chunks in self.outputs.items()}
+        replacements.update({name: returning(self.shapes[name][chunk], zeros) for name in standins})
+        patched: list[tuple[nn.Module, Any]] = []
+        try:
+            for name, forward in replacements.items():
+                module = model.get_submodule(name)
+                patched.append((module, module.__dict__.get("forward")))
+                module.forward = forward
+            yield
+        finally:
+            for module, own in reversed(patched):
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own

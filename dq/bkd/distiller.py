@@ -32,15 +32,20 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from dq.bkd.blocks import (
     WHOLE_MODEL,
     BlockIO,
+    BlockReplay,
+    block_readers,
     candidate_blocks,
     capture_block,
     capture_outputs,
     check_block_order,
     concat_block_io,
+    nbytes_of,
+    same_block_io,
 )
 from dq.config_values import check_field_types
 from dq.errors import UserError
@@ -82,6 +87,13 @@ class DistillConfig:
     - target_cache_mb: one teacher pass yields the targets of as many consecutive blocks as fit in this
       many MiB of host memory (at least one block), kept until their blocks come; 0 = one pass per block.
       The targets are the same either way; fewer passes make block preparation cheaper.
+    - replay_cache_mb: host memory for the trained blocks' outputs on the calibration tuples: while a later
+      block's inputs are captured, a block with a kept output returns it instead of running (it is frozen,
+      so the output is the one it would compute), and the student's prefix pass costs little more than the
+      code between blocks. A value is kept until the last block that reads it (found once, by tracing a
+      forward pass), then a stand-in of zeros replaces it where nothing still to run reads it (checked
+      bitwise on each block's first chunk); 0 = every prefix pass runs its blocks. The caches are the same
+      either way.
     """
 
     iters_per_block: int = 200
@@ -101,6 +113,7 @@ class DistillConfig:
     compile_mode: str | None = None  # torch.compile(mode=...): None, "reduce-overhead", "max-autotune", ...
     compile_backend: str = "inductor"  # torch.compile(backend=...); "aot_eager" compiles fast (tests)
     target_cache_mb: float = 1024.0  # host memory for teacher targets captured ahead of their block
+    replay_cache_mb: float = 1024.0  # host memory for trained blocks' outputs replayed in later prefix passes
     act_drop: float = 0.0  # training steps: each activation element skips its quantizer with this probability
     # after the last block, the whole student distilled on the model output (eq. 15 with the model as the
     # block) for this many iterations (0 = BKD only), with learning rates of its own (same units as above)
@@ -130,6 +143,8 @@ class DistillConfig:
             raise UserError(f"cache_gpu_fraction must lie in (0, 1], got {self.cache_gpu_fraction}")
         if not self.target_cache_mb >= 0:
             raise UserError(f"target_cache_mb must be >= 0, got {self.target_cache_mb}")
+        if not self.replay_cache_mb >= 0:
+            raise UserError(f"replay_cache_mb must be >= 0, got {self.replay_cache_mb}")
         if self.end_to_end_iters < 0:
             raise UserError(f"end_to_end_iters must be >= 0, got {self.end_to_end_iters}")
         if self.end_to_end_lr_weights < 0 or self.end_to_end_lr_quant <= 0 or self.end_to_end_lr_zero_point < 0:
@@ -264,11 +279,14 @@ class BlockDistiller(L.LightningModule):
         self.cache_devices: dict[str, str] = {}  # where each block's cache was kept (block name -> device)
         # wall seconds of block preparation in this process: "cache" (teacher + student prefix passes over
         # all N tuples, build_cache) and "init" (the activation quantizers' initialisation pass)
-        self.prep_seconds = {"cache": 0.0, "init": 0.0}
+        # and "replay" (recording each trained block's outputs for the later prefix passes)
+        self.prep_seconds = {"cache": 0.0, "init": 0.0, "replay": 0.0}
         self.block_prep_seconds: dict[str, float] = {}  # per block: its whole preparation (begin_block)
         self.end_to_end_seconds = 0.0  # wall seconds of the end-to-end stage in this process
         self._stage_started: float | None = None
         self._targets: dict[str, list[torch.Tensor]] = {}  # teacher targets captured ahead of their blocks
+        self.replay = BlockReplay()  # trained blocks' outputs, returned in place of running them (replay_cache_mb)
+        self._readers: dict[str, frozenset[int]] = {}  # block -> positions of the blocks that read its output
         self._target_row_bytes: dict[str, int] | None = None
         # what the student depends on (dq.resume.run_identity), stored in every checkpoint; set by train.py
         self.run_identity: dict[str, Any] | None = None
@@ -304,9 +322,21 @@ class BlockDistiller(L.LightningModule):
         says; "auto" decides from its exact size."""
         inputs = []
         step = self.distill.capture_batch_size
-        for start in range(0, self.num_samples, step):
+        standins = self.replay_standins(self.state.block) if name != WHOLE_MODEL else set()
+        for chunk, start in enumerate(range(0, self.num_samples, step)):
             batch = self.calibration_batch(slice(start, start + step))
-            inputs.append(capture_block(self.student, name, batch, want_output=False).to("cpu"))
+            inputs.append(self._capture_student_inputs(name, chunk, batch, standins))
+            if chunk == 0 and standins:  # the first chunk again with every stand-in block running
+                check = self._capture_student_inputs(name, chunk, batch, set())
+                if not same_block_io(check, inputs[0]):
+                    log.warning("BKD block %s: its inputs depend on blocks the forward-pass trace did not see "
+                                "it read; preparing it with them running", name)
+                    standins, inputs[0] = set(), check
+        log.debug("BKD block %s: prefix pass with %d blocks replayed, %d stand-ins", name or "model",
+                  len(self.replay.outputs), len(standins))
+        for other in list(self.replay.outputs):  # values no block after this one reads
+            if max(self._readers.get(other, frozenset()), default=-1) <= self.state.block:
+                self.replay.drop(other)
         cache = concat_block_io(inputs, "cpu")
         # initialisation needs only the student's inputs: PTQ (no iterations) never asks the teacher
         cache.output = self.teacher_targets(name) if self.block_iters(self.state.block) > 0 else None
@@ -356,6 +386,53 @@ class BlockDistiller(L.LightningModule):
                 break
             group.append(other)
         return group
+
+    @torch.no_grad()
+    def record_replay(self, k: int) -> None:
+        """Trained block k's outputs on every capture chunk, for the later blocks' prefix passes: the values
+        when a later block reads them and they fit in replay_cache_mb with the values kept already, the
+        shapes always (a stand-in once no block still to run reads them)."""
+        name = self.blocks[k]
+        off = self.distill.replay_cache_mb == 0
+        if off or name == WHOLE_MODEL or self.cache is None or all(b == WHOLE_MODEL for b in self.blocks[k + 1 :]):
+            return
+        block, step = self.block_module(name), self.distill.capture_batch_size
+        starts = list(range(0, self.num_samples, step))
+        keep, chunks = max(self._readers.get(name, frozenset()), default=-1) > k, []
+        for start in starts:
+            rows = slice(start, start + step)
+            with step_context(self.student, self.calibration_steps(rows)):
+                output = self.cache.run(block, rows, as_captured=True)
+            if not chunks:
+                if not BlockReplay.replayable(output):
+                    return
+                # the first chunk is the largest: the size of the whole output is bounded ahead
+                budget = self.distill.replay_cache_mb * 2**20
+                keep = keep and self.replay.total_bytes + nbytes_of(output) * len(starts) <= budget
+            chunks.append(pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, output))
+        self.replay.record(name, chunks, keep_outputs=keep)
+
+    def replay_standins(self, k: int) -> set[str]:
+        """The blocks before block k that may return zeros in its prefix pass: their shapes are recorded, and
+        every block that reads their output comes before block k and does not run (it replays its output or
+        is a stand-in itself). Decided from the last block backwards, so that a block that must run keeps the
+        blocks it reads running or replayed."""
+        standins, running = set(), set()
+        for j in reversed(range(k)):
+            name = self.blocks[j]
+            if name in self.replay.outputs:
+                continue
+            readers = self._readers.get(name, frozenset())
+            if name in self.replay.shapes and all(r < k and self.blocks[r] not in running for r in readers):
+                standins.add(name)
+            else:
+                running.add(name)
+        return standins
+
+    def _capture_student_inputs(self, name: str, chunk: int, batch: dict[str, torch.Tensor],
+                                standins: set[str]) -> BlockIO:
+        with self.replay.replaying(self.student, chunk, batch["x_t"].device, standins):
+            return capture_block(self.student, name, batch, want_output=False).to("cpu")
 
     def cache_device_for(self, nbytes: int) -> torch.device:
         """The device of a block cache of `nbytes` bytes, from distill.cache_device ("auto": the module's
@@ -432,6 +509,7 @@ class BlockDistiller(L.LightningModule):
             device = next(self.teacher.parameters()).device
             example = {k: v.to(device) for k, v in self.calibration_batch(slice(0, 2)).items()}
             check_block_order(self.teacher, blocks, example)
+            self._readers = block_readers(self.teacher, blocks, example) if self.distill.replay_cache_mb > 0 else {}
         if not self.state.initialized:
             self.state.initialized = [False] * len(self.blocks)
 
@@ -477,6 +555,9 @@ class BlockDistiller(L.LightningModule):
             tail = self._losses[-20:]
             self.state.final_losses[name or "model"] = sum(tail) / len(tail)
         self.block_module(name).requires_grad_(False)
+        started = time.perf_counter()
+        self.record_replay(self.state.block)
+        self.prep_seconds["replay"] += time.perf_counter() - started
         self.cache, self._losses = None, []
         if self._stage_started is not None:
             self.end_to_end_seconds += time.perf_counter() - self._stage_started

@@ -15,6 +15,7 @@ from dq.bkd import (
     execution_order,
 )
 from dq.bkd import distiller as distiller_module
+from dq.bkd.blocks import same_block_io
 from dq.quant import (
     MIN_STEP_SIZE,
     QuantConfig,
@@ -284,6 +285,82 @@ def test_initialisation_only_never_runs_the_teacher(monkeypatch):
 def test_target_cache_budget_is_checked():
     with pytest.raises(ValueError, match="target_cache_mb"):
         DistillConfig(target_cache_mb=-1)
+
+
+def _train_recording_caches(monkeypatch, replay_cache_mb: float, readers=None, **distill):
+    """Train every block (2 iterations, a rate that moves every block) and record each block's cache and how
+    many block forwards its prefix pass ran; readers: replace the traced block readers (a wrong trace)."""
+    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, lr_weights=1e-2,
+                            replay_cache_mb=replay_cache_mb, **distill)
+    distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
+    caches, calls, peak = [], [], [0]
+    resnet_forward = type(distiller.student.get_submodule("mid_block.resnets.0")).forward
+
+    student_modules = {id(m) for m in distiller.student.modules()}
+
+    def counted(module, *args, **kwargs):
+        calls[-1] += id(module) in student_modules
+        return resnet_forward(module, *args, **kwargs)
+
+    build_cache = distiller.build_cache
+
+    def recording(name):
+        if readers is not None:
+            distiller._readers = readers(distiller._readers)
+        calls.append(0)
+        with monkeypatch.context() as m:  # counts the student's resnet blocks run while the cache is built
+            m.setattr(type(distiller.student.get_submodule("mid_block.resnets.0")), "forward", counted)
+            cache = build_cache(name)
+        peak[0] = max(peak[0], distiller.replay.total_bytes)
+        caches.append(cache)
+        return cache
+
+    monkeypatch.setattr(distiller, "build_cache", recording)
+    _trainer(distiller).fit(distiller)
+    return distiller, caches, calls, peak[0]
+
+
+def _assert_same_caches(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert same_block_io(a, b) and all(map(torch.equal, a.output, b.output))
+
+
+def test_replayed_prefix_passes_leave_every_cache_and_the_trained_student_unchanged(monkeypatch):
+    plain, reference, plain_calls, _ = _train_recording_caches(monkeypatch, 0)
+    replayed, caches, calls, peak = _train_recording_caches(monkeypatch, 1024)
+    _assert_same_caches(caches, reference)  # bitwise, after every block was trained
+    state, want = replayed.student.state_dict(), plain.student.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    # the teacher's targets come from their own passes; the student's prefix ran its resnets again in every
+    # later block without replay, and almost never with it (once per block on the first chunk: the check)
+    assert sum(plain_calls) > 3 * sum(calls) and peak > 0
+    assert not plain.replay.outputs and not plain.replay.shapes
+    # the trace: the time embedding reaches every resnet (and the mid block's attention, which takes it), a
+    # down block's output the up block it skips to
+    readers, blocks = replayed._readers, replayed.blocks
+    resnets = {blocks.index(b) for b in blocks if ".resnets." in b}
+    assert readers["time_embedding"] == resnets | {blocks.index("mid_block.attentions.0")}
+    assert blocks.index("up_blocks.1.resnets.0") in readers["down_blocks.0.resnets.0"]
+
+
+def test_a_prefix_pass_that_a_wrong_trace_would_change_is_caught_and_run_in_full(monkeypatch, caplog):
+    _, reference, _, _ = _train_recording_caches(monkeypatch, 0)
+    # a trace that saw no reads: every value dropped at once, every earlier block a stand-in of zeros
+    with caplog.at_level("WARNING", logger="dq.bkd.distiller"):
+        _, caches, _, _ = _train_recording_caches(monkeypatch, 1024, readers=lambda r: {})
+    _assert_same_caches(caches, reference)
+    assert "the forward-pass trace did not see" in caplog.text
+
+
+def test_replayed_values_stay_within_their_budget(monkeypatch):
+    _, reference, _, _ = _train_recording_caches(monkeypatch, 0)
+    budget_mb = 0.05  # about one block's outputs on the 48 tuples
+    _, caches, calls, peak = _train_recording_caches(monkeypatch, budget_mb)
+    _assert_same_caches(caches, reference)
+    assert 0 < peak <= budget_mb * 2**20
+    with pytest.raises(ValueError, match="replay_cache_mb"):
+        DistillConfig(replay_cache_mb=-1)
 
 
 def _trained_state(act_drop: float) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ def test_run_writes_a_self_describing_loadable_student(tiny_model_dir, tmp_path)
                 "peak_memory_mb", "method"):
         assert key in saved, key
     assert 0 < saved["ssim_vs_fp"] <= 1 and "kid_vs_fp" not in saved  # no feature network for a local model
-    assert set(saved["prep_seconds"]) == {"cache", "init"}
+    assert set(saved["prep_seconds"]) == {"cache", "init", "replay"}
     assert 0 < sum(saved["prep_seconds"].values()) <= saved["train_seconds"]
     assert saved["fidelity_protocol"]["seed"] == 1234 + cfg.seed and saved["calibration"]["seed"] == cfg.seed
     assert saved["method"] == "dilatequant" and saved["weight_bits"] == 4
