@@ -7,8 +7,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from bench import bench_bkd, bench_forward, bench_int
+from bench import bench_bkd, bench_forward, bench_int, block_prep
 from bench.architectures import LDM_UNETS, build, random_inputs
+from tests.conftest import write_model_folder
+from tests.quant.conftest import tiny_unet2d
+from tests.train.conftest import fast_overrides
 
 
 def test_bench_bkd_prints_and_writes_both_methods(tmp_path, capsys):
@@ -23,6 +26,19 @@ def test_bench_bkd_prints_and_writes_both_methods(tmp_path, capsys):
     assert qat["blocks_total"] == 1 and qat["iterations_measured"] == 2
     assert bkd["seconds_per_iteration"] > 0 and qat["seconds_per_iteration"] > 0
     assert figures["cache_device"] == "auto" and bkd["cache_devices"] == ["cpu"]
+
+
+def test_block_prep_times_both_settings_and_finds_the_same_caches(tmp_path, capsys):
+    model_dir = write_model_folder(tiny_unet2d(), tmp_path / "model")
+    overrides = [o for o in fast_overrides(model_dir, tmp_path / "out", tmp_path / "cache")
+                 if not o.startswith(("method.distill.capture_batch_size", "output_dir", "progress_bar"))]
+    rows = block_prep.main([*overrides, "method.distill.capture_batch_size=16"])  # 2 chunks: stand-ins checked
+    printed = capsys.readouterr().out
+    assert "caches bitwise the same with and without replay: True" in printed
+    off, on = rows
+    assert off["replay_cache_mb"] == 0 and off["replay_peak_mib"] == 0 and on["replay_peak_mib"] > 0
+    assert off["blocks"] == on["blocks"] > 10 and off["cache_hashes"] == on["cache_hashes"]
+    assert off["seconds"]["replay_recording"] == 0 < on["seconds"]["replay_recording"]
 
 
 def test_bench_forward_runs(capsys):
