@@ -102,3 +102,25 @@ def tiny_text_unet() -> UNet2DConditionModel:
 def ddpm_scheduler() -> DDPMScheduler:
     """The embedded model's training schedule (that of google/ddpm-cifar10-32)."""
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+
+
+
+def assert_replay_changes_nothing(make_model, quant_config, distill, data, trained, log_text: str) -> None:
+    """Train a second student exactly like `trained` (a BlockDistiller whose fit has run with the default
+    prefix replay; log_text: what its fit logged) with replay off: the two students must be bitwise the
+    same, and no block may have fallen back from its stand-ins (the trace of which block reads which was
+    complete for this architecture)."""
+    import dataclasses
+
+    import lightning as L
+
+    from dq.bkd import BlockDistiller
+
+    assert trained.distill.replay_cache_mb > 0 and trained.replay.shapes  # replay ran
+    assert "forward-pass trace did not see" not in log_text
+    plain = BlockDistiller(make_model(), quant_config, dataclasses.replace(distill, replay_cache_mb=0), data,
+                           seed=trained.seed)
+    L.Trainer(accelerator="cpu", max_epochs=len(trained.blocks), logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False).fit(plain)
+    want, got = plain.student.state_dict(), trained.student.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

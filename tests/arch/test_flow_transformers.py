@@ -38,6 +38,7 @@ from dq.quant import (
 )
 from dq.quant.dilation import dilation_scale
 from dq.sampling import SamplerConfig, build_scheduler, sample, unet_forward
+from tests.conftest import assert_replay_changes_nothing
 
 T = 4
 SCHEDULER = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).config
@@ -137,7 +138,7 @@ def test_flux_rotary_embedding_is_cached_once_not_sliced_per_sample():
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path):
+def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path, caplog):
     model = MODELS[kind]()
     data = CalibrationDataModule(model, SCHEDULER, SAMPLER, num_samples=32, num_trajectories=8,
                                  cache_dir=tmp_path / "cache", progress=False, prompt_embeds=_cond(kind, 5, seed=2))
@@ -146,8 +147,10 @@ def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path):
     distiller = BlockDistiller(model, config, distill, data, seed=0)
     trainer = L.Trainer(accelerator="cpu", max_epochs=len(candidate_blocks(distiller.student)), logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(distiller)
+    with caplog.at_level("WARNING", logger="dq.bkd.distiller"):
+        trainer.fit(distiller)
     assert distiller.state.block == len(distiller.blocks) == len(describe(model).blocks)
+    assert_replay_changes_nothing(MODELS[kind], config, distill, data, distiller, caplog.text)
     assert all(torch.isfinite(torch.tensor(v)) for v in distiller.state.final_losses.values())
     student = distiller.student.eval()
     cond = _cond(kind, 4)

@@ -20,6 +20,7 @@ from dq.quant import (
     step_context,
 )
 from dq.sampling import SamplerConfig, sample, unet_forward
+from tests.conftest import assert_replay_changes_nothing
 
 T = 4
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
@@ -79,7 +80,7 @@ def test_student_with_quantizers_off_is_the_fp_model(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path):
+def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path, caplog):
     model = MODELS[kind]()
     conditioning = ({"num_classes": 10} if kind == "dit"
                     else {"prompt_embeds": torch.randn(5, 3, 12, generator=torch.Generator().manual_seed(2))})
@@ -90,8 +91,10 @@ def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path):
     distiller = BlockDistiller(model, config, distill, data, seed=0)
     trainer = L.Trainer(accelerator="cpu", max_epochs=len(candidate_blocks(distiller.student)), logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(distiller)
+    with caplog.at_level("WARNING", logger="dq.bkd.distiller"):
+        trainer.fit(distiller)
     assert distiller.state.block == len(distiller.blocks) == len(describe(model).blocks)
+    assert_replay_changes_nothing(MODELS[kind], config, distill, data, distiller, caplog.text)
     assert all(torch.isfinite(torch.tensor(v)) for v in distiller.state.final_losses.values())
     student = distiller.student.eval()
     cond = _cond(kind, 4)

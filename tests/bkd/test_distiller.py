@@ -25,6 +25,7 @@ from dq.quant import (
     WeightQuantizer,
     set_step,
 )
+from tests.conftest import assert_replay_changes_nothing, make_tiny_text_unet, make_tiny_unet
 from tests.quant.conftest import tiny_unet2d
 
 T = 4
@@ -361,6 +362,23 @@ def test_replayed_values_stay_within_their_budget(monkeypatch):
     assert 0 < peak <= budget_mb * 2**20
     with pytest.raises(ValueError, match="replay_cache_mb"):
         DistillConfig(replay_cache_mb=-1)
+
+
+@pytest.mark.parametrize("kind", ["text", "class"])
+def test_replay_leaves_conditional_unets_bitwise_unchanged(kind, caplog):
+    """Cross-attention (the text embeddings are a block input of their own) and class-conditional UNets."""
+    make = (lambda: make_tiny_text_unet()) if kind == "text" else (lambda: make_tiny_unet(num_class_embeds=5))
+    data = _calibration()
+    channels = make().config.in_channels
+    data["x_t"] = torch.randn(N, channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    data["cond"] = (torch.randn(N, 3, 6, generator=torch.Generator().manual_seed(2)) if kind == "text"
+                    else torch.arange(N) % 5)
+    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, lr_weights=1e-2)
+    config = QuantConfig(num_steps=T, num_groups=T)
+    distiller = BlockDistiller(make(), config, distill, data, seed=3)
+    with caplog.at_level("WARNING", logger="dq.bkd.distiller"):
+        _trainer(distiller).fit(distiller)
+    assert_replay_changes_nothing(make, config, distill, data, distiller, caplog.text)
 
 
 def _trained_state(act_drop: float) -> dict[str, torch.Tensor]:
