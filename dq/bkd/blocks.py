@@ -210,9 +210,18 @@ def memory_layouts(leaves: list[Any]) -> dict[int, tuple[int, ...]]:
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 1 and not leaf.is_contiguous():
             order = tuple(sorted(range(leaf.dim()), key=lambda d: -leaf.stride(d)))
-            if torch.empty_permuted(leaf.shape, order).stride() == leaf.stride():  # dense: a permutation
+            if _dense_strides(leaf.shape, order) == leaf.stride():  # dense: a permutation of the plain layout
                 layouts[i] = order
     return layouts
+
+
+def _dense_strides(shape: torch.Size, order: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a dense tensor of `shape` whose dimensions lie in memory in `order` (outermost first)."""
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    return tuple(strides)
 
 
 def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]
@@ -330,12 +339,8 @@ def block_readers(model: nn.Module, names: list[str], example: dict[str, torch.T
         module = model.get_submodule(name)
         handles.append(module.register_forward_pre_hook(pre_hook_for(name), with_kwargs=True))
         handles.append(module.register_forward_hook(hook_for(name)))
-    try:
-        with torch.enable_grad():
-            run_model(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.enable_grad():
+        _run_until_stopped(model, example, handles)
     return {names[j]: frozenset(r) for j, r in readers.items()}
 
 
@@ -383,20 +388,21 @@ class BlockReplay:
         """Whether a block's return value can be stored and rebuilt (tensors and constants in a pytree)."""
         return all(isinstance(leaf, (torch.Tensor, *_CONSTANT)) for leaf in pytree.tree_leaves(output))
 
-    def record(self, name: str, chunks: list[Any], keep_outputs: bool) -> None:
-        """Block `name`'s outputs, one per capture chunk in order (on the CPU); their shapes are always kept."""
-        self.shapes[name] = [pytree.tree_map(lambda t: _TensorShape.of(t) if isinstance(t, torch.Tensor) else t, c)
-                             for c in chunks]
-        if keep_outputs:
-            self.outputs[name] = chunks
+    @staticmethod
+    def shapes_of(output: Any) -> Any:
+        """A block's return value with every tensor replaced by its shape, dtype and layout."""
+        return pytree.tree_map(lambda t: _TensorShape.of(t) if isinstance(t, torch.Tensor) else t, output)
+
+    def record(self, name: str, shapes: list[Any], outputs: list[Any] | None) -> None:
+        """Block `name`'s output shapes (shapes_of), one per capture chunk in order, and its output values
+        (on the CPU) when they are to be kept."""
+        self.shapes[name] = shapes
+        if outputs is not None:
+            self.outputs[name] = outputs
 
     def drop(self, name: str) -> None:
         """Forget block `name`'s output values (its shapes stay)."""
         self.outputs.pop(name, None)
-
-    def clear(self) -> None:
-        self.outputs.clear()
-        self.shapes.clear()
 
     @contextlib.contextmanager
     def replaying(self, model: nn.Module, chunk: int, device: torch.device, standins: Iterable[str] = ()):

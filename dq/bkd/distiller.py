@@ -398,19 +398,21 @@ class BlockDistiller(L.LightningModule):
             return
         block, step = self.block_module(name), self.distill.capture_batch_size
         starts = list(range(0, self.num_samples, step))
-        keep, chunks = max(self._readers.get(name, frozenset()), default=-1) > k, []
+        keep, shapes, values = max(self._readers.get(name, frozenset()), default=-1) > k, [], []
         for start in starts:
             rows = slice(start, start + step)
             with step_context(self.student, self.calibration_steps(rows)):
                 output = self.cache.run(block, rows, as_captured=True)
-            if not chunks:
+            if not shapes:
                 if not BlockReplay.replayable(output):
                     return
                 # the first chunk is the largest: the size of the whole output is bounded ahead
                 budget = self.distill.replay_cache_mb * 2**20
                 keep = keep and self.replay.total_bytes + nbytes_of(output) * len(starts) <= budget
-            chunks.append(pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, output))
-        self.replay.record(name, chunks, keep_outputs=keep)
+            shapes.append(BlockReplay.shapes_of(output))
+            if keep:  # values not kept are never held, not even for the length of this loop
+                values.append(pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, output))
+        self.replay.record(name, shapes, values if keep else None)
 
     def replay_standins(self, k: int) -> set[str]:
         """The blocks before block k that may return zeros in its prefix pass: their shapes are recorded, and
