@@ -9,6 +9,11 @@ overrides minus `seed=` and `hydra.*` name the row, so that the 3 seeds of one p
 The figures are those of results.json (train.py's fidelity check: FP and student from the same noise,
 `fidelity.num_samples` images, noise seed 1234 + seed): PSNR, SSIM, MSE against the FP samples and the
 kernel distance (KID) of the student's samples to the teacher's on the digit classifier's features.
+
+Where a run dir also holds evaluate.py's metrics.json (`python -m dq.evaluation.sweep --seeded`), its
+domain FID (against the real data's reference statistics) is a column of its own, and the FP model's
+evaluations (metrics.json with method "fp", one per seed) make the FP row. The report names the
+evaluation protocol of that column and says so when the runs' protocols differ.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ FIGURES = (  # (results.json key, column title, scale, digits, higher is better)
     ("ssim_vs_fp", "SSIM vs FP", 1.0, 4, True),
     ("mse_vs_fp", "MSE vs FP (×1e-3)", 1e3, 3, False),
     ("kid_vs_fp", "KID vs FP (×1e-3)", 1e3, 2, False),
+    ("fid", "domain FID", 1.0, 2, False),  # evaluate.py's metrics.json in the run dir, where evaluated
 )
+FID_PROTOCOL_KEYS = ("backend", "num_samples", "sampler", "steps", "spacing", "eta")
 IGNORED_OVERRIDES = ("seed=", "hydra.", "progress_bar=", "output_dir=")
 
 
@@ -86,15 +93,50 @@ def run_seed(run_dir: Path, results: dict[str, Any]) -> int | None:
     return results.get("seed")
 
 
+def _with_evaluation(results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """results.json plus the domain FID (and its protocol) of the run's metrics.json, if evaluated."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return results
+    metrics = read_json_object(path, "metrics file")
+    return {**results, "fid": metrics.get("fid"), "fid_protocol": metrics.get("protocol") or {}}
+
+
+def _fp_evaluations(root: Path) -> list[tuple[int | None, dict[str, Any]]]:
+    """(seed, figures) of every FP evaluation under root: metrics.json with method fp, no results.json beside."""
+    found = []
+    for path in sorted(Path(root).rglob("metrics.json")):
+        if (path.parent / "results.json").is_file():
+            continue
+        metrics = read_json_object(path, "metrics file")
+        if metrics.get("method") == "fp":
+            protocol = metrics.get("protocol") or {}
+            found.append((protocol.get("seed"), {"fid": metrics.get("fid"), "fid_protocol": protocol}))
+    return found
+
+
+def fid_protocols(groups: Sequence[SeedGroup]) -> set[tuple]:
+    """The distinct evaluation protocols (backend, N, sampler, ...) behind the domain FID column."""
+    return {tuple(str(r["fid_protocol"].get(k)) for k in FID_PROTOCOL_KEYS)
+            for g in groups for r in g.runs if isinstance(r.get("fid"), (int, float))}
+
+
 def collect_groups(roots: Iterable[Path]) -> list[SeedGroup]:
-    """Every complete train.py run under roots (results.json with complete: true), grouped by configuration."""
+    """Every complete train.py run under roots (results.json with complete: true), grouped by configuration,
+    and the FP model's evaluations (one group, bits "FP") where there are any."""
     groups: dict[str, SeedGroup] = {}
+    fp = SeedGroup("(the FP model)", "fp", "FP")
     for root in roots:
+        for seed, figures in _fp_evaluations(Path(root)):
+            if seed not in fp.seeds:
+                fp.runs.append(figures)
+                fp.seeds.append(seed)
         for path in sorted(Path(root).rglob("results.json")):
             results = read_json_object(path)
             if not results.get("complete"):
                 continue
             run_dir = path.parent
+            results = _with_evaluation(results, run_dir)
             overrides = run_overrides(run_dir)
             label = " ".join(overrides) or "(defaults)"
             bits = f"W{results.get('weight_bits')}A{results.get('act_bits')}"
@@ -107,7 +149,8 @@ def collect_groups(roots: Iterable[Path]) -> list[SeedGroup]:
                 continue
             group.runs.append(results)
             group.seeds.append(seed)
-    return sorted(groups.values(), key=lambda g: (g.bits, g.method, g.label))
+    ordered = sorted(groups.values(), key=lambda g: (g.bits, g.method, g.label))
+    return ([fp] if fp.runs else []) + ordered
 
 
 def _cell(stats: tuple[float, float, int] | None, scale: float, digits: int) -> str:
@@ -130,7 +173,10 @@ def render(groups: Sequence[SeedGroup], plot_name: str | None) -> str:
     for g in groups:
         cells = []
         for key, _, scale, digits, _higher in FIGURES:
-            text = _cell(g.stats(key), scale, digits)
+            stats = g.stats(key)
+            text = _cell(stats, scale, digits)
+            if stats is not None and 1 < stats[2] < len(g.seeds):  # not every seed has this figure
+                text += f" ({stats[2]} seeds)"
             cells.append(f"**{text}**" if best.get((g.bits, key)) is g else text)
         wall = g.stats("train_seconds")
         share = g.prep_share()
@@ -138,6 +184,13 @@ def render(groups: Sequence[SeedGroup], plot_name: str | None) -> str:
             g.bits, g.method, f"`{g.label}`", ",".join(str(s) for s in g.seeds), *cells,
             f"{wall[0]:.0f}" if wall else "–", f"{share:.0%}" if share is not None else "–",
         ]) + " |")
+    protocols = fid_protocols(groups)
+    if protocols:
+        names = "; ".join(", ".join(f"{k} {v}" for k, v in zip(FID_PROTOCOL_KEYS, p)) for p in sorted(protocols))
+        lines += ["", f"Domain FID: evaluate.py against the real data's reference statistics, each run with its "
+                  f"own seed's noise ({names})."]
+        if len(protocols) > 1:
+            lines.append("**The domain FID column mixes evaluation protocols: its rows are not comparable.**")
     if plot_name:
         lines += ["", f"![PSNR vs FP per configuration]({plot_name})"]
     return "\n".join(lines) + "\n"
@@ -147,7 +200,7 @@ def _best_per_bits(groups: Sequence[SeedGroup]) -> dict[tuple[str, str], SeedGro
     """Per (bit-width, figure), the configuration with the best mean (the FIGURES direction)."""
     best: dict[tuple[str, str], SeedGroup] = {}
     for key, _, _, _, higher in FIGURES:
-        for bits in {g.bits for g in groups}:
+        for bits in {g.bits for g in groups} - {"FP"}:  # the FP row is the reference, not a contender
             scored = [(g.stats(key)[0], g) for g in groups if g.bits == bits and g.stats(key) is not None]
             if scored:
                 pick = max if higher else min

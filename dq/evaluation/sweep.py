@@ -4,6 +4,7 @@
     python -m dq.evaluation.sweep multirun/<date>/<time>                      # + report.md, fid_vs_bits.png
     python -m dq.evaluation.sweep multirun/<date>/<time> eval.num_samples=2000   # evaluate.py overrides
     python -m dq.evaluation.sweep --fidelity multirun/A multirun/B --out docs/sweep  # mean ± std over seeds
+    python -m dq.evaluation.sweep --seeded multirun/<date>/<time>   # each run's own seed, then --fidelity
 
 --fidelity evaluates nothing: it groups the runs' results.json by configuration (all overrides but the
 seed) and reports PSNR / SSIM / MSE / KID against the FP model as mean ± std over seeds (report.md and a
@@ -12,6 +13,10 @@ plot), with BKD's wall time; see dq.evaluation.seeds.
 Each run dir gets `eval/` (evaluate.py's outputs) and a metrics.json copy; the FP model of the runs is
 evaluated into `<sweep>/fp_eval/`. Runs that already hold a metrics.json are skipped (pass --force to
 redo them), so an interrupted sweep evaluation resumes. All runs must share one model config.
+
+--seeded evaluates each run with its own seed (`eval.seed` = the run's `seed`: new noise for every
+calibration draw) and the FP model once per seed (`<sweep>/fp_eval/seed_<S>/`), so that the domain FID of
+a configuration can be given as mean ± std over seeds, beside the fidelity figures, by --fidelity.
 """
 
 from __future__ import annotations
@@ -44,26 +49,42 @@ def _compose(overrides: list[str]) -> DictConfig:
         return compose(config_name="evaluate", overrides=overrides)
 
 
-def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, metric: str = "fid") -> Path:
+def _run_seed(run: Path) -> int:
+    seed = OmegaConf.load(run / "config.yaml").get("seed")
+    if not isinstance(seed, int):
+        raise UserError(f"{run}/config.yaml has no integer seed; --seeded needs each run's seed")
+    return seed
+
+
+def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, metric: str = "fid",
+                   seeded: bool = False) -> Path:
     """Evaluate the FP model and every run under sweep_dir (skipping evaluated ones unless force), then
-    write the report; returns the path of report.md."""
+    write the report; returns the path of report.md. seeded: each run with eval.seed = its own seed, and
+    the FP model once per seed (fp_eval/seed_<S>)."""
     runs = sweep_runs(sweep_dir)
     models = {OmegaConf.to_yaml(OmegaConf.load(run / "config.yaml").model) for run in runs}
     if len(models) > 1:
         raise UserError(f"the runs under {sweep_dir} use {len(models)} different model configs; evaluate them apart")
-    fp_dir = Path(sweep_dir) / "fp_eval"
-    if force or not (fp_dir / "metrics.json").is_file():
-        cfg = _compose([f"output_dir={fp_dir}", *overrides])
-        with open_dict(cfg):
-            cfg.model = OmegaConf.load(runs[0] / "config.yaml").model  # the FP model the students came from
-        print(f"dq: evaluating the FP model -> {fp_dir}")
-        evaluate(cfg)
+    if seeded and any(o.startswith(("eval.seed=", "+eval.seed=")) for o in overrides):
+        raise UserError("--seeded sets eval.seed from each run's seed; leave eval.seed out of the overrides")
+    run_seeds = {run: [f"eval.seed={_run_seed(run)}"] if seeded else [] for run in runs}
+    fp_jobs = ([(Path(sweep_dir) / "fp_eval" / f"seed_{s}", [f"eval.seed={s}"]) for s in sorted({_run_seed(r) for r in runs})]
+               if seeded else [(Path(sweep_dir) / "fp_eval", [])])
+    for fp_dir, seed_override in fp_jobs:
+        if force or not (fp_dir / "metrics.json").is_file():
+            cfg = _compose([f"output_dir={fp_dir}", *overrides, *seed_override])
+            with open_dict(cfg):
+                cfg.model = OmegaConf.load(runs[0] / "config.yaml").model  # the FP model the students came from
+            print(f"dq: evaluating the FP model -> {fp_dir}")
+            evaluate(cfg)
     for index, run in enumerate(runs, 1):
         if not force and (run / "metrics.json").is_file():
             print(f"dq: [{index}/{len(runs)}] {run} already evaluated")
             continue
         print(f"dq: [{index}/{len(runs)}] evaluating {run}")
-        evaluate(_compose([f"run={run}", f"output_dir={run / 'eval'}", *overrides]))
+        evaluate(_compose([f"run={run}", f"output_dir={run / 'eval'}", *overrides, *run_seeds[run]]))
+    if seeded:
+        return write_seed_report([Path(sweep_dir)], Path(sweep_dir))
     return write_report([Path(sweep_dir)], Path(sweep_dir), metric)
 
 
@@ -77,6 +98,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metric", default="fid", help="the report's table and plot metric")
     parser.add_argument("--fidelity", action="store_true", help="no evaluate.py: group the runs' results.json by "
                         "configuration and report fidelity to FP as mean ± std over seeds (dq.evaluation.seeds)")
+    parser.add_argument("--seeded", action="store_true", help="evaluate each run with its own seed and the FP model "
+                        "once per seed, then write the report over seeds (domain FID as mean ± std)")
     parser.add_argument("--out", type=Path, default=None, help="--fidelity: the report's dir (default: the sweep dir)")
     args = parser.parse_args(argv)
     if args.fidelity:
@@ -88,7 +111,7 @@ def main(argv: list[str]) -> None:
         print(path.read_text())
         print(f"report -> {path}")
         return
-    path = evaluate_sweep(args.sweep_dir, args.overrides, args.force, args.metric)
+    path = evaluate_sweep(args.sweep_dir, args.overrides, args.force, args.metric, args.seeded)
     print(path.read_text())
     print(f"report -> {path}")
 

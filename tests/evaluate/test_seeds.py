@@ -65,3 +65,37 @@ def test_empty_and_missing_dirs(tmp_path, capsys):
         main(["--fidelity", str(tmp_path / "nope")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"dq: error: {tmp_path / 'nope'} is not a directory\n"
+
+
+def _metrics(directory, method, seed, fid, num_samples=1000):
+    directory.mkdir(parents=True, exist_ok=True)
+    protocol = {"backend": "digits", "num_samples": num_samples, "sampler": "ddim", "steps": 25, "spacing": "quad",
+                "eta": 0.0, "seed": seed}
+    (directory / "metrics.json").write_text(json.dumps({"method": method, "fid": fid, "protocol": protocol}))
+
+
+def test_domain_fid_column_and_fp_row_over_seeds(sweep):
+    for seed, fid in enumerate([40.0, 44.0, 48.0]):
+        _metrics(sweep / f"a{seed}", "dilatequant", seed, fid)
+        _metrics(sweep / "fp_eval" / f"seed_{seed}", "fp", seed, fid - 10)
+    _metrics(sweep / "b0", "dilatequant", 0, 60.0)  # one of the three seeds evaluated
+    groups = {g.label: g for g in collect_groups([sweep])}
+    fp = groups["(the FP model)"]
+    assert (fp.bits, sorted(fp.seeds)) == ("FP", [0, 1, 2])
+    assert fp.stats("fid") == (34.0, pytest.approx(4.0), 3)
+    assert groups["method.distill.lr_weights=1e-4"].stats("fid") == (44.0, pytest.approx(4.0), 3)
+    assert groups["method.distill.lr_weights=1e-5"].stats("fid") == (60.0, 0.0, 1)
+    assert groups["method=ptq_minmax"].stats("fid") is None
+    text = render(list(groups.values()), None)
+    assert "| FP | fp | `(the FP model)` | 0,1,2 | – | – | – | – | 34.00 ± 4.00 | – | – |" in text
+    assert "**44.00 ± 4.00**" in text and "60.00 (1 seed)" in text
+    assert "backend digits, num_samples 1000" in text and "mixes evaluation protocols" not in text
+    _metrics(sweep / "c0", "ptq_minmax", 0, 90.0, num_samples=500)
+    assert "mixes evaluation protocols" in render(collect_groups([sweep]), None)
+
+
+def test_a_figure_missing_on_some_seeds_says_how_many(sweep):
+    for seed in (0, 1):
+        _metrics(sweep / f"a{seed}", "dilatequant", seed, 40.0 + seed)
+    text = render(collect_groups([sweep]), None)
+    assert "40.50 ± 0.71 (2 seeds)" in text

@@ -30,3 +30,33 @@ def test_sweep_evaluates_fp_and_runs_then_reports(model16_dir, student_run_dir, 
 def test_empty_sweep_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no train.py run dirs"):
         evaluate_sweep(tmp_path, [])
+
+
+def test_seeded_sweep_evaluates_each_run_with_its_seed(model16_dir, student_run_dir, tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    pytest.importorskip("matplotlib", reason="the report's plot needs matplotlib: pip install -r requirements-dev.txt")
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        run = sweep / f"{seed}_dilatequant_w8a8"
+        shutil.copytree(student_run_dir, run, ignore=shutil.ignore_patterns("metrics.json", "eval"))
+        config = OmegaConf.load(run / "config.yaml")
+        config.seed = seed
+        OmegaConf.save(config, run / "config.yaml")
+        results = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**results, "complete": True}))
+    overrides = [o for o in eval_overrides(model16_dir, tmp_path, tmp_path / "cache")
+                 if not o.startswith(("output_dir=", "model"))]
+    with pytest.raises(ValueError, match="leave eval.seed out"):
+        evaluate_sweep(sweep, [*overrides, "eval.seed=3"], seeded=True)
+    report = evaluate_sweep(sweep, overrides, seeded=True).read_text()
+    seeds = {}
+    for seed in (0, 1):
+        fp = json.loads((sweep / "fp_eval" / f"seed_{seed}" / "metrics.json").read_text())
+        run = json.loads((sweep / f"{seed}_dilatequant_w8a8" / "metrics.json").read_text())
+        assert fp["protocol"]["seed"] == run["protocol"]["seed"] == seed
+        seeds[seed] = run["fid"]
+    assert seeds[0] != seeds[1]  # new noise per seed: two different figures
+    assert "| FP | fp | `(the FP model)` | 0,1 |" in report and "domain FID" in report
