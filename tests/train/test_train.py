@@ -78,6 +78,21 @@ def test_one_seed_sets_calibration_batches_and_fidelity_noise(tiny_model_dir, tm
     assert fidelity_seed(pinned) == 5
 
 
+EXPERIMENTS = sorted(path.stem for path in (Path(__file__).resolve().parents[2] / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_configs_compose(experiment):
+    cfg = compose_config([f"experiment={experiment}"])
+    assert cfg.model.source == "embedded" and cfg.quant.name == "w4a4"
+    method = experiment.removeprefix("digits_w4a4_")
+    assert cfg.method.name == ("dilatequant" if method == "long" else method)
+    if method == "long":  # the longer budget: 4x the calibration data, the main job's training
+        default = compose_config([])
+        assert (cfg.data.num_samples, cfg.data.num_trajectories) == (4 * default.data.num_samples, 4 * default.data.num_trajectories)
+        assert cfg.method == default.method
+
+
 @pytest.mark.parametrize("bits", ["w4a4", "w4a8", "w6a6", "w8a8"])
 def test_quant_configs_compose(bits, tiny_model_dir, tmp_path):
     cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path, tmp_path), f"quant={bits}"])
