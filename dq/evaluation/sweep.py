@@ -31,7 +31,7 @@ from dq import cli
 from dq.errors import MissingFileError, UserError
 from dq.evaluation.pipeline import evaluate
 from dq.evaluation.report import write_report
-from dq.evaluation.seeds import write_seed_report
+from dq.evaluation.seeds import run_seed, write_seed_report
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -50,9 +50,9 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _run_seed(run: Path) -> int:
-    seed = OmegaConf.load(run / "config.yaml").get("seed")
-    if not isinstance(seed, int):
-        raise UserError(f"{run}/config.yaml has no integer seed; --seeded needs each run's seed")
+    seed = run_seed(run, {})
+    if seed is None:
+        raise UserError(f"{run}/config.yaml has no seed; --seeded needs each run's seed")
     return seed
 
 
@@ -67,8 +67,9 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, m
         raise UserError(f"the runs under {sweep_dir} use {len(models)} different model configs; evaluate them apart")
     if seeded and any(o.startswith(("eval.seed=", "+eval.seed=")) for o in overrides):
         raise UserError("--seeded sets eval.seed from each run's seed; leave eval.seed out of the overrides")
-    run_seeds = {run: [f"eval.seed={_run_seed(run)}"] if seeded else [] for run in runs}
-    fp_jobs = ([(Path(sweep_dir) / "fp_eval" / f"seed_{s}", [f"eval.seed={s}"]) for s in sorted({_run_seed(r) for r in runs})]
+    seeds = {run: _run_seed(run) for run in runs} if seeded else {}
+    run_seeds = {run: [f"eval.seed={seeds[run]}"] if seeded else [] for run in runs}
+    fp_jobs = ([(Path(sweep_dir) / "fp_eval" / f"seed_{s}", [f"eval.seed={s}"]) for s in sorted(set(seeds.values()))]
                if seeded else [(Path(sweep_dir) / "fp_eval", [])])
     for fp_dir, seed_override in fp_jobs:
         if force or not (fp_dir / "metrics.json").is_file():
