@@ -11,8 +11,9 @@ seed) and reports PSNR / SSIM / MSE / KID against the FP model as mean ± std ov
 plot), with BKD's wall time; see dq.evaluation.seeds.
 
 Each run dir gets `eval/` (evaluate.py's outputs) and a metrics.json copy; the FP model of the runs is
-evaluated into `<sweep>/fp_eval/`. Runs that already hold a metrics.json are skipped (pass --force to
-redo them), so an interrupted sweep evaluation resumes. All runs must share one model config.
+evaluated into `<sweep>/fp_eval/`. Runs that already hold a metrics.json of the same protocol (eval seed
+and N) are skipped (pass --force to redo them), so an interrupted sweep evaluation resumes; one evaluated
+with another seed or N is evaluated again. All runs must share one model config.
 
 --seeded evaluates each run with its own seed (`eval.seed` = the run's `seed`: new noise for every
 calibration draw) and the FP model once per seed (`<sweep>/fp_eval/seed_<S>/`), so that the domain FID of
@@ -22,6 +23,7 @@ a configuration can be given as mean ± std over seeds, beside the fidelity figu
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -56,6 +58,20 @@ def _run_seed(run: Path) -> int:
     return seed
 
 
+def _up_to_date(metrics_path: Path, cfg: DictConfig) -> str | None:
+    """Why the metrics.json at metrics_path cannot stand for an evaluation under cfg (None: it can).
+    Compared: the eval seed and N of its protocol, the two figures a sweep's overrides change."""
+    if not metrics_path.is_file():
+        return "not evaluated"
+    try:
+        protocol = json.loads(metrics_path.read_text()).get("protocol") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return f"{metrics_path} is not a metrics.json (unreadable JSON)"
+    wanted = {"seed": int(cfg.eval.seed), "num_samples": int(cfg.eval.num_samples)}
+    stale = [f"{k} {protocol.get(k)} (wanted {v})" for k, v in wanted.items() if protocol.get(k) != v]
+    return f"evaluated with {', '.join(stale)}" if stale else None
+
+
 def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, metric: str = "fid",
                    seeded: bool = False) -> Path:
     """Evaluate the FP model and every run under sweep_dir (skipping evaluated ones unless force), then
@@ -72,18 +88,21 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, m
     fp_jobs = ([(Path(sweep_dir) / "fp_eval" / f"seed_{s}", [f"eval.seed={s}"]) for s in sorted(set(seeds.values()))]
                if seeded else [(Path(sweep_dir) / "fp_eval", [])])
     for fp_dir, seed_override in fp_jobs:
-        if force or not (fp_dir / "metrics.json").is_file():
-            cfg = _compose([f"output_dir={fp_dir}", *overrides, *seed_override])
+        cfg = _compose([f"output_dir={fp_dir}", *overrides, *seed_override])
+        reason = "forced" if force else _up_to_date(fp_dir / "metrics.json", cfg)
+        if reason is not None:
             with open_dict(cfg):
                 cfg.model = OmegaConf.load(runs[0] / "config.yaml").model  # the FP model the students came from
-            print(f"dq: evaluating the FP model -> {fp_dir}")
+            print(f"dq: evaluating the FP model -> {fp_dir} ({reason})")
             evaluate(cfg)
     for index, run in enumerate(runs, 1):
-        if not force and (run / "metrics.json").is_file():
+        cfg = _compose([f"run={run}", f"output_dir={run / 'eval'}", *overrides, *run_seeds[run]])
+        reason = "forced" if force else _up_to_date(run / "metrics.json", cfg)
+        if reason is None:
             print(f"dq: [{index}/{len(runs)}] {run} already evaluated")
             continue
-        print(f"dq: [{index}/{len(runs)}] evaluating {run}")
-        evaluate(_compose([f"run={run}", f"output_dir={run / 'eval'}", *overrides, *run_seeds[run]]))
+        print(f"dq: [{index}/{len(runs)}] evaluating {run} ({reason})")
+        evaluate(cfg)
     if seeded:
         return write_seed_report([Path(sweep_dir)], Path(sweep_dir))
     return write_report([Path(sweep_dir)], Path(sweep_dir), metric)
@@ -95,7 +114,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="evaluate.py overrides, e.g. eval.num_samples=2000; with "
                         "--fidelity, more sweep dirs")
-    parser.add_argument("--force", action="store_true", help="re-evaluate runs that already hold metrics.json")
+    parser.add_argument("--force", action="store_true", help="re-evaluate runs that already hold a metrics.json of the same protocol")
     parser.add_argument("--metric", default="fid", help="the report's table and plot metric")
     parser.add_argument("--fidelity", action="store_true", help="no evaluate.py: group the runs' results.json by "
                         "configuration and report fidelity to FP as mean ± std over seeds (dq.evaluation.seeds)")

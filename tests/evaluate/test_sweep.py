@@ -60,3 +60,32 @@ def test_seeded_sweep_evaluates_each_run_with_its_seed(model16_dir, student_run_
         seeds[seed] = run["fid"]
     assert seeds[0] != seeds[1]  # new noise per seed: two different figures
     assert "| FP | fp | `(the FP model)` | 0,1 |" in report and "domain FID" in report
+    # a run evaluated with another seed (e.g. by a plain sweep before --seeded) is evaluated again with its
+    # own; one already at its own seed is left as it is
+    stale = sweep / "1_dilatequant_w8a8" / "metrics.json"
+    record = json.loads(stale.read_text())
+    stale.write_text(json.dumps({**record, "fid": -1.0, "protocol": {**record["protocol"], "seed": 7}}))
+    kept = (sweep / "0_dilatequant_w8a8" / "metrics.json").read_text()
+    evaluate_sweep(sweep, overrides, seeded=True)
+    again = json.loads(stale.read_text())
+    assert again["protocol"]["seed"] == 1 and again["fid"] == pytest.approx(seeds[1])
+    assert (sweep / "0_dilatequant_w8a8" / "metrics.json").read_text() == kept
+
+
+def test_sweep_reevaluates_a_run_of_another_sample_count(model16_dir, student_run_dir, tmp_path):
+    import json
+
+    pytest.importorskip("matplotlib", reason="the report's plot needs matplotlib: pip install -r requirements-dev.txt")
+    sweep = tmp_path / "sweep"
+    shutil.copytree(student_run_dir, sweep / "0_dilatequant_w8a8", ignore=shutil.ignore_patterns("metrics.json", "eval"))
+    overrides = [o for o in eval_overrides(model16_dir, tmp_path, tmp_path / "cache")
+                 if not o.startswith(("output_dir=", "model"))]
+    evaluate_sweep(sweep, overrides)
+    metrics = sweep / "0_dilatequant_w8a8" / "metrics.json"
+    n = json.loads(metrics.read_text())["protocol"]["num_samples"]
+    evaluate_sweep(sweep, [*overrides, f"eval.num_samples={n + 4}"])
+    assert json.loads(metrics.read_text())["protocol"]["num_samples"] == n + 4
+    assert json.loads((sweep / "fp_eval" / "metrics.json").read_text())["protocol"]["num_samples"] == n + 4
+    metrics.write_text("{not json")
+    evaluate_sweep(sweep, [*overrides, f"eval.num_samples={n + 4}"])  # a corrupted record is redone, not trusted
+    assert json.loads(metrics.read_text())["protocol"]["num_samples"] == n + 4
