@@ -12,9 +12,19 @@ Both see weights as W8 = (q_w − z_w) − c with a per-output-channel shift c c
 exactly through a window sum of the activation codes:
 
     Σ (q_x − z_x)(q_w − z_w) = Σ (q_x − z_x)·W8 + c · Σ (q_x − z_x)
+
+CPUs without VNNI (AVX2-only or AVX-512 without VNNI) multiply uint8 × int8 with `vpmaddubsw`, which adds
+each pair of products into a *saturating* int16: 8-bit codes (up to 255) against weights past ±64 overflow
+it, and the sums come out wrong (seen with oneDNN capped to AVX2 or AVX512_CORE: the embedded W4A4 export
+fell from 50 to 25 dB PSNR against its fake-quant student). `int8_products_saturate` probes the kernels once
+for this; where they saturate, a weight that could overflow runs as two planes W8 = 16·hi + lo
+(hi ∈ [−8, 7], lo ∈ [0, 15]), which cannot, and the two sums are added back (exact in int32 for `gemm`,
+one float rounding for `onednn`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +61,45 @@ def shift_to_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w8, shift
 
 
+INT16_MAX = 32767
+
+
+@functools.cache
+def int8_products_saturate(backend: str) -> bool:
+    """Whether this CPU's `backend` kernels add uint8 × int8 product pairs into a saturating int16 (no
+    VNNI): one worst-case product (codes 255 against weights 127) checked against its exact sum."""
+    if backend == "onednn":
+        weight = torch.full((32, 32, 3, 3), 127, dtype=torch.int8)
+        ones = torch.ones(32)
+        packed = torch.ops.onednn.qconv_prepack(weight, ones, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+        codes = torch.full((1, 32, 4, 4), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        zero = torch.zeros(32, dtype=torch.int64)
+        out = torch.ops.onednn.qconv2d_pointwise.tensor(
+            codes, torch.tensor(1.0), torch.tensor(0), packed, ones, zero, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
+            torch.float32, "none", [], "",
+        )
+        packed_linear = torch.ops.onednn.qlinear_prepack(torch.full((32, 64), 127, dtype=torch.int8), None)
+        rows = torch.full((16, 64), 255, dtype=torch.uint8)
+        linear = torch.ops.onednn.qlinear_pointwise.tensor(
+            rows, torch.tensor(1.0), torch.tensor(0), packed_linear, ones, zero, None, 1.0, 0, torch.float32,
+            "none", [], "",
+        )
+        return not (bool((out == 32 * 9 * 255 * 127).all()) and bool((linear == 64 * 255 * 127).all()))
+    centred = torch.full((32, 64), 127, dtype=torch.int8)  # the code 255, centred on 128
+    acc = torch._int_mm(centred, torch.full((32, 64), 127, dtype=torch.int8).t())
+    return not bool((acc == 64 * 127 * 127).all())
+
+
+def weight_planes(w8: torch.Tensor, act_bits: int, backend: str) -> list[tuple[torch.Tensor, int]]:
+    """[(W8, 1)], or [(hi, 16), (lo, 1)] with W8 = 16·hi + lo where this CPU's kernels saturate int16 pairs
+    and 2·(2^act_bits − 1)·max|W8| could overflow them."""
+    if 2 * (2**act_bits - 1) * int(w8.to(torch.int16).abs().amax()) <= INT16_MAX or not int8_products_saturate(backend):
+        return [(w8, 1)]
+    hi = torch.div(w8.to(torch.int16), 16, rounding_mode="floor")
+    lo = w8.to(torch.int16) - 16 * hi
+    return [(hi.to(torch.int8), 16), (lo.to(torch.int8), 1)]
+
+
 def _window_sum_conv(codes: torch.Tensor, zero_point: torch.Tensor, kernel: tuple[int, int], stride, padding,
                      dilation) -> torch.Tensor:
     """Σ over each conv window and every input channel of (q_x − z_x), float [B, 1, H', W'] (exact: integers
@@ -61,53 +110,82 @@ def _window_sum_conv(codes: torch.Tensor, zero_point: torch.Tensor, kernel: tupl
 
 
 class _IntKernel:
-    """What the conv and linear kernels share: moving their prepared weights to a device."""
+    """What the conv and linear kernels share: the weight planes (one, or two where int16 pairs saturate),
+    and moving their prepared weights to a device."""
 
     backend: str
+
+    def _init_planes(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, act_bits: int) -> None:
+        self.out_channels = w8.shape[0]
+        planes = weight_planes(w8, act_bits, self.backend)
+        self.factors = [factor for _, factor in planes]
+        self.weight_bytes = w8.numel() * len(planes)  # int8, one byte a weight and plane
+        self.weight_scale = weight_scale.float().contiguous()
+        self.shift = shift if bool(shift.any()) else None
+        self.w_zero = torch.zeros(self.out_channels, dtype=torch.int64, device=w8.device)
+        if self.backend == "onednn":
+            self.plane_scales = [self.weight_scale * factor for factor in self.factors]  # ×16: exact in float
+            self.packed = [self._prepack(plane, scale) for (plane, _), scale in zip(planes, self.plane_scales)]
+        else:
+            flat = [plane.reshape(self.out_channels, -1) for plane, _ in planes]
+            self.matrix = [_gemm_matrix(plane) for plane in flat]  # [N_pad, K_pad] each
+            self.colsum = [plane.sum(dim=1, dtype=torch.int32) for plane in flat]
+
+    def _prepack(self, plane: torch.Tensor, scale: torch.Tensor):
+        raise NotImplementedError
+
+    def _int_sums(self, rows: torch.Tensor, x_zero_point: torch.Tensor) -> torch.Tensor:
+        """gemm: Σ (q_x − z_x)·W8 as int32 [M, O] over the planes (16·hi + lo, exact in int32)."""
+        acc = None
+        for matrix, colsum, factor in zip(self.matrix, self.colsum, self.factors):
+            part = _int_mm_centred(rows, x_zero_point, matrix, colsum, self.out_channels)
+            part = part if factor == 1 else part * factor
+            acc = part if acc is None else acc + part
+        return acc
 
     def to(self, device: torch.device) -> _IntKernel:
         if self.backend == "onednn":
             if device.type != "cpu":
                 raise UserError("the onednn integer backend runs on the CPU only; load the export with backend=gemm")
             return self
-        for name in ("weight_scale", "matrix", "colsum", "w_zero"):
-            setattr(self, name, getattr(self, name).to(device))
+        self.matrix = [m.to(device) for m in self.matrix]
+        self.colsum = [c.to(device) for c in self.colsum]
+        self.weight_scale, self.w_zero = self.weight_scale.to(device), self.w_zero.to(device)
         if self.shift is not None:
             self.shift = self.shift.to(device)
         return self
 
 
 class IntConvKernel(_IntKernel):
-    """One integer Conv2d (one input-channel part of it): W8 [O, C, kh, kw], Δw [O], shift c [O]."""
+    """One integer Conv2d (one input-channel part of it): W8 [O, C, kh, kw], Δw [O], shift c [O]; act_bits:
+    the widest activation codes it will see (decides whether saturating CPUs need two weight planes)."""
 
     def __init__(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, stride, padding,
-                 dilation, backend: str) -> None:
+                 dilation, backend: str, act_bits: int = 8) -> None:
         self.backend = backend
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.kernel = tuple(w8.shape[2:])
-        self.out_channels, self.in_channels = w8.shape[0], w8.shape[1]
-        self.weight_bytes = w8.numel()  # int8, one byte a weight (packed or as a GEMM matrix)
-        self.weight_scale = weight_scale.float().contiguous()
-        self.shift = shift if bool(shift.any()) else None
-        self.w_zero = torch.zeros(self.out_channels, dtype=torch.int64, device=w8.device)
-        if backend == "onednn":
-            self.packed = torch.ops.onednn.qconv_prepack(
-                w8.contiguous(), self.weight_scale, 1.0, 0, self.stride, self.padding, self.dilation, 1, None
-            )
-        else:
-            self.matrix = _gemm_matrix(w8.reshape(self.out_channels, -1))  # [N_pad, K_pad]
-            self.colsum = w8.reshape(self.out_channels, -1).sum(dim=1, dtype=torch.int32)
+        self.in_channels = w8.shape[1]
+        self._init_planes(w8, shift, weight_scale, act_bits)
+
+    def _prepack(self, plane, scale):
+        return torch.ops.onednn.qconv_prepack(
+            plane.contiguous(), scale, 1.0, 0, self.stride, self.padding, self.dilation, 1, None
+        )
 
     def __call__(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
         """codes uint8 [B, C, H, W] (channels-last preferred); x_scale float 0-dim; x_zero_point int 0-dim.
         Returns float32 [B, O, H', W'] = Δx·Δw·Σ(q_x − z_x)(q_w − z_w) + bias."""
         if self.backend == "onednn":
-            out = torch.ops.onednn.qconv2d_pointwise.tensor(
-                codes.contiguous(memory_format=torch.channels_last), x_scale, x_zero_point, self.packed,
-                self.weight_scale, self.w_zero, bias, self.stride, self.padding, self.dilation, 1, 1.0, 0,
-                torch.float32, "none", [], "",
-            )
+            codes_cl = codes.contiguous(memory_format=torch.channels_last)
+            out = None
+            for packed, scale in zip(self.packed, self.plane_scales):
+                part = torch.ops.onednn.qconv2d_pointwise.tensor(
+                    codes_cl, x_scale, x_zero_point, packed, scale, self.w_zero, bias if out is None else None,
+                    self.stride, self.padding, self.dilation, 1, 1.0, 0, torch.float32, "none", [], "",
+                )
+                out = part if out is None else out + part
         else:
             out = self._gemm(codes, x_scale, x_zero_point, bias)
         if self.shift is not None:
@@ -123,28 +201,22 @@ class IntConvKernel(_IntKernel):
         rows_h = (padded.shape[2] - dh * (kh - 1) - 1) // self.stride[0] + 1
         rows_w = (padded.shape[3] - dw * (kw - 1) - 1) // self.stride[1] + 1
         cols = _im2col(padded, self.kernel, self.stride, self.dilation, rows_h, rows_w)  # [B·H'·W', C·kh·kw]
-        acc = _int_mm_centred(cols, x_zero_point, self.matrix, self.colsum, self.out_channels)
-        out = acc.float() * (x_scale * self.weight_scale)
+        out = self._int_sums(cols, x_zero_point).float() * (x_scale * self.weight_scale)
         if bias is not None:
             out = out + bias
         return out.view(batch, rows_h, rows_w, self.out_channels).permute(0, 3, 1, 2)
 
 
 class IntLinearKernel(_IntKernel):
-    """One integer Linear: W8 [O, C], Δw [O], shift c [O]."""
+    """One integer Linear: W8 [O, C], Δw [O], shift c [O]; act_bits as for `IntConvKernel`."""
 
-    def __init__(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, backend: str) -> None:
+    def __init__(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, backend: str,
+                 act_bits: int = 8) -> None:
         self.backend = backend
-        self.out_channels = w8.shape[0]
-        self.weight_bytes = w8.numel()
-        self.weight_scale = weight_scale.float().contiguous()
-        self.shift = shift if bool(shift.any()) else None
-        self.w_zero = torch.zeros(self.out_channels, dtype=torch.int64, device=w8.device)
-        if backend == "onednn":
-            self.packed = torch.ops.onednn.qlinear_prepack(w8.contiguous(), None)
-        else:
-            self.matrix = _gemm_matrix(w8)
-            self.colsum = w8.sum(dim=1, dtype=torch.int32)
+        self._init_planes(w8, shift, weight_scale, act_bits)
+
+    def _prepack(self, plane, scale):
+        return torch.ops.onednn.qlinear_prepack(plane.contiguous(), None)
 
     def __call__(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
@@ -152,13 +224,16 @@ class IntLinearKernel(_IntKernel):
         lead = codes.shape[:-1]
         flat = codes.reshape(-1, codes.shape[-1])
         if self.backend == "onednn":
-            out = torch.ops.onednn.qlinear_pointwise.tensor(
-                flat.contiguous(), x_scale, x_zero_point, self.packed, self.weight_scale, self.w_zero, bias,
-                1.0, 0, torch.float32, "none", [], "",
-            )
+            flat_c = flat.contiguous()
+            out = None
+            for packed, scale in zip(self.packed, self.plane_scales):
+                part = torch.ops.onednn.qlinear_pointwise.tensor(
+                    flat_c, x_scale, x_zero_point, packed, scale, self.w_zero, bias if out is None else None,
+                    1.0, 0, torch.float32, "none", [], "",
+                )
+                out = part if out is None else out + part
         else:
-            acc = _int_mm_centred(flat, x_zero_point, self.matrix, self.colsum, self.out_channels)
-            out = acc.float() * (x_scale * self.weight_scale)
+            out = self._int_sums(flat, x_zero_point).float() * (x_scale * self.weight_scale)
             if bias is not None:
                 out = out + bias
         if self.shift is not None:

@@ -123,9 +123,10 @@ class IntConv2d(_IntLayer):
         self.backend = backend
         self.kernels = []
         start = 0
-        for width in splits:
+        for width, quantizer in zip(splits, quantizers):
             w8, shift = shift_to_int8(w_int[:, start : start + width])
-            self.kernels.append(IntConvKernel(w8, shift, weight_scale, stride, padding, dilation, backend))
+            self.kernels.append(IntConvKernel(w8, shift, weight_scale, stride, padding, dilation, backend,
+                                              quantizer.bits))
             start += width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,7 @@ class IntLinear(_IntLayer):
         self.out_features, self.in_features = w_int.shape
         self.backend = backend
         w8, shift = shift_to_int8(w_int)
-        self.kernels = [IntLinearKernel(w8, shift, weight_scale, backend)]
+        self.kernels = [IntLinearKernel(w8, shift, weight_scale, backend, quantizer.bits)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero_point = self.act_quantizers[0].codes(x, self.wd_scale, self.channel_axis)

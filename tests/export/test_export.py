@@ -74,6 +74,11 @@ def test_artifact_is_self_describing(tiny_export):
 
 
 def test_embedded_w4a4_export_is_a_sixth_of_fp32_and_samples_like_the_student(embedded_w4a4, tmp_path):
+    """The integer sums are exact (test_kernels); what differs from the fake-quant student is the float
+    epilogue's last bit, which flips a 4-bit code now and then and is amplified over 25 DDIM steps. Measured
+    with oneDNN capped to each x86 ISA (2026-12-03): integer vs student 50.1 dB (AMX), 40.4 (AVX-512 VNNI),
+    40.6 (AVX-512), 42.8 (AVX2), while both sit 27.3-27.6 dB from the FP model, within 0.1 dB of each other.
+    Saturating int16 pairs (no VNNI, before the two-plane weights) gave 25.4 dB and 22.8 dB from FP."""
     loaded, student, timesteps = embedded_w4a4
     path = export_student(student, tmp_path / "w4a4.safetensors", timesteps)  # float32 float parts (the default)
     assert path.stat().st_size <= EMBEDDED_FP32_BYTES / 6
@@ -81,7 +86,9 @@ def test_embedded_w4a4_export_is_a_sixth_of_fp32_and_samples_like_the_student(em
     kwargs = dict(seed=1234, batch_size=32, progress=False)
     integer = sample(model, loaded.scheduler.config, loaded.sampler, 32, **kwargs).clamp(-1, 1)
     fake = sample(student, loaded.scheduler.config, loaded.sampler, 32, **kwargs).clamp(-1, 1)
-    assert psnr(integer, fake) >= 45.0
+    fp = sample(loaded.unet, loaded.scheduler.config, loaded.sampler, 32, **kwargs).clamp(-1, 1)
+    assert psnr(integer, fake) >= 36.0
+    assert abs(psnr(integer, fp) - psnr(fake, fp)) <= 0.3
 
 
 def test_loading_imports_no_lightning_hydra_or_wandb(tiny_export):

@@ -1,6 +1,12 @@
 """The integer kernels against an int64 reference: with unit scales and no bias the float output is the
 integer sum itself (|sum| < 2^24), so equality is bit-exactness."""
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +16,10 @@ from dq.export.kernels import (
     IntLinearKernel,
     _gemm_matrix,
     _int_mm_centred,
+    int8_products_saturate,
     onednn_available,
     shift_to_int8,
+    weight_planes,
 )
 
 BACKENDS = ["gemm"] + (["onednn"] if onednn_available() else [])
@@ -30,7 +38,9 @@ def _weights(shape, bits, seed):
 
 
 def test_int_mm_centred_is_exact():
-    codes, w = _codes((5, 37), 8, 0), _weights((11, 37), 7, 1).to(torch.int8)
+    # 6-bit weights (|w| ≤ 63): the raw product stays exact on CPUs whose int16 pairs saturate too (the
+    # kernels split wider weights into planes before they reach it)
+    codes, w = _codes((5, 37), 8, 0), _weights((11, 37), 6, 1).to(torch.int8)
     zero_point = torch.tensor(77, dtype=torch.int32)
     acc = _int_mm_centred(codes, zero_point, _gemm_matrix(w), w.sum(1, dtype=torch.int32), 11)
     reference = (codes.long() - 77) @ w.long().t()
@@ -80,6 +90,52 @@ def test_scales_and_bias_apply_once(backend):
     sums = F.conv2d(codes.double() - 3, w.double(), None, 1, 1)
     expected = sums * 0.25 * scale_w.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_weight_planes_recompose_exactly():
+    w8 = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).reshape(4, 64)
+    single = weight_planes(w8, 4, "gemm")  # 4-bit codes never overflow an int16 pair: one plane
+    assert len(single) == 1 and single[0][0] is w8
+    if not int8_products_saturate("gemm"):
+        pytest.skip("this CPU's int8 products do not saturate: the two-plane path is run by the capped-ISA test")
+    (hi, f_hi), (lo, f_lo) = weight_planes(w8, 8, "gemm")
+    assert (f_hi, f_lo) == (16, 1) and int(hi.min()) >= -8 and int(hi.max()) <= 7
+    assert int(lo.min()) >= 0 and int(lo.max()) <= 15
+    assert torch.equal(hi.to(torch.int32) * 16 + lo.to(torch.int32), w8.to(torch.int32))
+
+
+_CAPPED_CHECK = """
+import torch, torch.nn.functional as F
+from dq.export.kernels import IntConvKernel, IntLinearKernel, int8_products_saturate, onednn_available, shift_to_int8
+backends = ["gemm"] + (["onednn"] if onednn_available() else [])
+g = torch.Generator().manual_seed(0)
+codes = torch.randint(0, 256, (2, 16, 7, 7), generator=g).to(torch.uint8)
+w = torch.randint(0, 256, (8, 16, 3, 3), generator=g) - torch.randint(0, 256, (8, 1, 1, 1), generator=g)
+rows = torch.randint(0, 256, (5, 48), generator=g).to(torch.uint8)
+wl = torch.randint(0, 256, (6, 48), generator=g) - torch.randint(0, 256, (6, 1), generator=g)
+z = torch.tensor(90, dtype=torch.int32)
+conv_ref = F.conv2d(codes.double() - 90, w.double(), None, 1, 1)
+lin_ref = (rows.double() - 90) @ wl.double().t()
+for b in backends:
+    conv = IntConvKernel(*shift_to_int8(w), torch.ones(8), (1, 1), (1, 1), (1, 1), b)
+    lin = IntLinearKernel(*shift_to_int8(wl), torch.ones(6), b)
+    exact = torch.equal(conv(codes, torch.tensor(1.0), z, None).double(), conv_ref) and torch.equal(
+        lin(rows, torch.tensor(1.0), z, None).double(), lin_ref)
+    print(b, int8_products_saturate(b), exact)
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA caps are x86 ISAs")
+def test_kernels_stay_exact_where_int16_pairs_saturate():
+    """oneDNN capped to AVX2 (no VNNI), as on an AVX2-only CPU: both backends' uint8 × int8 products add
+    pairs into a saturating int16 there (the probe sees it), and 8-bit codes × 8-bit weights still come out
+    exact, through the two weight planes."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", _CAPPED_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split()
+    results = {lines[i]: (lines[i + 1], lines[i + 2]) for i in range(0, len(lines), 3)}
+    assert "gemm" in results and all(r == ("True", "True") for r in results.values()), results
 
 
 @pytest.mark.gpu
