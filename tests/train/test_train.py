@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,14 @@ def test_multirun_sweep_writes_one_run_dir_each(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tiny_model_dir, tmp_path):
-    """2 gloo processes shard each batch and average gradients: the result matches one process."""
+    """2 gloo processes shard each batch and average gradients: the result matches one process.
+
+    Per block, the final losses agree to ~1e-7 here; on another CPU a last-bit difference flipped a 4-bit
+    code and moved one block's loss by 2.4e-3 (CI, 2026-12-03), so the bound is on the median block
+    (≤ 1e-3) and each block (≤ 5e-2). A rank training on its own half batch without the average (a
+    single process at batch 4) misses both: median 2.9e-2, worst block 0.35 (measured 2026-12-03). The
+    4-sample fidelity PSNR moves by up to 0.8 dB from such last-bit noise alone, so it is only bounded
+    loosely (a desynchronised student would be far off)."""
     common = _script_overrides(tiny_model_dir, tmp_path / "cache")
     single = _run_script([*common, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -147,9 +155,11 @@ def test_ddp_two_processes_match_one(tiny_model_dir, tmp_path):
     one = json.loads((tmp_path / "single" / "results.json").read_text())
     two = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert one["block_final_losses"].keys() == two["block_final_losses"].keys()
-    for name, loss in one["block_final_losses"].items():
-        assert two["block_final_losses"][name] == pytest.approx(loss, rel=1e-3, abs=1e-7), name
-    assert two["psnr_vs_fp"] == pytest.approx(one["psnr_vs_fp"], abs=0.05)
+    rel = {name: abs(two["block_final_losses"][name] - loss) / max(abs(loss), 1e-7)
+           for name, loss in one["block_final_losses"].items()}
+    assert statistics.median(rel.values()) <= 1e-3, rel
+    assert max(rel.values()) <= 5e-2, rel
+    assert two["psnr_vs_fp"] == pytest.approx(one["psnr_vs_fp"], abs=1.5)
 
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
