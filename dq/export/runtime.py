@@ -4,6 +4,7 @@ parts loaded. Imports torch, safetensors and diffusers only (no Lightning, Hydra
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from dq.export.layers import IntActQuantizer, IntConv2d, IntLinear
 from dq.quant.convert import CONFIG_ATTR
 from dq.quant.layers import QuantConv2d, QuantLinear
 from dq.quant.timesteps import check_policy, key_by_timestep
+
+log = logging.getLogger(__name__)
 
 EXPORT_ATTR = "dq_export"  # the export's metadata, on the model it built
 PROCESSORS = {cls.__name__: cls for cls in (QuantAttnProcessor, QuantJointAttnProcessor)}  # by the export's record
@@ -53,11 +56,17 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
         raise ExportError(f"{export.path}: {err}") from err
     step_to_group = export.tensors["step_to_group"].long()
     int_keys: set[str] = set()
+    two_planes = 0
     for spec in export.layer_specs():
         layer = int_layer(spec, _submodule(export, unet, spec.name), step_to_group, backend, export.path)
+        two_planes += any(len(kernel.factors) > 1 for kernel in layer.kernels)
         parent_name, _, short = spec.name.rpartition(".")
         setattr(unet.get_submodule(parent_name) if parent_name else unet, short, layer)
         int_keys.update(f"{spec.name}.{k}" for k in layer.state_dict())
+    if two_planes:
+        log.warning("%s: this CPU's int8 kernels add product pairs in a saturating int16 (no VNNI); %d integer "
+                    "layer(s) run their 8-bit weights as two planes to stay exact (about twice their time)",
+                    export.path, two_planes)
     for proc_name, info in meta["attention"].items():
         attn_name = proc_name.removesuffix(".processor")
         attn = _submodule(export, unet, attn_name)
