@@ -117,22 +117,41 @@ class _IntKernel:
 
     def _init_planes(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, act_bits: int) -> None:
         self.out_channels = w8.shape[0]
-        planes = weight_planes(w8, act_bits, self.backend)
-        self.factors = [factor for _, factor in planes]
-        self.weight_bytes = w8.numel() * len(planes)  # int8, one byte a weight and plane
+        self.act_bits, self.weight_count = act_bits, w8.numel()
         self.weight_scale = weight_scale.float().contiguous()
         self.shift = shift if bool(shift.any()) else None
         self.w_zero = torch.zeros(self.out_channels, dtype=torch.int64, device=w8.device)
         if self.backend == "onednn":
+            planes = weight_planes(w8, act_bits, self.backend)
+            self.factors = [factor for _, factor in planes]
             self.plane_scales = [self.weight_scale * factor for factor in self.factors]  # ×16: exact in float
             self.packed = [self._prepack(plane, scale) for (plane, _), scale in zip(planes, self.plane_scales)]
         else:
-            flat = [plane.reshape(self.out_channels, -1) for plane, _ in planes]
-            self.matrix = [_gemm_matrix(plane) for plane in flat]  # [N_pad, K_pad] each
-            self.colsum = [plane.sum(dim=1, dtype=torch.int32) for plane in flat]
+            self._set_gemm_planes(_gemm_matrix(w8.reshape(self.out_channels, -1)), w8.device)
+
+    @property
+    def weight_bytes(self) -> int:
+        """int8 weights in memory: one byte a weight and plane (packed or as GEMM matrices)."""
+        return self.weight_count * len(self.factors)
+
+    def _set_gemm_planes(self, matrix: torch.Tensor, device: torch.device) -> None:
+        """The GEMM matrices [N_pad, K_pad] of the whole W8 on `device`: two planes only on a CPU whose
+        int8 products saturate (CUDA's int8 GEMM accumulates in int32)."""
+        planes = weight_planes(matrix, self.act_bits, self.backend) if device.type == "cpu" else [(matrix, 1)]
+        self.factors = [factor for _, factor in planes]
+        self.matrix = [plane.to(device) for plane, _ in planes]
+        self.colsum = [plane[: self.out_channels].sum(dim=1, dtype=torch.int32).to(device) for plane, _ in planes]
 
     def _prepack(self, plane: torch.Tensor, scale: torch.Tensor):
         raise NotImplementedError
+
+    def _onednn_sum(self, run, bias: torch.Tensor | None) -> torch.Tensor:
+        """onednn: run(packed, Δw of the plane, bias or None) over the planes, added (the bias once)."""
+        out = None
+        for packed, scale in zip(self.packed, self.plane_scales):
+            part = run(packed, scale, bias if out is None else None)
+            out = part if out is None else out + part
+        return out
 
     def _int_sums(self, rows: torch.Tensor, x_zero_point: torch.Tensor) -> torch.Tensor:
         """gemm: Σ (q_x − z_x)·W8 as int32 [M, O] over the planes (16·hi + lo, exact in int32)."""
@@ -148,8 +167,8 @@ class _IntKernel:
             if device.type != "cpu":
                 raise UserError("the onednn integer backend runs on the CPU only; load the export with backend=gemm")
             return self
-        self.matrix = [m.to(device) for m in self.matrix]
-        self.colsum = [c.to(device) for c in self.colsum]
+        whole = self.matrix[0] if len(self.matrix) == 1 else self.matrix[0] * 16 + self.matrix[1]  # exact in int8
+        self._set_gemm_planes(whole.cpu(), device)
         self.weight_scale, self.w_zero = self.weight_scale.to(device), self.w_zero.to(device)
         if self.shift is not None:
             self.shift = self.shift.to(device)
@@ -179,13 +198,10 @@ class IntConvKernel(_IntKernel):
         Returns float32 [B, O, H', W'] = Δx·Δw·Σ(q_x − z_x)(q_w − z_w) + bias."""
         if self.backend == "onednn":
             codes_cl = codes.contiguous(memory_format=torch.channels_last)
-            out = None
-            for packed, scale in zip(self.packed, self.plane_scales):
-                part = torch.ops.onednn.qconv2d_pointwise.tensor(
-                    codes_cl, x_scale, x_zero_point, packed, scale, self.w_zero, bias if out is None else None,
-                    self.stride, self.padding, self.dilation, 1, 1.0, 0, torch.float32, "none", [], "",
-                )
-                out = part if out is None else out + part
+            out = self._onednn_sum(lambda packed, scale, b: torch.ops.onednn.qconv2d_pointwise.tensor(
+                codes_cl, x_scale, x_zero_point, packed, scale, self.w_zero, b, self.stride, self.padding,
+                self.dilation, 1, 1.0, 0, torch.float32, "none", [], "",
+            ), bias)
         else:
             out = self._gemm(codes, x_scale, x_zero_point, bias)
         if self.shift is not None:
@@ -225,13 +241,9 @@ class IntLinearKernel(_IntKernel):
         flat = codes.reshape(-1, codes.shape[-1])
         if self.backend == "onednn":
             flat_c = flat.contiguous()
-            out = None
-            for packed, scale in zip(self.packed, self.plane_scales):
-                part = torch.ops.onednn.qlinear_pointwise.tensor(
-                    flat_c, x_scale, x_zero_point, packed, scale, self.w_zero, bias if out is None else None,
-                    1.0, 0, torch.float32, "none", [], "",
-                )
-                out = part if out is None else out + part
+            out = self._onednn_sum(lambda packed, scale, b: torch.ops.onednn.qlinear_pointwise.tensor(
+                flat_c, x_scale, x_zero_point, packed, scale, self.w_zero, b, 1.0, 0, torch.float32, "none", [], "",
+            ), bias)
         else:
             out = self._int_sums(flat, x_zero_point).float() * (x_scale * self.weight_scale)
             if bias is not None:

@@ -56,17 +56,11 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
         raise ExportError(f"{export.path}: {err}") from err
     step_to_group = export.tensors["step_to_group"].long()
     int_keys: set[str] = set()
-    two_planes = 0
     for spec in export.layer_specs():
         layer = int_layer(spec, _submodule(export, unet, spec.name), step_to_group, backend, export.path)
-        two_planes += any(len(kernel.factors) > 1 for kernel in layer.kernels)
         parent_name, _, short = spec.name.rpartition(".")
         setattr(unet.get_submodule(parent_name) if parent_name else unet, short, layer)
         int_keys.update(f"{spec.name}.{k}" for k in layer.state_dict())
-    if two_planes:
-        log.warning("%s: this CPU's int8 kernels add product pairs in a saturating int16 (no VNNI); %d integer "
-                    "layer(s) run their 8-bit weights as two planes to stay exact (about twice their time)",
-                    export.path, two_planes)
     for proc_name, info in meta["attention"].items():
         attn_name = proc_name.removesuffix(".processor")
         attn = _submodule(export, unet, attn_name)
@@ -93,6 +87,11 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
     setattr(unet, CONFIG_ATTR, export.quant_config)
     setattr(unet, EXPORT_ATTR, dict(meta, path=str(export.path), backend=backend))
     unet = unet.to(device).eval().requires_grad_(False)
+    two_planes = sum(any(len(k.factors) > 1 for k in m.kernels) for m in unet.modules() if isinstance(m, (IntConv2d, IntLinear)))
+    if two_planes:
+        log.warning("%s: this CPU's int8 kernels add product pairs in a saturating int16 (no VNNI); %d integer "
+                    "layer(s) run their 8-bit weights as two planes to stay exact (about twice their time)",
+                    export.path, two_planes)
     key_by_timestep(unet, export.timesteps, tpq_policy)
     return unet
 
