@@ -2,10 +2,12 @@
 offline settings every test runs under."""
 
 import ast
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -124,3 +126,24 @@ def assert_replay_changes_nothing(make_model, quant_config, distill, data, train
               enable_model_summary=False, enable_checkpointing=False).fit(plain)
     want, got = plain.student.state_dict(), trained.student.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+# the ways Python code reads a tensor's value into a Python number: on CUDA each one waits for the device
+HOST_READS = ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Inside the block, any Python read of a tensor's value (HOST_READS) raises AssertionError naming it.
+    A read inside an ATen op (a 0-dim tensor used as an index) escapes this: run the forward on the meta
+    device as well, where any read of a value raises."""
+
+    def refusing(name):
+        def read(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called inside a forward that must not read values on the host")
+        return read
+
+    with contextlib.ExitStack() as stack:
+        for name in HOST_READS:
+            stack.enter_context(mock.patch.object(torch.Tensor, name, refusing(name)))
+        yield

@@ -46,20 +46,22 @@ class IntActQuantizer(StepIndexed):
             scale = self.blended_rows(self.scale)[0]
             zero_point = self.blended_rows(self.zero_point_float)[0].round()
             return scale, zero_point.to(torch.int32), zero_point
-        g = self.row()
-        return self.scale[g], self.zero_point[g], self.zero_point_float[g]
+        rows = self.row()
+        return (self.scale.index_select(0, rows).reshape(()), self.zero_point.index_select(0, rows).reshape(()),
+                self.zero_point_float.index_select(0, rows).reshape(()))
 
-    def row(self) -> int:
-        """The TPQ group of the current call (one step index for the whole batch)."""
+    def row(self) -> torch.Tensor:
+        """The TPQ group of the current call as an int64 tensor [1] on the tables' device (one step index for
+        the whole batch). Never read on the host for an int step: a per-layer device sync in every forward."""
         rows = self.group_rows()
-        if rows.numel() > 1:
+        if rows.numel() > 1:  # per-sample step indices (not dq's sampler): they must share one group
             first = rows[:1]
             if not bool((rows == first).all()):
                 raise UserError(
                     "the integer model runs one sampling step per call; got per-sample step indices of "
                     f"several TPQ groups {sorted(set(rows.tolist()))}"
                 )
-        return int(rows[0])
+        return rows[:1]
 
     def codes(self, x: torch.Tensor, wd: torch.Tensor | None, channel_axis: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -176,8 +176,8 @@ class StepIndexed(nn.Module):
             rows = torch.arange(scale.numel(), device=scale.device)
         else:
             rows = self.group_rows()
-        if rows.numel() == 1:
-            return ops.fake_quantize(x, scale[rows[0]], zero_point[rows[0]], bits)
+        if rows.numel() == 1:  # index_select, not scale[rows[0]]: a 0-dim index is read on the host (a sync)
+            return ops.fake_quantize(x, scale.index_select(0, rows), zero_point.index_select(0, rows), bits)
         return ops.fake_quantize_per_sample(x, scale, zero_point, rows, bits)
 
 

@@ -92,3 +92,27 @@ def test_strided_unpadded_conv_and_one_step_per_call():
     set_step(layer, 2)
     with torch.no_grad():
         _close(twin(x), layer(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_forward_reads_no_value_on_the_host(backend, tmp_path):
+    """The integer model finds its TPQ row on the device (it read it as a Python int in every layer: a
+    device sync per layer per call): no Python number is built from a tensor in its forward, and with the
+    gemm kernels (those of CUDA) it runs on the meta device, where any read of a value raises."""
+    from dq.export import export_student, load_int_model
+    from dq.quant import step_context
+    from dq.sampling import unet_forward
+    from tests.conftest import no_host_reads
+    from tests.export.conftest import TINY_TIMESTEPS, tiny_student
+
+    _, student = tiny_student()
+    path = export_student(student, tmp_path / "tiny.safetensors", TINY_TIMESTEPS, "float32")
+    model = load_int_model(path, backend=backend)
+    x, t = torch.randn(2, 3, 8, 8), torch.full((2,), TINY_TIMESTEPS[1])
+    with torch.no_grad(), step_context(model, 1):
+        with no_host_reads():
+            out = unet_forward(model, x, t)
+        assert torch.isfinite(out).all()
+        if backend == "gemm":
+            meta = model.to("meta")
+            assert unet_forward(meta, x.to("meta"), t.to("meta")).shape == out.shape

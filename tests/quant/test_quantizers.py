@@ -174,3 +174,38 @@ def test_activation_drop_passes_the_chosen_share_unquantized_and_is_reproducible
     assert q.drop_prob == 0.0 and torch.equal(q(x), quantized)  # outside the block nothing is dropped
     with pytest.raises(ValueError, match="drop probability"), activation_drop(block, 1.0):
         pass
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_fake_quant_forward_reads_no_value_on_the_host(kind):
+    """No per-layer device sync: after the one-time calibration check of the first call, a student's forward
+    (one step for the batch, or per-sample steps as in training) never turns a tensor into a Python number,
+    and a copy on the meta device, where any read of a value raises (ATen's own included), runs it too."""
+    from dq.quant import QuantConfig, set_step
+    from dq.sampling import unet_forward
+    from tests.arch.test_transformers import _example, tiny_dit
+    from tests.conftest import no_host_reads
+    from tests.export.conftest import calibrated_student
+    from tests.quant.conftest import tiny_unet2d
+
+    if kind == "unet":
+        model, x, cond = tiny_unet2d(), torch.randn(2, 3, 8, 8), None
+    else:
+        model = tiny_dit()
+        example = _example("dit", model, n=2)
+        x, cond = example["x_t"], example["cond"]
+    config = QuantConfig(weight_bits=4, act_bits=4, num_steps=3, num_groups=3)
+    student = calibrated_student(model, config, {i: x * (1 + i) for i in range(3)}, [900, 500, 100], cond)
+    t = torch.full((2,), 500)
+    with torch.no_grad():
+        set_step(student, 1)
+        expected = unet_forward(student, x, t, cond)  # the first call checks the tables once
+        with no_host_reads():
+            assert torch.equal(unet_forward(student, x, t, cond), expected)
+        set_step(student, torch.tensor([0, 2]))
+        with no_host_reads():
+            unet_forward(student, x, t, cond)
+        meta = student.to("meta")
+        set_step(meta, 1)
+        out = unet_forward(meta, x.to("meta"), t.to("meta"), None if cond is None else cond.to("meta"))
+    assert out.device.type == "meta" and out.shape == expected.shape
