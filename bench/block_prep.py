@@ -27,9 +27,9 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402
 from dq.bkd import distiller as distiller_module  # noqa: E402
 from dq.bkd.blocks import WHOLE_MODEL  # noqa: E402
+from dq.jobs import train  # noqa: E402
 
 
 def cache_hash(cache) -> str:

@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402
 from dq.errors import UserError  # noqa: E402
+from dq.jobs import train  # noqa: E402
 from dq.quant.state import load_quant_state  # noqa: E402
 
 

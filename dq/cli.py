@@ -31,6 +31,7 @@ DEBUG_ENV = "DQ_DEBUG"
 # OS errors a user fixes by choosing another path or freeing room, not by changing code
 PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
                errno.ENAMETOOLONG, errno.ENOENT}
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the Hydra configs, shipped inside the package
 HYDRA_FILES = (".hydra",)  # what Hydra writes into a run dir before the job starts (plus <job>.log)
 
 

@@ -35,7 +35,7 @@ from dq.evaluation.pipeline import evaluate
 from dq.evaluation.report import write_report
 from dq.evaluation.seeds import run_seed, write_seed_report
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = cli.CONF_DIR
 
 
 def sweep_runs(sweep_dir: Path) -> list[Path]:

@@ -10,11 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 import pytest
 
-import evaluate as evaluate_script
-import train as train_script
+import dq.jobs.evaluate as evaluate_script
+import dq.jobs.train as train_script
 from dq.cli import run_hydra_entry
 from dq.errors import MissingFileError, UserError
 from dq.zoo.convert_compvis import main as convert_main
@@ -89,11 +88,8 @@ def fill(args, places):
 
 
 def hydra_main(script):
-    """The script's @hydra.main function, rebuilt with an absolute config path (imported as a module, Hydra
-    would look for `conf` as a Python package)."""
-    config_name = "config" if script is train_script else "evaluate"
-    return hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name=config_name)(
-        script.main.__wrapped__)
+    """The job's @hydra.main function (its config path is the package's conf/, absolute)."""
+    return script.main
 
 
 def run_in_process(script, args, run_dir, monkeypatch, capsys):

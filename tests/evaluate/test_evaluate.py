@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from dq.jobs.evaluate import evaluate
 from dq.metrics.backends import BackendUnavailable
-from evaluate import evaluate
 from tests.evaluate.conftest import compose_eval, eval_overrides
 
 REPO = Path(__file__).resolve().parents[2]

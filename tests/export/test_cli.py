@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 
 from dq.export import read_export
 from dq.export.__main__ import main
+from dq.jobs.evaluate import evaluate
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, save_quant_state
 from dq.sampling import SamplerConfig, sample
-from evaluate import evaluate
 from tests.conftest import write_model_folder
 from tests.evaluate.conftest import STEPS, compose_eval, eval_overrides, make_unet16
 

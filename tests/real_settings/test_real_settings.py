@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dq.evaluation.pipeline import evaluate
+from dq.jobs.train import train
 from dq.quant import tpq_num_steps
 from dq.sampling import SamplerConfig, planned_timesteps
 from dq.zoo import load_components, load_model, model_conditioning, read_prompts
@@ -19,7 +20,6 @@ from tests.conftest import make_tiny_unet
 from tests.evaluate.conftest import compose_eval, eval_overrides
 from tests.real_settings.conftest import NUM_CLASSES, save_model, tiny_kl_vae, tiny_vq_vae
 from tests.train.conftest import CONF_DIR, compose_config, fast_overrides
-from train import train
 
 CFG = ["model.sampler.guidance_scale=2.0", f"model.conditioning.num_classes={NUM_CLASSES}",
        f"model.conditioning.uncond_class={NUM_CLASSES}"]

@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 import dq
 from dq.arch import sample_shape
+from dq.jobs.train import train
 from tests.arch.test_flow_transformers import MODELS, _cond
 from tests.train.conftest import compose_config, fast_overrides
-from train import train
 
 
 def _write_folder(kind: str, root):

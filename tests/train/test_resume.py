@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from dq.errors import CorruptFileError, MismatchError
+from dq.jobs.train import train
 from dq.resume import differences
 from tests.train.conftest import compose_config, fast_overrides
-from train import train
 
 REPO = Path(__file__).resolve().parents[2]
 FIGURES = ("psnr_vs_fp", "mse_vs_fp", "ssim_vs_fp")

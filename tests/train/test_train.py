@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import dq
+from dq.jobs.train import build_quant_config, train
 from dq.quant import load_quant_state, set_step, timestep_keying
 from dq.zoo import load_model_folder
 from tests.train.conftest import compose_config, fast_overrides
-from train import build_quant_config, train
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ["dilatequant", "no_wd", "no_tpq", "no_bkd", "ptq_minmax", "tpq_minmax", "qat_full"]
@@ -72,7 +72,7 @@ def test_method_configs_compose(method, tiny_model_dir, tmp_path):
 def test_one_seed_sets_calibration_batches_and_fidelity_noise(tiny_model_dir, tmp_path):
     cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path, tmp_path), "seed=7"])
     assert cfg.data.seed == 7
-    from train import fidelity_seed
+    from dq.jobs.train import fidelity_seed
 
     assert fidelity_seed(cfg) == 1241  # 1234 + seed
     pinned = compose_config([*fast_overrides(tiny_model_dir, tmp_path, tmp_path), "seed=7", "fidelity.seed=5"])
@@ -180,7 +180,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_pa
 
 
 def test_kid_feature_network_choice(tiny_model_dir, tmp_path):
-    from train import fidelity_features
+    from dq.jobs.train import fidelity_features
 
     local = compose_config(fast_overrides(tiny_model_dir, tmp_path, tmp_path))
     assert fidelity_features(local) is None
