@@ -1,4 +1,4 @@
-"""Blocks of a diffusion model for Block-wise Knowledge Distillation (METHOD.md §4, eq. 15), and the
+"""Blocks of a diffusion model for Block-wise Knowledge Distillation (docs/method.md §4, eq. 15), and the
 capture of one block's inputs and output from a full-model forward pass.
 
 A block is a module called exactly once per forward pass; the model's architecture description

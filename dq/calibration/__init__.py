@@ -1,4 +1,4 @@
-"""Calibration data (METHOD.md §5): tuples (x_t, timestep, step, cond, uncond) drawn from the FP model's
+"""Calibration data (docs/method.md §5): tuples (x_t, timestep, step, cond, uncond) drawn from the FP model's
 own sampling trajectories, cached on disk, served by a LightningDataModule."""
 
 from dq.calibration.datamodule import CalibrationDataModule, CalibrationTuples

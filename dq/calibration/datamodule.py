@@ -81,7 +81,7 @@ class CalibrationTuples(Dataset):
 
 
 class CalibrationDataModule(L.LightningDataModule):
-    """Calibration tuples from the FP model's sampling trajectories (METHOD.md §5).
+    """Calibration tuples from the FP model's sampling trajectories (docs/method.md §5).
 
     unet / scheduler_config / sampler: the FP teacher and the sampler whose trajectories are recorded (the
     evaluation sampler, so the steps match the student's TPQ tables).

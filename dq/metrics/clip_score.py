@@ -1,4 +1,4 @@
-"""CLIP score of text-to-image samples against their prompts (METHOD.md §6: ViT-L/14 for MS-COCO).
+"""CLIP score of text-to-image samples against their prompts (docs/method.md §6: ViT-L/14 for MS-COCO).
 
 torchmetrics' CLIPScore (100 * max(cos(image embedding, text embedding), 0), averaged) with the CLIP model
 loaded from a local folder in transformers' layout, offline: no hub download happens during evaluation.

@@ -1,4 +1,4 @@
-"""Weight Dilation (METHOD.md §2, eqs 5, 10-12): an equivalent per-input-channel scaling Y = (X/s)(s·W).
+"""Weight Dilation (docs/method.md §2, eqs 5, 10-12): an equivalent per-input-channel scaling Y = (X/s)(s·W).
 
 Weights are quantized per output channel, so only the elements that hold a row's max or min set Δ_w.
 Every other ("unsaturated") input channel is enlarged as far as it can go without changing any row's

@@ -1,4 +1,4 @@
-"""Pure quantization math on tensors (METHOD.md §1, eqs 1-4). No modules, no state.
+"""Pure quantization math on tensors (docs/method.md §1, eqs 1-4). No modules, no state.
 
 Asymmetric uniform fake quantization with straight-through rounding:
 

@@ -1,6 +1,6 @@
 """Quantizer modules: they hold (Δ, z) as parameters and call the pure functions of `dq.quant.ops`.
 
-- WeightQuantizer: per-output-channel (Δ_w, z_w) [C_out] (METHOD.md §1).
+- WeightQuantizer: per-output-channel (Δ_w, z_w) [C_out] (docs/method.md §1).
 - TemporalActQuantizer: the Temporal Parallel Quantizer (§3, eqs 13-14): tables Δ_x[G], z_x[G] and a
   step→group map [T]. The sampling step index is set from outside (`dq.quant.set_step`), never counted
   inside forward: an int selects one row for the whole batch (sampling), an int64 tensor [B] selects one

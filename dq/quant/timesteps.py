@@ -1,6 +1,6 @@
 """Timestep-keyed TPQ: a student that finds its TPQ row from the timestep it is called with.
 
-The TPQ tables are indexed by a sampling step index i (METHOD.md §3). dq's own sampler sets i before every
+The TPQ tables are indexed by a sampling step index i (docs/method.md §3). dq's own sampler sets i before every
 call (`set_step` / `step_context`), and that explicit index always wins. A stock diffusers pipeline only
 passes the timestep t to `unet(x, t, ...)`; `key_by_timestep(student, timesteps, policy)` stores the trained
 schedule (timesteps[i] = the timestep of step i) and installs forward hooks on the student that, when no

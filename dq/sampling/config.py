@@ -22,7 +22,7 @@ class SamplerConfig:
     flow-matching models, SD3 / Flux / Sana: dq.sampling.flow).
     num_steps: the sampler's step count T (PLMS makes T+1 model calls: see `planned_timesteps`).
     eta: DDIM's noise scale (0 = deterministic); must be 0 for the other samplers.
-    spacing: "uniform" or "quad" (METHOD.md §6); PLMS/PNDM support "uniform" only.
+    spacing: "uniform" or "quad" (docs/method.md §6); PLMS/PNDM support "uniform" only.
     guidance_scale: classifier-free guidance scale; None (or 1.0) runs the conditional model alone.
     shift: flow_euler's noise-level shift (None: the scheduler config's); must be None for the others.
     """

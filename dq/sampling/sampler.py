@@ -1,7 +1,7 @@
 """The one denoising loop: FP teacher and quantized student alike, any supported diffusers scheduler.
 
 Before every model call the loop tells the model its step index i (0 = the noisiest step) through
-`dq.quant.step_context`, which the TPQ quantizers of a student read (METHOD.md §3); with classifier-free
+`dq.quant.step_context`, which the TPQ quantizers of a student read (docs/method.md §3); with classifier-free
 guidance the doubled batch (unconditional + conditional) shares that index. A student keyed by timestep
 (`dq.quant.key_by_timestep`) sampled with another schedule than its trained one gets no step index: it
 finds its rows from the timesteps under its policy (nearest / interpolate; "exact" refuses before

@@ -1,4 +1,4 @@
-"""Which training timesteps a sampler visits: "uniform" and the paper's "quad" spacing (METHOD.md §6).
+"""Which training timesteps a sampler visits: "uniform" and the paper's "quad" spacing (docs/method.md §6).
 
 Both return the T timesteps in descending order (the order the sampler visits them): index i of the
 result is the step index i the model is told (0 = the noisiest step).
@@ -30,7 +30,7 @@ def uniform_timesteps(num_steps: int, num_train_timesteps: int, offset: int = 0)
 def quad_timesteps(num_steps: int, num_train_timesteps: int) -> torch.Tensor:
     """int64 [num_steps], descending: round(linspace(0, sqrt(0.8 * num_train_timesteps), T)^2).
 
-    The DDIM paper's "quad" spacing used by DilateQuant on CIFAR-10 (METHOD.md §6). For large T the
+    The DDIM paper's "quad" spacing used by DilateQuant on CIFAR-10 (docs/method.md §6). For large T the
     smallest values repeat (e.g. T=100 of 1000 starts 0, 0, 0, 1, 1, ...); the repeats are kept, as in
     the reference protocol: a DDIM step from t to the same t with eta=0 leaves the sample unchanged.
     """

@@ -1,4 +1,4 @@
-"""Weight Dilation invariants (METHOD.md §2): row ranges unchanged exactly, s >= 1, FP output unchanged."""
+"""Weight Dilation invariants (docs/method.md §2): row ranges unchanged exactly, s >= 1, FP output unchanged."""
 
 import pytest
 import torch

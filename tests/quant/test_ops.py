@@ -1,4 +1,4 @@
-"""The pure quantization functions (METHOD.md §1), checked against PyTorch's own fake-quant kernels."""
+"""The pure quantization functions (docs/method.md §1), checked against PyTorch's own fake-quant kernels."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The TPQ activation quantizer (METHOD.md §3) and the per-channel weight quantizer."""
+"""The TPQ activation quantizer (docs/method.md §3) and the per-channel weight quantizer."""
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ from dq.sampling import (
 
 @pytest.mark.parametrize("num_steps", [2, 10, 25, 100, 250])
 def test_quad_matches_method_formula(num_steps):
-    # METHOD.md §6: round(linspace(0, sqrt(0.8 * 1000), T)^2), visited in descending order
+    # docs/method.md §6: round(linspace(0, sqrt(0.8 * 1000), T)^2), visited in descending order
     expected = np.round(np.linspace(0, np.sqrt(0.8 * 1000), num_steps) ** 2).astype(np.int64)[::-1]
     timesteps = quad_timesteps(num_steps, 1000)
     assert timesteps.dtype == torch.int64
