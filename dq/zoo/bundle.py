@@ -27,7 +27,7 @@ from dq.zoo.loading import load_model_folder, model_folder, model_sampler
 
 @dataclass(frozen=True)
 class ModelBundle:
-    """A loaded model config. The UNet is in eval mode, float32, on the CPU."""
+    """A loaded model config. The UNet is in eval mode, in model.dtype (null: float32), on the CPU."""
 
     folder: Path
     unet: nn.Module
@@ -38,12 +38,13 @@ class ModelBundle:
 
 
 def load_model(model_cfg: Mapping[str, Any], *, prompt_limit: int | None = None) -> ModelBundle:
-    """Everything of a model config (source, path / repo_id, sampler, conditioning, latent_scale), from
+    """Everything of a model config (source, path / repo_id, variant, dtype, sampler, conditioning,
+    latent_scale), from
     one resolution of its folder. prompt_limit: encode only the first prompts of a text model (sample k
     uses prompt k % P, so P = the number of samples gives the same tensors)."""
     folder = model_folder(model_cfg)
     sampler = model_sampler(model_cfg)
-    unet, scheduler = load_model_folder(folder)
+    unet, scheduler = load_model_folder(folder, variant=model_cfg.get("variant"), dtype=model_cfg.get("dtype"))
     components = load_components(model_cfg, folder)
     conditioning = model_conditioning(model_cfg, components, limit=prompt_limit)
     return ModelBundle(folder, unet, scheduler, sampler, components, conditioning)

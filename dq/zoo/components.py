@@ -7,13 +7,12 @@ labels through cross-attention. They are never quantized and never part of BKD: 
 
 Folder layout (diffusers `save_pretrained`): `vae/` (AutoencoderKL or VQModel, config.json + safetensors),
 `text_encoder/` (transformers CLIPTextModel, config.json + model.safetensors), `tokenizer/` (CLIPTokenizer
-files), `class_embedder/embeddings.safetensors` (key `weight`, [num_classes + 1, D]). Loading reads JSON
+files); weights sharded or as a fp16/bf16 variant as `dq.zoo.loading.weights_variant` reads them, `class_embedder/embeddings.safetensors` (key `weight`, [num_classes + 1, D]). Loading reads JSON
 and safetensors only, so it never executes code from the folder.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,8 +22,9 @@ from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import load_file
 from torch import nn
 
-from dq.errors import MissingFileError, UserError
-from dq.zoo.loading import model_folder
+from dq.errors import MissingFileError, UnsupportedError, UserError
+from dq.io import read_json_object
+from dq.zoo.loading import model_folder, read_layout, torch_dtype, weights_variant
 
 VAE_CLASSES: dict[str, type[nn.Module]] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 CLASS_EMBEDDINGS_FILE = Path("class_embedder") / "embeddings.safetensors"
@@ -47,53 +47,72 @@ class ModelComponents(NamedTuple):
         return None if self.vae is None else {"vae": type(self.vae).__name__, "latent_scale": self.latent_scale}
 
 
-def load_vae(folder: str | Path) -> nn.Module:
-    """The autoencoder of `folder/vae` (AutoencoderKL or VQModel by its config's _class_name), FP, eval mode."""
+def load_vae(folder: str | Path, *, variant: str | None = None, dtype: str | None = None) -> nn.Module:
+    """The autoencoder of `folder/vae` (AutoencoderKL or VQModel by its config's _class_name), FP, eval mode;
+    its weights as `dq.zoo.loading.weights_variant` finds them, in `dtype` (null: float32)."""
     vae_dir = Path(folder) / "vae"
     config_path = vae_dir / "config.json"
     if not config_path.is_file():
         raise MissingFileError(f"{config_path} is missing: a latent model folder needs vae/ as save_pretrained writes it")
-    class_name = json.loads(config_path.read_text()).get("_class_name")
+    class_name = read_json_object(config_path, "VAE config").get("_class_name")
     if class_name not in VAE_CLASSES:
         raise UserError(f"{config_path} has _class_name {class_name!r}; expected one of {sorted(VAE_CLASSES)}")
     vae = VAE_CLASSES[class_name].from_pretrained(vae_dir, use_safetensors=True, local_files_only=True,
-                                                  low_cpu_mem_usage=False)
+                                                  variant=weights_variant(vae_dir, variant),
+                                                  dtype=torch_dtype(dtype), low_cpu_mem_usage=False)
     return vae.eval().requires_grad_(False)
 
 
-def load_text_encoder(folder: str | Path) -> tuple[nn.Module, Any]:
-    """(CLIPTextModel, CLIPTokenizer) of `folder/text_encoder` and `folder/tokenizer`, FP, eval mode."""
+def load_text_encoder(folder: str | Path, *, variant: str | None = None, dtype: str | None = None
+                      ) -> tuple[nn.Module, Any]:
+    """(CLIPTextModel, CLIPTokenizer) of `folder/text_encoder` and `folder/tokenizer`, FP, eval mode; the
+    encoder's weights one safetensors file, sharded, or a variant (`weights_variant`). Another encoder class
+    (T5, Gemma) is refused in one line: dq encodes prompts with CLIP only so far."""
+    root = Path(folder)
+    config_path = root / "text_encoder" / "config.json"
+    if not config_path.is_file():
+        raise MissingFileError(f"{config_path} is missing: text_encoder/ needs its config as save_pretrained writes it")
+    config = read_json_object(config_path, "text encoder config")
+    architectures = config.get("architectures") or []
+    if architectures != ["CLIPTextModel"] and not (not architectures and config.get("model_type") == "clip_text_model"):
+        raise UnsupportedError(f"{root / 'text_encoder'} holds {'/'.join(map(str, architectures)) or 'no named model'}; "
+                               "dq encodes prompts with a CLIPTextModel only so far (SD 1.x / 2.x): give "
+                               "model.conditioning.prompt_embeds_file with embeddings made by the model's pipeline")
     try:  # lazy: only text-to-image models need transformers
         from transformers import CLIPTextModel, CLIPTokenizer
     except ImportError as err:
         raise ImportError(
             f"{folder} has a text encoder: install transformers to load it (pip install {TRANSFORMERS_REQUIREMENT})"
         ) from err
-    root = Path(folder)
     if not (root / "tokenizer").is_dir():
         raise MissingFileError(f"{root / 'tokenizer'} is missing: text_encoder/ needs its tokenizer/ beside it")
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(
+        root / "text_encoder", use_safetensors=True, local_files_only=True,
+        variant=weights_variant(root / "text_encoder", variant, stem="model"), dtype=torch_dtype(dtype))
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     return text_encoder.eval().requires_grad_(False), tokenizer
 
 
 def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None) -> ModelComponents:
     """The optional FP components of the folder a model config points at (`folder`, when the caller has
-    resolved it already). `model.latent_scale` (if set) overrides the VAE config's scaling_factor:
+    resolved it already): those its model_index.json lists (or, without one, whose folders exist), with
+    model.variant and model.dtype. `model.latent_scale` (if set) overrides the VAE config's scaling_factor:
     diffusers' VQModel config defaults it to SD's 0.18215, while the CompVis VQ LDMs were trained on
     unscaled latents (scale 1.0)."""
     folder = model_folder(model_cfg) if folder is None else folder
+    layout = read_layout(folder)
+    options = {"variant": model_cfg.get("variant"), "dtype": model_cfg.get("dtype")}
     vae = latent_scale = text_encoder = tokenizer = class_embeddings = None
-    if (folder / "vae").is_dir():
-        vae = load_vae(folder)
+    if layout.has_component("vae"):
+        vae = load_vae(folder, **options)
         configured = model_cfg.get("latent_scale")
         latent_scale = float(configured if configured is not None else vae.config.get("scaling_factor", 1.0))
         if latent_scale <= 0:
             raise UserError(f"model.latent_scale must be > 0, got {latent_scale}")
     elif model_cfg.get("latent_scale") is not None:
         raise UserError(f"model.latent_scale is set but {folder} has no vae/ (a pixel-space model)")
-    if (folder / "text_encoder").is_dir():
-        text_encoder, tokenizer = load_text_encoder(folder)
+    if layout.has_component("text_encoder"):
+        text_encoder, tokenizer = load_text_encoder(folder, **options)
     if (folder / CLASS_EMBEDDINGS_FILE).is_file():
         tensors = load_file(str(folder / CLASS_EMBEDDINGS_FILE))
         if "weight" not in tensors or tensors["weight"].ndim != 2:

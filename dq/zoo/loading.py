@@ -1,8 +1,11 @@
 """Loading a diffusion model for dq: the embedded digits DDPM shipped in this package, any diffusers
-model folder on disk (offline; `save_pretrained` layout: `unet/` and `scheduler/`, or a flat UNet repo with
-`config.json` and `scheduler_config.json` at its root), or a hub checkpoint already in the local HF cache.
+model folder on disk (offline), or a hub checkpoint already in the local HF cache. A folder is read as
+diffusers reads it: through its `model_index.json` when it has one (a pipeline download), else `unet/` (or
+`transformer/`) beside `scheduler/`, or a flat UNet repo with `config.json` and `scheduler_config.json` at
+its root. Weights are one safetensors file, or shards with their `*.safetensors.index.json`, or a
+`fp16`/`bf16` variant of either (model.variant; read by itself when it is all the folder holds).
 
-    unet, scheduler = load_model_folder(model_folder(cfg.model))   # the folder-level parts; dq.zoo.load_model
+    unet, scheduler = load_model_folder(model_folder(cfg.model), variant=None, dtype=None)  # dq.zoo.load_model
                                                                     # (dq/zoo/bundle.py) loads everything at once
 
 Weights load from safetensors only and configs from JSON, so loading never executes code from the folder.
@@ -10,17 +13,20 @@ Weights load from safetensors only and configs from JSON, so loading never execu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import diffusers
+import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dq.arch import DENOISER_CLASSES, set_attention_heads
-from dq.errors import MissingFileError, UserError
+from dq.errors import MissingFileError, UnsupportedError, UserError
 from dq.io import read_json_object
 from dq.sampling.config import SamplerConfig
 
@@ -28,44 +34,147 @@ EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
 # the packaged models by model.embedded: the digits UNet (the default) and the class-conditional digits DiT
 EMBEDDED_MODELS = {"unet": EMBEDDED_MODEL_DIR, "dit": Path(__file__).resolve().parent / "embedded_dit"}
 MODEL_SOURCES = ("embedded", "local", "hub")
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+MODEL_INDEX = "model_index.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # the weights' file stem of diffusers models; transformers': "model"
+UNET_WEIGHTS = f"{DIFFUSERS_WEIGHTS}.safetensors"
+VARIANTS = ("fp16", "bf16")  # the weight variants the hub repos ship beside (or instead of) the full weights
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DENOISER_FOLDERS = ("unet", "transformer")
 ATTENTION_HEADS_FILE = "attention_heads.json"  # per-layer head counts UNet2DModel's config cannot express
+log = logging.getLogger("dq.zoo")
 
 
-def denoiser_dir(root: Path) -> Path:
-    """The denoiser's folder in a model folder: `unet/`, `transformer/` (DiT, PixArt pipelines), or the
-    root itself for a flat repo (config.json + scheduler_config.json at the root, as google/ddpm-*)."""
-    for name in ("unet", "transformer"):
-        if (root / name).is_dir():
-            return Path(name)
-    if (root / "config.json").is_file() and (root / "scheduler_config.json").is_file():
-        return Path(".")
-    return Path("unet")
+@dataclass(frozen=True)
+class FolderLayout:
+    """Where the parts of a model folder are, read from its model_index.json when it has one."""
+
+    root: Path
+    denoiser: Path  # the denoiser's folder relative to root: unet/, transformer/ or . (a flat repo)
+    scheduler: Path  # the scheduler's folder relative to root (scheduler/, or . for a flat repo)
+    index: dict[str, Any] | None = None  # model_index.json, when the folder has one
+
+    @property
+    def pipeline_class(self) -> str | None:
+        """The pipeline class model_index.json names (e.g. StableDiffusionPipeline), or None."""
+        return None if self.index is None else self.index.get("_class_name")
+
+    def has_component(self, name: str) -> bool:
+        """Whether the folder holds component `name` (vae, text_encoder, ...): its folder exists and
+        model_index.json, when there is one, does not list it as absent ([null, null])."""
+        if not (self.root / name).is_dir():
+            return False
+        entry = None if self.index is None else self.index.get(name)
+        return not (isinstance(entry, list) and entry and entry[0] is None)
 
 
-def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
-    """(denoiser, scheduler) from a diffusers model folder: `unet/` (or `transformer/`) with config.json and
-    {UNET_WEIGHTS}, and `scheduler/scheduler_config.json`, as `save_pretrained` (or a downloaded
-    pipeline) lays them out.
-
-    ValueError naming the missing or malformed part when the folder does not have that layout.
-    """
+def read_layout(path: str | Path) -> FolderLayout:
+    """The layout of a model folder: with model_index.json (a pipeline as DiffusionPipeline.save_pretrained
+    or a hub download writes it), the denoiser is the entry of `unet` or `transformer` that names a class
+    dq quantizes; without, unet/ or transformer/ beside scheduler/, or a flat repo (config.json +
+    scheduler_config.json at the root, as google/ddpm-*)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"model folder {root} does not exist or is not a directory")
-    layout_hint = ("expected unet/ (or transformer/) and scheduler/ as the model's save_pretrained and "
-                   "SchedulerMixin.save_pretrained write them")
-    unet_dir = denoiser_dir(root)
-    scheduler_dir = Path(".") if unet_dir == Path(".") else Path("scheduler")
-    missing = [
-        str(part)
-        for part in (unet_dir / "config.json", unet_dir / UNET_WEIGHTS, scheduler_dir / "scheduler_config.json")
-        if not (root / part).is_file()
-    ]
+    if (root / MODEL_INDEX).is_file():
+        index = read_json_object(root / MODEL_INDEX, "pipeline index")
+        named = {key: index[key] for key in DENOISER_FOLDERS if isinstance(index.get(key), list)}
+        if not named:
+            raise UnsupportedError(f"{root / MODEL_INDEX} ({index.get('_class_name')}) names no unet or transformer; "
+                                   f"dq quantizes the denoisers {sorted(DENOISER_CLASSES)}")
+        key, (_, class_name) = next(iter(named.items()))
+        if class_name not in DENOISER_CLASSES:
+            raise UnsupportedError(f"{root / MODEL_INDEX} names {key}: {class_name}, which dq does not quantize; "
+                                   f"it knows {sorted(DENOISER_CLASSES)}")
+        return FolderLayout(root, Path(key), Path("scheduler"), index)
+    for name in DENOISER_FOLDERS:
+        if (root / name).is_dir():
+            return FolderLayout(root, Path(name), Path("scheduler"))
+    if (root / "config.json").is_file() and (root / "scheduler_config.json").is_file():
+        return FolderLayout(root, Path("."), Path("."))
+    return FolderLayout(root, Path("unet"), Path("scheduler"))
+
+
+def denoiser_dir(root: Path) -> Path:
+    """The denoiser's folder in a model folder, relative to it (see `read_layout`)."""
+    return read_layout(root).denoiser
+
+
+def weights_variant(folder: Path, variant: str | None = None, stem: str = DIFFUSERS_WEIGHTS) -> str | None:
+    """The variant to load the safetensors weights of component folder `folder` with: one file
+    `{stem}.safetensors` or shards listed by `{stem}.safetensors.index.json`, or the same of a variant
+    (`{stem}.fp16.safetensors`, `{stem}.safetensors.index.fp16.json` and its shards). variant=None reads the
+    full weights, or the one variant the folder holds when it holds only that; a variant the folder lacks
+    falls back to its full weights (as diffusers' pipelines do), with a log line. UserError naming the folder
+    when it holds no safetensors weights, several variants and no choice, or an index whose shards are missing."""
+    if variant is not None and variant not in VARIANTS:
+        raise UserError(f"model.variant must be one of {VARIANTS} or null, got {variant!r}")
+    found = _weight_variants(folder, stem)
+    if variant is None or variant not in found:
+        if None not in found:
+            others = sorted(v for v in found if v is not None)
+            if variant is None and len(others) == 1:
+                log.info("dq: %s holds only %s weights: loading those", folder, others[0])
+                variant = others[0]
+            elif others:
+                asked = "" if variant is None else f"no {variant} weights and "
+                raise UserError(f"{folder} holds {asked}the variants {others} only; choose one with model.variant")
+            else:
+                pickled = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+                note = f" (found {pickled}: pickle weights are not loaded, convert them to safetensors)" if pickled else ""
+                raise MissingFileError(f"{folder} has no {stem}.safetensors (nor sharded with "
+                                       f"{stem}.safetensors.index.json, nor a {'/'.join(VARIANTS)} variant){note}")
+        elif variant is not None:
+            log.info("dq: %s has no %s weights: loading its full-precision %s", folder, variant, stem)
+            variant = None
+    index = found[variant]
+    if index is not None:
+        weight_map = read_json_object(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"weights index {index} has no weight_map")
+        missing = sorted({str(f) for f in weight_map.values()} - {p.name for p in folder.iterdir()})
+        if missing:
+            raise MissingFileError(f"{index} lists shards that are not in {folder}: {missing[:4]}")
+    return variant
+
+
+def _weight_variants(folder: Path, stem: str) -> dict[str | None, Path | None]:
+    """{variant (None: the full weights): its index file, or None for one weights file} in `folder`."""
+    found: dict[str | None, Path | None] = {}
+    for variant in (None, *VARIANTS):
+        tag = "" if variant is None else f".{variant}"
+        if (folder / f"{stem}{tag}.safetensors").is_file():
+            found[variant] = None
+        elif (folder / f"{stem}.safetensors.index{tag}.json").is_file():
+            found[variant] = folder / f"{stem}.safetensors.index{tag}.json"
+    return found
+
+
+def torch_dtype(name: str | None) -> torch.dtype:
+    """The dtype of model.dtype (null: float32, which dq trains in)."""
+    if name is None:
+        return torch.float32
+    if str(name) not in DTYPES:
+        raise UserError(f"model.dtype must be one of {sorted(DTYPES)} or null, got {name!r}")
+    return DTYPES[str(name)]
+
+
+def load_model_folder(path: str | Path, *, variant: str | None = None, dtype: str | None = None
+                      ) -> tuple[nn.Module, SchedulerMixin]:
+    """(denoiser, scheduler) from a diffusers model folder (`read_layout`): the denoiser's config.json and
+    safetensors weights (one file, sharded with an index, or a fp16/bf16 variant: `weights_variant`), and
+    the scheduler's scheduler_config.json. dtype: the denoiser's (model.dtype; null: float32).
+
+    UserError naming the missing or malformed part when the folder does not have that layout.
+    """
+    layout = read_layout(path)
+    root, unet_dir, scheduler_dir = layout.root, layout.denoiser, layout.scheduler
+    layout_hint = (f"expected {MODEL_INDEX} or unet/ (or transformer/) and scheduler/ as the pipeline's "
+                   "save_pretrained writes them")
+    missing = [str(part) for part in (unet_dir / "config.json", scheduler_dir / "scheduler_config.json")
+               if not (root / part).is_file()]
     if missing:
-        pickled = sorted(p.name for p in (root / unet_dir).glob("*.bin")) if (root / unet_dir).is_dir() else []
-        note = f" (found {pickled}: pickle weights are not loaded, convert them to safetensors)" if pickled else ""
-        raise UserError(f"model folder {root} is missing {missing}{note}; {layout_hint}")
+        raise MissingFileError(f"model folder {root} is missing {missing}; {layout_hint}")
+    variant = weights_variant(root / unet_dir, variant)
 
     unet_config = read_json_object(root / unet_dir / "config.json", "denoiser config")
     unet_class_name = unet_config.get("_class_name")
@@ -73,9 +182,14 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
         raise UserError(
             f"{root / unet_dir / 'config.json'} has _class_name {unet_class_name!r}; expected one of {sorted(DENOISER_CLASSES)}"
         )
+    indexed = (layout.index or {}).get(str(unet_dir), [None, unet_class_name])[1]
+    if indexed != unet_class_name:
+        raise UserError(f"{root / MODEL_INDEX} names {unet_dir}: {indexed}, but {root / unet_dir / 'config.json'} "
+                        f"is a {unet_class_name}")
     scheduler_file = root / scheduler_dir / "scheduler_config.json"
     scheduler_config = read_json_object(scheduler_file, "scheduler config")
-    scheduler_class_name = scheduler_config.get("_class_name")
+    # a pipeline's index names the scheduler class it runs (diffusers loads that one); else the config's own
+    scheduler_class_name = (layout.index or {}).get("scheduler", [None, scheduler_config.get("_class_name")])[1]
     scheduler_class = getattr(diffusers, str(scheduler_class_name), None)
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
         raise UserError(
@@ -86,7 +200,8 @@ def load_model_folder(path: str | Path) -> tuple[nn.Module, SchedulerMixin]:
         raise UserError(f"{scheduler_file} has no num_train_timesteps")
 
     unet = DENOISER_CLASSES[unet_class_name].from_pretrained(
-        root / unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False  # no `accelerate` needed
+        root / unet_dir, use_safetensors=True, local_files_only=True, variant=variant, dtype=torch_dtype(dtype),
+        low_cpu_mem_usage=False,  # no `accelerate` needed
     )
     heads_file = root / unet_dir / ATTENTION_HEADS_FILE
     if heads_file.is_file():

@@ -54,7 +54,7 @@ def test_hydra_model_local_without_path_fails_clearly():
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [
-        (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").unlink(), r"missing \['unet/diffusion_pytorch_model.safetensors'\]"),
+        (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").unlink(), r"unet has no diffusion_pytorch_model.safetensors \(nor sharded"),
         (lambda f: (f / "scheduler" / "scheduler_config.json").unlink(), r"missing \['scheduler/scheduler_config.json'\]"),
         (lambda f: (f / "unet" / "config.json").write_text("{not json"), r"unet/config.json is not valid JSON"),
         (lambda f: _edit_json(f / "unet" / "config.json", _class_name="VQModel"), r"_class_name 'VQModel'"),
@@ -110,3 +110,119 @@ def test_transformer_folder_of_a_dit_pipeline_loads(tmp_path, ddpm_scheduler):
 def test_unknown_embedded_model_is_refused():
     with pytest.raises(ValueError, match="model.embedded must be one of"):
         load_model({"source": "embedded", "embedded": "vit", "sampler": {"num_steps": 4}})
+
+
+# ---------------------------------------------------------------- pipeline folders in the hub repos' layouts
+
+
+@pytest.fixture(scope="module")
+def sd15_folders(tmp_path_factory):
+    """{"sharded": SD 1.5 pipeline folder, UNet in 3 shards + index; "fp16": the fp16 variant files only}."""
+    from tests.zoo.real_layouts import write_sd15
+
+    root = tmp_path_factory.mktemp("sd15")
+    return {"sharded": write_sd15(root / "sharded"), "fp16": write_sd15(root / "fp16", variant="fp16")}
+
+
+def sd15_cfg(folder, **extra):
+    return OmegaConf.create({"source": "local", "path": str(folder), "conditioning": {"prompts_file": str(folder / "prompts.txt")},
+                             "sampler": {"name": "plms", "num_steps": 4, "spacing": "uniform", "guidance_scale": 7.5},
+                             **extra})
+
+
+@pytest.mark.parametrize("kind", ["sharded", "fp16"])
+def test_pipeline_folder_loads_as_diffusers_loads_it(sd15_folders, kind):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from tests.zoo.real_layouts import PROMPTS
+
+    folder = sd15_folders[kind]
+    unet_files = sorted(p.name for p in (folder / "unet").iterdir())
+    if kind == "sharded":  # the layout is the real one: shards and their index, no single weights file
+        assert "diffusion_pytorch_model.safetensors.index.json" in unet_files and len(unet_files) == 5
+    else:
+        assert unet_files == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    loaded = load_model(sd15_cfg(folder))
+    variant = None if kind == "sharded" else "fp16"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, variant=variant, dtype=torch.float32,
+                                                   local_files_only=True, safety_checker=None)
+    assert type(loaded.unet).__name__ == "UNet2DConditionModel" and isinstance(loaded.scheduler, PNDMScheduler)
+    for name, tensor in pipe.unet.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(loaded.unet.state_dict()[name], tensor), name
+    for name, tensor in pipe.vae.state_dict().items():
+        assert torch.equal(loaded.components.vae.state_dict()[name], tensor), name
+    # the prompts as the pipeline's own encode_prompt embeds them, and its empty prompt for guidance
+    cond, uncond = pipe.encode_prompt(list(PROMPTS), "cpu", 1, True, negative_prompt=[""] * len(PROMPTS))
+    assert torch.equal(loaded.conditioning.prompt_embeds, cond) and torch.equal(loaded.conditioning.uncond_embeds, uncond[:1])
+
+
+def test_a_folder_holding_only_a_variant_says_it_loads_that(sd15_folders, caplog):
+    with caplog.at_level("INFO", logger="dq.zoo"):
+        load_model_folder(sd15_folders["fp16"])
+    assert f"{sd15_folders['fp16'] / 'unet'} holds only fp16 weights: loading those" in caplog.text
+
+
+def test_dtype_loads_every_part_in_it(sd15_folders):
+    loaded = load_model(sd15_cfg(sd15_folders["fp16"], dtype="bfloat16"))
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.components.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.components.text_encoder.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match=r"model.dtype must be one of \['bfloat16', 'float16', 'float32'\] or null, got 'half'"):
+        load_model_folder(sd15_folders["fp16"], dtype="half")
+
+
+def test_two_variants_need_a_choice(tmp_path, tiny_unet, ddpm_scheduler):
+    folder = tmp_path / "model"
+    tiny_unet.half().save_pretrained(folder / "unet", variant="fp16")
+    tiny_unet.bfloat16().save_pretrained(folder / "unet", variant="bf16", max_shard_size="20KB")
+    ddpm_scheduler.save_pretrained(folder / "scheduler")
+    with pytest.raises(ValueError, match=r"unet holds the variants \['bf16', 'fp16'\] only; choose one with model.variant"):
+        load_model_folder(folder)
+    unet, _ = load_model_folder(folder, variant="bf16")  # the sharded bf16 copy
+    assert all(torch.equal(unet.state_dict()[k], v.float()) for k, v in tiny_unet.bfloat16().state_dict().items())
+    with pytest.raises(ValueError, match=r"model.variant must be one of \('fp16', 'bf16'\) or null, got 'int8'"):
+        load_model_folder(folder, variant="int8")
+
+
+def test_asked_variant_missing_falls_back_to_the_full_weights_and_says_so(sd15_folders, caplog):
+    with caplog.at_level("INFO", logger="dq.zoo"):
+        unet, _ = load_model_folder(sd15_folders["sharded"], variant="fp16")
+    assert "unet has no fp16 weights: loading its full-precision diffusion_pytorch_model" in caplog.text
+    assert next(unet.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda f: (f / "unet" / "diffusion_pytorch_model-00002-of-00003.safetensors").unlink(),
+         r"unet/diffusion_pytorch_model.safetensors.index.json lists shards that are not in .*unet: "
+         r"\['diffusion_pytorch_model-00002-of-00003.safetensors'\]"),
+        (lambda f: _edit_json(f / "model_index.json", unet=["diffusers", "UNet3DConditionModel"]),
+         r"model_index.json names unet: UNet3DConditionModel, which dq does not quantize"),
+        (lambda f: _edit_json(f / "model_index.json", unet=["diffusers", "UNet2DModel"]),
+         r"model_index.json names unet: UNet2DModel, but .*unet/config.json is a UNet2DConditionModel"),
+        (lambda f: _edit_json(f / "model_index.json", unet=None, transformer=None, prior=["diffusers", "PriorTransformer"]),
+         r"model_index.json \(StableDiffusionPipeline\) names no unet or transformer"),
+        (lambda f: _edit_json(f / "text_encoder" / "config.json", architectures=["T5EncoderModel"]),
+         r"text_encoder holds T5EncoderModel; dq encodes prompts with a CLIPTextModel only so far"),
+    ],
+    ids=["missing-shard", "unknown-denoiser", "index-disagrees", "no-denoiser", "t5-encoder"],
+)
+def test_broken_pipeline_folder_fails_in_one_line_naming_it(sd15_folders, tmp_path, breakage, message):
+    import shutil
+
+    folder = shutil.copytree(sd15_folders["sharded"], tmp_path / "copy")
+    breakage(folder)
+    with pytest.raises(ValueError, match=message) as error:
+        load_model(sd15_cfg(folder))
+    assert "\n" not in str(error.value)
+
+
+def test_a_component_the_index_lists_as_absent_is_not_loaded(sd15_folders, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(sd15_folders["sharded"], tmp_path / "copy")
+    _edit_json(folder / "model_index.json", text_encoder=[None, None], tokenizer=[None, None])
+    cfg = sd15_cfg(folder)
+    cfg.conditioning.prompts_file = None
+    assert load_model(cfg).components.text_encoder is None
