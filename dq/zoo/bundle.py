@@ -22,7 +22,8 @@ from torch import nn
 from dq.sampling.config import SamplerConfig
 from dq.zoo.components import ModelComponents, load_components
 from dq.zoo.conditioning import ModelConditioning, model_conditioning
-from dq.zoo.loading import load_model_folder, model_folder, model_sampler
+from dq.zoo.families import family_sampler
+from dq.zoo.loading import load_model_folder, model_folder, model_sampler, read_layout
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,15 @@ class ModelBundle:
 
 def load_model(model_cfg: Mapping[str, Any], *, prompt_limit: int | None = None) -> ModelBundle:
     """Everything of a model config (source, path / repo_id, variant, dtype, sampler, conditioning,
-    latent_scale), from
-    one resolution of its folder. prompt_limit: encode only the first prompts of a text model (sample k
+    latent_scale), from one resolution of its folder; a model.sampler setting left null is the folder's own
+    pipeline's (`dq.zoo.families`). prompt_limit: encode only the first prompts of a text model (sample k
     uses prompt k % P, so P = the number of samples gives the same tensors)."""
     folder = model_folder(model_cfg)
-    sampler = model_sampler(model_cfg)
     unet, scheduler = load_model_folder(folder, variant=model_cfg.get("variant"), dtype=model_cfg.get("dtype"))
     components = load_components(model_cfg, folder)
     conditioning = model_conditioning(model_cfg, components, limit=prompt_limit)
+    defaults, reason = family_sampler(read_layout(folder).pipeline_class, scheduler,
+                                      text_conditional=conditioning.prompt_embeds is not None
+                                      and conditioning.num_classes is None, denoiser_config=unet.config)
+    sampler = model_sampler(model_cfg, defaults, reason)
     return ModelBundle(folder, unet, scheduler, sampler, components, conditioning)

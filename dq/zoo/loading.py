@@ -260,12 +260,21 @@ def hub_snapshot(repo_id: str | None, revision: str | None = None) -> Path:
         ) from err
 
 
-def model_sampler(model_cfg: Mapping[str, Any]) -> SamplerConfig:
-    """The sampler settings of a model config (`model.sampler`)."""
+def model_sampler(model_cfg: Mapping[str, Any], defaults: Mapping[str, Any] | None = None,
+                  reason: str | None = None) -> SamplerConfig:
+    """The sampler settings of a model config (`model.sampler`); a setting left null takes its value from
+    `defaults` (the folder's own pipeline's: `dq.zoo.families.family_sampler`), said in one log line."""
     sampler_cfg = model_cfg.get("sampler")
     if sampler_cfg is None:
         raise UserError("the model config has no `sampler` settings (name, num_steps, eta, spacing, guidance_scale)")
-    return SamplerConfig.from_mapping(sampler_cfg)
+    values = dict(sampler_cfg)
+    filled = {k: v for k, v in (defaults or {}).items() if values.get(k) is None and v is not None}
+    values.update(filled)
+    values = {k: v for k, v in values.items() if v is not None or k in ("guidance_scale", "shift")}
+    if filled:
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in filled.items())
+        log.info("dq: sampler from the folder (%s): %s; set model.sampler.<key> to change", reason, shown)
+    return SamplerConfig.from_mapping(values)
 
 
 def _value(model_cfg: Mapping[str, Any], key: str) -> Any:

@@ -226,3 +226,16 @@ def test_a_component_the_index_lists_as_absent_is_not_loaded(sd15_folders, tmp_p
     cfg = sd15_cfg(folder)
     cfg.conditioning.prompts_file = None
     assert load_model(cfg).components.text_encoder is None
+
+
+def test_model_local_samples_a_pipeline_folder_as_its_pipeline_does(sd15_folders, caplog):
+    folder = sd15_folders["sharded"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=local", f"model.path={folder}",
+                                                       f"model.conditioning.prompts_file={folder / 'prompts.txt'}"])
+    with caplog.at_level("INFO", logger="dq.zoo"):
+        sampler = load_model(cfg.model).sampler
+    assert sampler == SamplerConfig(name="plms", num_steps=50, spacing="uniform", guidance_scale=7.5)
+    picked = [m for m in caplog.messages if m.startswith("dq: sampler from the folder")]
+    assert picked == ["dq: sampler from the folder (StableDiffusionPipeline's 50 steps, guidance 7.5 (PNDMScheduler)): "
+                      "name=plms num_steps=50 spacing=uniform guidance_scale=7.5; set model.sampler.<key> to change"]
