@@ -101,7 +101,7 @@ def check_config(cfg: DictConfig) -> None:
     config_int(cfg, "data.num_samples", minimum=1)
     config_int(cfg, "data.num_trajectories", minimum=1, optional=True)
     config_int(cfg, "method.tpq_groups", minimum=1, optional=True)
-    config_int(cfg, "model.sampler.num_steps", minimum=1)
+    config_int(cfg, "model.sampler.num_steps", minimum=1, optional=True)  # null: the folder's pipeline's
     distill_config(cfg)
 
 
