@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, whole_model: bool) -> dict:
     unet = build(args.arch)
     config = QuantConfig(weight_bits=4, act_bits=4, num_steps=args.steps, num_groups=args.steps)
     distill = DistillConfig(iters_per_block=args.iters, batch_size=args.batch, capture_batch_size=args.capture_batch,
-                            whole_model=whole_model, cache_device=args.cache_device,
+                            whole_model=whole_model, end_to_end_iters=0, cache_device=args.cache_device,
                             teacher_precision=args.teacher_precision, compile=args.compile)
     distiller = BlockDistiller(unet, config, distill, _calibration(unet, args.samples, args.steps))
     total_blocks = 1 if whole_model else len(candidate_blocks(distiller.student))

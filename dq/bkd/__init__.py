@@ -1,4 +1,4 @@
-"""Block-wise Knowledge Distillation (METHOD.md §4): blocks in execution order, the BlockDistiller
+"""Block-wise Knowledge Distillation (docs/method.md §4): blocks in execution order, the BlockDistiller
 LightningModule (FP teacher + quantized student, which runs the block lifecycle), and the callbacks that
 observe it."""
 
@@ -8,10 +8,10 @@ from dq.bkd.distiller import (
     BlockDistiller,
     BlockState,
     DistillConfig,
-    batch_indices,
     choose_cache_device,
     training_blocks,
 )
+from dq.bkd.schedule import GROUP_SCHEDULES, TimestepGroupSchedule, batch_indices
 
 __all__ = [
     "BlockCheckpoint",
@@ -19,7 +19,9 @@ __all__ = [
     "BlockProgressBar",
     "BlockState",
     "DistillConfig",
+    "GROUP_SCHEDULES",
     "TPQRangeLogger",
+    "TimestepGroupSchedule",
     "batch_indices",
     "candidate_blocks",
     "capture_block",

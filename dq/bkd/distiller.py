@@ -1,4 +1,4 @@
-"""BlockDistiller: the LightningModule of DilateQuant training (METHOD.md §4, eq. 15).
+"""BlockDistiller: the LightningModule of DilateQuant training (docs/method.md §4, eq. 15).
 
 It holds the frozen FP teacher and the quantized student. Block k is trained on
 
@@ -47,6 +47,7 @@ from dq.bkd.blocks import (
     nbytes_of,
     same_block_io,
 )
+from dq.bkd.schedule import TimestepGroupSchedule, check_group_schedule
 from dq.config_values import check_field_types
 from dq.errors import UserError
 from dq.quant import (
@@ -58,6 +59,7 @@ from dq.quant import (
     calibrate_activations,
     quantize_model,
     step_context,
+    step_groups,
     tpq_num_steps,
 )
 from dq.resume import IDENTITY_KEY, fault_point, phase
@@ -66,6 +68,7 @@ from dq.sampling import unet_forward
 log = logging.getLogger(__name__)
 
 TEACHER_PRECISIONS = ("fp32", "bf16")
+DEFAULT_END_TO_END_ITERS = 300  # the stage's length in the recipe (W4A4 +0.9 dB over BKD alone: docs/results)
 _CACHE_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
@@ -96,9 +99,10 @@ class DistillConfig:
       either way.
     """
 
-    iters_per_block: int = 200
+    # The defaults are the recipe conf/method/dilatequant.yaml runs (a test checks that they agree): the
+    # learning rates chosen by bench/defaults_sweep.py, 480 iterations a block, then the end-to-end stage.
+    iters_per_block: int = 480
     batch_size: int = 32
-    # the learning rates of conf/method/dilatequant.yaml, chosen by bench/defaults_sweep.py
     lr_weights: float = 1e-4  # Adam on the raw weights (STE)
     lr_quant: float = 1e-2  # Adam on each step size Δ, relative to its magnitude (fraction of |Δ| per step)
     lr_zero_point: float = 1e-1  # Adam on zero points, in grid codes per step
@@ -116,14 +120,19 @@ class DistillConfig:
     replay_cache_mb: float = 1024.0  # host memory for trained blocks' outputs replayed in later prefix passes
     act_drop: float = 0.0  # training steps: each activation element skips its quantizer with this probability
     # after the last block, the whole student distilled on the model output (eq. 15 with the model as the
-    # block) for this many iterations (0 = BKD only), with learning rates of its own (same units as above)
-    end_to_end_iters: int = 0
+    # block) for this many iterations (0 = BKD only), with learning rates of its own (same units as above);
+    # None = the recipe's 300 after trained blocks, 0 when no block is trained (PTQ) or with whole_model
+    end_to_end_iters: int | None = None
     end_to_end_lr_weights: float = 3e-5
     end_to_end_lr_quant: float = 3e-4
     end_to_end_lr_zero_point: float = 3e-3
+    group_schedule: str = "uniform"  # the TPQ timestep-group schedule of the batches (dq.bkd.schedule)
 
     def __post_init__(self) -> None:
         check_field_types(self, "method.distill.")
+        if self.end_to_end_iters is None:
+            stage = DEFAULT_END_TO_END_ITERS if self.iters_per_block > 0 and not self.whole_model else 0
+            object.__setattr__(self, "end_to_end_iters", stage)
         if self.iters_per_block < 0:
             raise UserError(f"iters_per_block must be >= 0, got {self.iters_per_block}")
         if self.batch_size < 1 or self.capture_batch_size < 1:
@@ -158,6 +167,7 @@ class DistillConfig:
                             "iters_per_block > 0 and whole_model false (set it to 0 for PTQ and end-to-end QAT)")
         if not 0.0 <= self.act_drop < 1.0:
             raise UserError(f"act_drop must lie in [0, 1), got {self.act_drop}")
+        check_group_schedule(self.group_schedule)
         if self.teacher_precision not in TEACHER_PRECISIONS:
             allowed = ", ".join(TEACHER_PRECISIONS)
             raise UserError(f"teacher_precision must be one of {allowed}, got {self.teacher_precision!r}")
@@ -188,12 +198,6 @@ def free_gpu_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def batch_indices(seed: int, block: int, iteration: int, num_samples: int, batch_size: int) -> torch.Tensor:
-    """The calibration rows of one BKD iteration: int64 [batch_size], a pure function of its arguments."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + block) * 1_000_003 + iteration)
-    return torch.randint(num_samples, (batch_size,), generator=generator)
-
-
 @dataclass
 class BlockState:
     """Progress of BKD; everything here goes into the Lightning checkpoint."""
@@ -205,16 +209,17 @@ class BlockState:
 
 
 class BlockBatches:
-    """The training data of BKD: for iteration i of block k, the calibration rows batch_indices(seed, k, i)
-    and their TPQ step indices, {"index": int64 [B], "step": int64 [B]}.
+    """The training data of BKD: for iteration i of block k, the calibration rows the timestep-group
+    schedule gives (`TimestepGroupSchedule.rows`; "uniform": batch_indices(seed, k, i)) and their TPQ step
+    indices, {"index": int64 [B], "step": int64 [B]}.
 
     Each pass yields the current block's remaining iterations, from the cursor (a BlockState the
     distiller advances and restores from its checkpoint), so a resumed run gets exactly the batches that
     were left (rows are a pure function of seed, block and iteration)."""
 
-    def __init__(self, steps: torch.Tensor, seed: int, batch_size: int, block_iters: list[int],
-                 cursor: BlockState) -> None:
-        self.steps, self.seed, self.batch_size = steps, seed, batch_size
+    def __init__(self, steps: torch.Tensor, schedule: TimestepGroupSchedule, batch_size: int,
+                 block_iters: list[int], cursor: BlockState) -> None:
+        self.steps, self.schedule, self.batch_size = steps, schedule, batch_size
         self.block_iters, self.cursor = block_iters, cursor
 
     def __len__(self) -> int:
@@ -225,7 +230,7 @@ class BlockBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         block, start = self.cursor.block, self.cursor.iteration
         for iteration in range(start, self.block_iters[block]):
-            rows = batch_indices(self.seed, block, iteration, len(self.steps), self.batch_size)
+            rows = self.schedule.rows(block, iteration, self.batch_size)
             yield {"index": rows, "step": self.steps[rows]}
 
     # Lightning treats loaders with these as resumable; the position lives in the cursor
@@ -263,6 +268,9 @@ class BlockDistiller(L.LightningModule):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = quantize_model(teacher, quant_config).eval().requires_grad_(True)
         self.distill = distill
+        self.quant_config = quant_config
+        # which TPQ groups each batch draws; a callback (configure_callbacks) that sets itself here in setup
+        self.group_schedule = TimestepGroupSchedule(distill.group_schedule, seed)
         self.calibration_source = calibration
         self.calibration: dict[str, torch.Tensor] = {}
         self.num_samples = 0
@@ -655,8 +663,14 @@ class BlockDistiller(L.LightningModule):
             elif not prefix or quantizer.startswith(prefix):
                 group["base_lr"] = lr_quant * float(group["params"][0].detach().abs().mean())
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The TPQ timestep-group schedule (method.distill.group_schedule), a callback that the batches follow."""
+        return [self.group_schedule]
+
     def train_dataloader(self) -> BlockBatches:
-        return BlockBatches(self.calibration["step"], self.seed, self.distill.batch_size,
+        steps = self.calibration["step"]
+        self.group_schedule.bind(steps, step_groups(self.quant_config.num_steps, self.quant_config.num_groups))
+        return BlockBatches(steps, self.group_schedule, self.distill.batch_size,
                             [self.block_iters(k) for k in range(len(self.blocks))], self.state)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import hydra
 import lightning as L
 import numpy as np
 import torch
@@ -48,6 +47,7 @@ from dq.metrics.ssim import ssim_window
 from dq.quant import load_quant_state, quant_config, timestep_keying
 from dq.quant.timesteps import POLICIES
 from dq.sampling import SamplerConfig, check_student_steps, key_by_trained_sampler, planned_timesteps
+from dq.tracking import close_logger, open_logger
 from dq.zoo import ModelComponents, ModelConditioning, load_model, model_folder, to_images
 
 METRICS_VERSION = 1
@@ -408,7 +408,7 @@ def _log(cfg: DictConfig, figures: dict[str, Any], protocol: dict[str, Any], gri
     """The figures, the protocol and the sample grid to the configured Lightning logger."""
     if cfg.get("logger") is None:
         return
-    logger = hydra.utils.instantiate(cfg.logger)
+    logger = open_logger(cfg, "evaluate")  # a W&B run: named, grouped by sweep, the resolved config as its config
     logger.log_hyperparams({"protocol": protocol})
     logger.log_metrics({f"eval/{k}": v for k, v in figures.items() if isinstance(v, (int, float))}, step=0)
     if hasattr(logger, "log_image"):  # W&B
@@ -416,9 +416,7 @@ def _log(cfg: DictConfig, figures: dict[str, Any], protocol: dict[str, Any], gri
     elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
         pixels = np.asarray(Image.open(grid))
         logger.experiment.add_image("eval/samples", pixels, 0, dataformats="HW" if pixels.ndim == 2 else "HWC")
-    logger.finalize("success")
-    if hasattr(logger, "log_image"):  # close the W&B run: the next job of a multirun must not log into it
-        logger.experiment.finish()
+    close_logger(logger, "success")  # finishes a W&B run: the next job of a multirun must not log into it
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -24,7 +24,7 @@ from dq.io import atomic_write, read_json_object
 
 METHOD_ORDER = ("fp", "ptq_minmax", "no_bkd", "no_wd", "no_tpq", "dilatequant")
 TRAINING_MARK = "†"  # marks a figure taken from results.json for lack of an evaluation
-LOWER_IS_BETTER = {"fid": True, "sfid": True, "is": False, "psnr_vs_fp": False, "ssim_vs_fp": False, "mse_vs_fp": True}
+LOWER_IS_BETTER = {"fid": True, "sfid": True, "is": False, "psnr_vs_fp": False, "psnr_mse_vs_fp": False, "psnr_median_vs_fp": False, "ssim_vs_fp": False, "mse_vs_fp": True}
 PROTOCOL_KEYS = ("backend", "num_samples", "sampler", "steps", "eta", "spacing", "guidance_scale", "seed")
 
 

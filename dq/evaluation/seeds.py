@@ -31,7 +31,8 @@ from dq.io import atomic_write, read_json_object
 from dq.metrics.kernel import KID_PROTOCOL
 
 FIGURES = (  # (results.json key, column title, scale, digits, higher is better)
-    ("psnr_vs_fp", "PSNR vs FP (dB)", 1.0, 2, True),
+    ("psnr_mse_vs_fp", "PSNR of MSE vs FP (dB)", 1.0, 2, True),  # 10·log10(1/mse): follows the mean error
+    ("psnr_vs_fp", "mean per-image PSNR (dB)", 1.0, 2, True),
     ("ssim_vs_fp", "SSIM vs FP", 1.0, 4, True),
     ("mse_vs_fp", "MSE vs FP (×1e-3)", 1e3, 3, False),
     ("kid_vs_fp", "KID vs FP (×1e-3)", 1e3, 2, False),
@@ -55,6 +56,9 @@ class SeedGroup:
         runs = self.runs
         if key == "kid_vs_fp":  # only the paired estimator's figure (earlier runs' is biased below zero)
             runs = [r for r in runs if (r.get("fidelity_protocol") or {}).get("kid") == KID_PROTOCOL]
+        if key == "psnr_mse_vs_fp":  # a function of mse_vs_fp: derived for runs that predate the figure
+            runs = [r if isinstance(r.get(key), (int, float)) or not isinstance(r.get("mse_vs_fp"), (int, float))
+                    else {**r, key: 10 * math.log10(1.0 / r["mse_vs_fp"])} for r in runs]
         return [float(r[key]) for r in runs if isinstance(r.get(key), (int, float))]
 
     def stats(self, key: str) -> tuple[float, float, int] | None:

@@ -42,7 +42,7 @@ from dq.calibration import CalibrationDataModule, calibration_cache_key
 from dq.cli import CONF_DIR, discard_if_untouched, reported_errors, run_hydra_entry
 from dq.config_values import config_bool, config_choice, config_int, config_str, known_fields
 from dq.io import atomic_write, check_writable_dir, place_file, write_json
-from dq.metrics import kernel_distance, mse, psnr, ssim, to_uint8
+from dq.metrics import fidelity_figures, kernel_distance, to_uint8
 from dq.metrics.backends import build_backend
 from dq.metrics.kernel import KID_PROTOCOL
 from dq.pretrained import STATE_FILE, save_student
@@ -137,8 +137,7 @@ def fidelity(cfg: DictConfig, model: ModelBundle, student: torch.nn.Module, out_
     shown = min(8, f.num_samples)
     grid = image_grid(torch.cat([teacher_images[:shown], student_images[:shown]]), rows=2, scale=4)
     write_png(grid, out_dir / "samples.png")  # FP row over student row
-    figures = {"psnr_vs_fp": psnr(student_images, teacher_images), "mse_vs_fp": mse(student_images, teacher_images),
-               "ssim_vs_fp": ssim(student_images, teacher_images)}
+    figures = fidelity_figures(student_images, teacher_images)
     features = fidelity_features(cfg)
     if features is not None:
         backend = build_backend(features, batch_size=f.batch_size)
@@ -317,7 +316,7 @@ def fidelity_protocol(job: Job) -> dict[str, Any]:
     return {
         "num_samples": cfg.fidelity.num_samples, "seed": fidelity_seed(cfg),
         "images": "final samples (decoded by the FP VAE for a latent model) clamped to [-1, 1], compared in "
-                  "[0, 1] units; PSNR averaged per image; SSIM with an 11x11 Gaussian window (or the image side)",
+                  "[0, 1] units; psnr_mse_vs_fp = 10 log10(1 / mse_vs_fp), psnr_vs_fp the mean and psnr_median_vs_fp the median of per-image PSNRs; SSIM with an 11x11 Gaussian window (or the image side)",
         "kid_features": fidelity_features(cfg),
         "kid": KID_PROTOCOL,
         "conditioning": job.model.conditioning.record(),
@@ -342,7 +341,8 @@ def main(cfg: DictConfig) -> None:
     if results.get("complete"):
         print(
             f"dq: {results['method']} {results['quant']} done in {results['wall_seconds']:.0f} s; "
-            f"PSNR vs FP {results['psnr_vs_fp']:.2f} dB, MSE vs FP {results['mse_vs_fp']:.5f}\n"
+            f"PSNR vs FP {results['psnr_mse_vs_fp']:.2f} dB (of the mean MSE {results['mse_vs_fp']:.5f}; mean "
+            f"per-image PSNR {results['psnr_vs_fp']:.2f} dB)\n"
             f"dq: outputs in {cfg.output_dir} (student/ for dq.load_student, student.safetensors, results.json, "
             "samples.png)"
         )

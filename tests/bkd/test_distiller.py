@@ -1,4 +1,4 @@
-"""Block-wise Knowledge Distillation (METHOD.md §4, eq. 15) on a tiny UNet: block order, the inputs and
+"""Block-wise Knowledge Distillation (docs/method.md §4, eq. 15) on a tiny UNet: block order, the inputs and
 targets of each block, one block in the graph at a time, and exact resume after an interruption."""
 
 import lightning as L
@@ -44,7 +44,7 @@ def _calibration(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _distiller(iters: int = 4, lr_weights: float = 1e-5, lr_quant: float = 1e-3, **quant) -> BlockDistiller:
     distill = DistillConfig(
-        iters_per_block=iters, batch_size=8, capture_batch_size=16, lr_weights=lr_weights, lr_quant=lr_quant
+        iters_per_block=iters, batch_size=8, capture_batch_size=16, end_to_end_iters=0, lr_weights=lr_weights, lr_quant=lr_quant
     )
     config = QuantConfig(num_steps=T, num_groups=T, **quant)
     return BlockDistiller(tiny_unet2d(), config, distill, _calibration(), seed=3)
@@ -198,7 +198,7 @@ def test_initialisation_only_calibrates_every_block():
 def test_whole_model_qat_is_one_block():
     distiller = BlockDistiller(
         tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T),
-        DistillConfig(iters_per_block=3, batch_size=8, capture_batch_size=16, whole_model=True), _calibration(),
+        DistillConfig(iters_per_block=3, batch_size=8, capture_batch_size=16, end_to_end_iters=0, whole_model=True), _calibration(),
     )
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[TPQRangeLogger()],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -239,7 +239,7 @@ def test_step_sizes_stay_positive_under_a_schedule_that_would_cross_zero(floor, 
 
 def _caches_of_every_block(target_cache_mb: float) -> tuple[list[list[str]], list]:
     """Initialise block by block (as BKD does), recording each block's cache and the teacher passes' groups."""
-    distill = DistillConfig(iters_per_block=1, batch_size=8, capture_batch_size=16, target_cache_mb=target_cache_mb)
+    distill = DistillConfig(iters_per_block=1, batch_size=8, capture_batch_size=16, end_to_end_iters=0, target_cache_mb=target_cache_mb)
     distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
     distiller.setup("fit")
     groups, caches = [], []
@@ -273,7 +273,7 @@ def test_one_teacher_pass_for_several_blocks_leaves_every_cache_unchanged():
 
 def test_initialisation_only_never_runs_the_teacher(monkeypatch):
     distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T),
-                               DistillConfig(iters_per_block=0, batch_size=8, capture_batch_size=16), _calibration())
+                               DistillConfig(iters_per_block=0, batch_size=8, capture_batch_size=16, end_to_end_iters=0), _calibration())
     distiller.setup("fit")  # orders the blocks on the teacher; after that PTQ needs only the student's inputs
     monkeypatch.setattr(distiller.teacher, "forward", lambda *a, **k: pytest.fail("the teacher ran"))
     for k in range(len(distiller.blocks)):
@@ -291,7 +291,7 @@ def test_target_cache_budget_is_checked():
 def _train_recording_caches(monkeypatch, replay_cache_mb: float, readers=None, **distill):
     """Train every block (2 iterations, a rate that moves every block) and record each block's cache and how
     many block forwards its prefix pass ran; readers: replace the traced block readers (a wrong trace)."""
-    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, lr_weights=1e-2,
+    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, end_to_end_iters=0, lr_weights=1e-2,
                             replay_cache_mb=replay_cache_mb, **distill)
     distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
     caches, calls, peak = [], [], [0]
@@ -373,7 +373,7 @@ def test_replay_leaves_conditional_unets_bitwise_unchanged(kind, caplog):
     data["x_t"] = torch.randn(N, channels, 8, 8, generator=torch.Generator().manual_seed(1))
     data["cond"] = (torch.randn(N, 3, 6, generator=torch.Generator().manual_seed(2)) if kind == "text"
                     else torch.arange(N) % 5)
-    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, lr_weights=1e-2)
+    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, end_to_end_iters=0, lr_weights=1e-2)
     config = QuantConfig(num_steps=T, num_groups=T)
     distiller = BlockDistiller(make(), config, distill, data, seed=3)
     with caplog.at_level("WARNING", logger="dq.bkd.distiller"):
@@ -382,7 +382,7 @@ def test_replay_leaves_conditional_unets_bitwise_unchanged(kind, caplog):
 
 
 def _trained_state(act_drop: float) -> dict[str, torch.Tensor]:
-    distill = DistillConfig(iters_per_block=3, batch_size=8, capture_batch_size=16, act_drop=act_drop)
+    distill = DistillConfig(iters_per_block=3, batch_size=8, capture_batch_size=16, end_to_end_iters=0, act_drop=act_drop)
     distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
     _trainer(distiller).fit(distiller)
     return {k: v.clone() for k, v in distiller.student.state_dict().items()}

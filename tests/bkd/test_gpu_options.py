@@ -21,7 +21,7 @@ MiB = 2**20
 
 
 def _distiller(iters: int = 3, **distill) -> BlockDistiller:
-    config = DistillConfig(iters_per_block=iters, batch_size=8, capture_batch_size=16, **distill)
+    config = DistillConfig(iters_per_block=iters, batch_size=8, capture_batch_size=16, end_to_end_iters=0, **distill)
     return BlockDistiller(
         tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), config, _calibration(), seed=3
     )
