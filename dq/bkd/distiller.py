@@ -50,6 +50,7 @@ from dq.bkd.blocks import (
 from dq.bkd.schedule import TimestepGroupSchedule, check_group_schedule
 from dq.config_values import check_field_types
 from dq.errors import UserError
+from dq.placement import enter as enter_phase
 from dq.quant import (
     MIN_STEP_SIZE,
     QuantConfig,
@@ -493,11 +494,14 @@ class BlockDistiller(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Load the calibration tuples and order the blocks (Lightning calls this on every rank)."""
         source = self.calibration_source
+        # where this process runs: the Trainer's device (it moves the module after setup), else the module's
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         if isinstance(source, Mapping):
             self.calibration = dict(source)
         else:
             phase("calibration")
-            self.calibration = source.load(self.trainer.strategy.root_device if self._trainer is not None else None)
+            enter_phase("calibration", device)  # the trajectories are generated there (or read from the cache)
+            self.calibration = source.load(device)
         for key in ("x_t", "timestep", "step"):
             if key not in self.calibration:
                 raise UserError(f"calibration data lacks {key!r}; it has {sorted(self.calibration)}")
@@ -509,6 +513,7 @@ class BlockDistiller(L.LightningModule):
             raise UserError(f"calibration step indices must lie in [0, {num_steps}) (the student's TPQ tables), got "
                             f"[{int(steps.min())}, {int(steps.max())}]")
         self.setup_blocks()
+        enter_phase("bkd" if self.distill.iters_per_block > 0 else "initialisation", device)
 
     def setup_blocks(self) -> None:
         """The block list in execution order (the whole student for end-to-end QAT)."""
@@ -531,6 +536,8 @@ class BlockDistiller(L.LightningModule):
             self.state.block, self.state.iteration = k, 0
         name = self.blocks[k]
         phase("prepare", f"block {k + 1}/{len(self.blocks)}: {name or 'the whole model (end to end)'}")
+        if self.is_end_to_end_stage(k):
+            enter_phase("end_to_end", self.device)  # the stage after BKD: a phase of its own
         started = time.perf_counter()
         self.cache = self.build_cache(name)
         cached = time.perf_counter()

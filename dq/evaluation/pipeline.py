@@ -44,6 +44,9 @@ from dq.metrics.backends import FeatureBackend, build_backend, display_path
 from dq.metrics.clip_score import clip_score
 from dq.metrics.reference import resolve_reference
 from dq.metrics.ssim import ssim_window
+from dq.placement import PhaseRecorder, recording, trainer_settings
+from dq.placement import enter as enter_phase
+from dq.placement import finish as finish_phase
 from dq.quant import load_quant_state, quant_config, timestep_keying
 from dq.quant.timesteps import POLICIES
 from dq.sampling import SamplerConfig, check_student_steps, key_by_trained_sampler, planned_timesteps
@@ -307,13 +310,22 @@ def check_outputs(cfg: DictConfig) -> Path:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Sample, compute the metrics and write metrics.json; returns the metrics on rank 0 ({} elsewhere)."""
+    """Sample, compute the metrics and write metrics.json; returns the metrics on rank 0 ({} elsewhere).
+    metrics.json records each phase's device, wall time and peak memory (dq.placement)."""
+    with recording() as phases:
+        return _evaluate(cfg, phases)
+
+
+def _evaluate(cfg: DictConfig, phases: PhaseRecorder) -> dict[str, Any]:
     start = time.perf_counter()
     eval_cfg = cfg.eval
     check_config(cfg)
     out_dir = check_outputs(cfg)
-    fabric = L.Fabric(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    fabric = L.Fabric(**trainer_settings(OmegaConf.to_container(cfg.trainer, resolve=True)))  # auto: the GPU if any
     fabric.launch()
+    if str(eval_cfg.device) == "auto":  # the feature networks run where the sampling does
+        eval_cfg = eval_cfg.copy()
+        eval_cfg.device = fabric.device.type
     progress = bool(cfg.progress_bar)
     target = load_target(cfg, fabric.device)
     cfg = _with_run_names(cfg, target)
@@ -325,6 +337,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     fingerprint = fp_fingerprint = (f"export-{target.export['sha256']}" if target.export
                                     else model_fingerprint(target.unet, target.scheduler_config))
     identity = _samples_identity(fingerprint, target, eval_cfg, cond_record, target.remap)
+    if target.components.vae is not None:  # a latent model's samples are decoded where they are made
+        target.components.vae.to(fabric.device)
+    enter_phase("sampling", fabric.device)
     seconds["sampling"] = _fill_folder(fabric, out_dir / "samples", target.unet, identity, target, eval_cfg,
                                        conditioning, progress, "samples")
     fp_dir = None
@@ -332,12 +347,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         fp_fingerprint = model_fingerprint(target.fp_unet, target.scheduler_config)
         fp_identity = _samples_identity(fp_fingerprint, target, eval_cfg, cond_record)
         fp_dir = Path(str(eval_cfg.fp_cache_dir)) / identity_key(fp_identity)
+        enter_phase("fp_sampling", fabric.device)
         seconds["fp_sampling"] = _fill_folder(fabric, fp_dir, target.fp_unet, fp_identity, target, eval_cfg,
                                               conditioning, progress, "FP samples (cached)")
+    finish_phase()
     if fabric.global_rank != 0:
         return {}
 
     metrics_start = time.perf_counter()
+    enter_phase("metrics", _device(str(eval_cfg.device)))
     num = int(eval_cfg.num_samples)
     images = read_samples(out_dir / "samples", num)
     write_npz(out_dir / "samples.npz", images)
@@ -345,6 +363,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     plan.backend.progress = progress
     fp_images = read_samples(fp_dir, num) if fp_dir is not None else None
     figures = compute_figures(plan, images, fp_images, eval_cfg)
+    finish_phase()
     seconds["metrics"] = time.perf_counter() - metrics_start
     seconds["total"] = time.perf_counter() - start
     results = {
@@ -358,6 +377,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "evaluation_dir": str(out_dir),
         "evaluation_id": uuid.uuid4().hex,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "device": str(fabric.device),
+        "phases": phases.summary(),  # per phase: device, seconds, peak memory (this process: rank 0)
         "protocol": build_protocol(plan, target, eval_cfg, cond_record, fp_fingerprint, tuple(images.shape[-2:]), fabric),
     }
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)

@@ -45,6 +45,9 @@ from dq.io import atomic_write, check_writable_dir, place_file, write_json
 from dq.metrics import fidelity_figures, kernel_distance, to_uint8
 from dq.metrics.backends import build_backend
 from dq.metrics.kernel import KID_PROTOCOL
+from dq.placement import PhaseRecorder, job_device, module_device, recording, trainer_settings
+from dq.placement import enter as enter_phase
+from dq.placement import finish as finish_phase
 from dq.pretrained import STATE_FILE, save_student
 from dq.quant import QuantConfig, TemporalActQuantizer, key_by_timestep
 from dq.resume import check_checkpoint, phase, resolve_checkpoint, run_identity
@@ -140,7 +143,7 @@ def fidelity(cfg: DictConfig, model: ModelBundle, student: torch.nn.Module, out_
     figures = fidelity_figures(student_images, teacher_images)
     features = fidelity_features(cfg)
     if features is not None:
-        backend = build_backend(features, batch_size=f.batch_size)
+        backend = build_backend(features, batch_size=f.batch_size, device=module_device(student))
         student_features = backend.extract(to_uint8(student_images))["fid"]
         teacher_features = backend.extract(to_uint8(teacher_images))["fid"]
         figures["kid_vs_fp"] = kernel_distance(student_features, teacher_features, standardize=True, paired=True)
@@ -169,6 +172,13 @@ class Job:
     distill: DistillConfig
     datamodule: CalibrationDataModule
     distiller: BlockDistiller
+    trainer: dict[str, Any] = dataclasses.field(default_factory=dict)  # cfg.trainer, accelerator made explicit
+    phases: PhaseRecorder = dataclasses.field(default_factory=PhaseRecorder)  # device, time, memory per phase
+
+    @property
+    def device(self) -> torch.device:
+        """Where this process runs every phase: the configured device (trainer=auto: the GPU if present)."""
+        return job_device(self.trainer)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -180,22 +190,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     job = prepare(cfg, start)
     checkpoint = check_resume(job)
     check_writable_dir(cfg.data.cache_dir, "data.cache_dir")  # after the checks: a refused run creates nothing
-    rank = fit_student(job, checkpoint)
-    if rank != 0:
-        return {}
-    if job.distiller.state.block < len(job.distiller.blocks):  # interrupted (Ctrl-C, max_steps, time limit)
-        log.warning(
-            "training stopped in block %d of %d; nothing is written but the checkpoint. Resume with: "
-            "python train.py hydra.run.dir=%s ckpt_path=last (and the same overrides)",
-            job.distiller.state.block + 1, len(job.distiller.blocks), job.out_dir,
-        )
-        return {"complete": False, "block": job.distiller.state.block, "num_blocks": len(job.distiller.blocks)}
-    return write_outputs(job)
+    with recording(job.phases):  # per phase its device, time and memory (dq.placement)
+        rank = fit_student(job, checkpoint)
+        if rank != 0:
+            return {}
+        if job.distiller.state.block < len(job.distiller.blocks):  # interrupted (Ctrl-C, max_steps, time limit)
+            log.warning(
+                "training stopped in block %d of %d; nothing is written but the checkpoint. Resume with: "
+                "python train.py hydra.run.dir=%s ckpt_path=last (and the same overrides)",
+                job.distiller.state.block + 1, len(job.distiller.blocks), job.out_dir,
+            )
+            return {"complete": False, "block": job.distiller.state.block, "num_blocks": len(job.distiller.blocks)}
+        return write_outputs(job)
 
 
 def prepare(cfg: DictConfig, start: float) -> Job:
     """Check the config, load the FP model and its parts, build the calibration source and the distiller."""
     check_config(cfg)
+    trainer = trainer_settings(OmegaConf.to_container(cfg.trainer, resolve=True))  # announces the device
     out_dir = check_writable_dir(cfg.output_dir, "output_dir")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # encode only the prompts calibration trajectories and fidelity samples use (k % P is then the same)
@@ -206,7 +218,7 @@ def prepare(cfg: DictConfig, start: float) -> Job:
     distill = distill_config(cfg)
     datamodule = calibration_data(cfg, model)
     distiller = BlockDistiller(model.unet, quant_config, distill, datamodule, seed=cfg.seed)
-    return Job(cfg, out_dir, start, model, timesteps, quant_config, distill, datamodule, distiller)
+    return Job(cfg, out_dir, start, model, timesteps, quant_config, distill, datamodule, distiller, trainer)
 
 
 def check_resume(job: Job) -> Path | None:
@@ -224,10 +236,13 @@ def check_resume(job: Job) -> Path | None:
 def fit_student(job: Job, checkpoint: Path | None) -> int:
     """Initialise (PTQ) or train the student block by block; returns this process's global rank."""
     if job.distill.iters_per_block == 0:  # initialisation only: no optimisation, no Lightning loop needed
+        job.distiller.to(job.device)  # no Trainer places it: calibration and initialisation run there too
         job.distiller.initialize_only()
+        finish_phase()
         return 0
     trainer = make_trainer(job.cfg, job.out_dir, len(training_blocks(job.distiller.student, job.distill)))
     trainer.fit(job.distiller, ckpt_path=checkpoint)
+    finish_phase()
     return trainer.global_rank
 
 
@@ -235,7 +250,7 @@ def make_trainer(cfg: DictConfig, out_dir: Path, num_blocks: int) -> L.Trainer:
     """One epoch per block; the observing callbacks (progress, TPQ ranges) and the resume checkpoint; the
     configured accelerator and logger."""
     return L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_settings(OmegaConf.to_container(cfg.trainer, resolve=True), announce=False),  # auto made explicit
         max_epochs=num_blocks,
         reload_dataloaders_every_n_epochs=1,  # each block's loader has its own length (BlockBatches)
         logger=hydra.utils.instantiate(cfg.logger),
@@ -255,7 +270,10 @@ def make_trainer(cfg: DictConfig, out_dir: Path, num_blocks: int) -> L.Trainer:
 def write_outputs(job: Job) -> dict[str, Any]:
     """The student folder, config, TPQ ranges, the fidelity check and, last, results.json."""
     cfg, out_dir, model = job.cfg, job.out_dir, job.model
-    student = job.distiller.student.cpu()
+    job.distiller.to(job.device)  # Lightning's teardown left teacher and student on the CPU
+    if model.components.vae is not None:  # a latent model's samples are decoded where they are made
+        model.components.vae.to(job.device)
+    student = job.distiller.student
     results = run_record(job, train_seconds=time.perf_counter() - job.start)
     key_by_timestep(student, job.timesteps)  # stock pipelines pass only t: the student finds its TPQ row from it
     # results.json is written last and says complete: true; an earlier run's copy goes first, so that an
@@ -267,7 +285,9 @@ def write_outputs(job: Job) -> dict[str, Any]:
     atomic_write(out_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     write_json(out_dir / "tpq_ranges.json", tpq_ranges(student))
     phase("fidelity")
+    enter_phase("fidelity", job.device)
     results.update(fidelity(cfg, model, student, out_dir))
+    finish_phase()
     phase("write")
     results["wall_seconds"] = round(time.perf_counter() - job.start, 1)
     results["quant_config"] = job.quant_config.to_dict()
@@ -275,6 +295,8 @@ def write_outputs(job: Job) -> dict[str, Any]:
     results["fidelity_protocol"] = fidelity_protocol(job)
     metadata = job.datamodule.metadata or {}
     results["calibration"] = {k: v for k, v in metadata.items() if isinstance(v, (str, int, float))}
+    results["device"] = str(job.device)
+    results["phases"] = job.phases.summary()  # per phase: device, seconds, peak memory (dq.placement)
     write_json(out_dir / "results.json", results)
     return results
 

@@ -50,6 +50,9 @@ def test_student_run_dir_gets_fidelity_and_a_copy_of_the_metrics(model16_dir, st
     assert 15.0 < results["psnr_vs_fp"] < 80.0 and 0.0 < results["mse_vs_fp"] < 0.05
     assert 0.5 < results["ssim_vs_fp"] <= 1.0
     assert results["protocol"]["student"]["quant_config"]["weight_bits"] == 8
+    # per phase its device (trainer=auto without CUDA: the CPU), wall time and peak memory
+    assert list(results["phases"]) == ["sampling", "fp_sampling", "metrics"] and results["device"] == "cpu"
+    assert all(p["device"] == "cpu" and p["seconds"] >= 0 and p["peak_memory_mb"] > 0 for p in results["phases"].values())
     assert json.loads((student_run_dir / "metrics.json").read_text()) == json.loads(json.dumps(results))
     # the FP samples are cached for the next student of the same model: a second run samples none of them
     assert len(list(cache.glob("*/*.png"))) == 12

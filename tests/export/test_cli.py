@@ -39,6 +39,7 @@ def test_export_command_writes_and_checks_the_integer_model(model_and_run, tmp_p
     assert main([f"run={run}", f"out={out}", "verify=4"]) == 0
     printed = capsys.readouterr().out
     assert f"dq: exported {out}" in printed and "integer vs fake-quant student" in printed
+    assert "dq: the check ran on cpu: " in printed  # device auto without CUDA; its time and peak memory
     meta = read_export(out).metadata
     assert meta["method"] == "dilatequant" and meta["quant"] == "w4a4" and meta["sampler"]["num_steps"] == STEPS
     assert meta["model_config"]["path"] == str(model_and_run[0]) and len(meta["source"]["student_sha256"]) == 64
@@ -63,6 +64,7 @@ def test_evaluate_takes_an_export(model_and_run, tmp_path):
     (["run=RUN", "float_dtype=float64"], "float_dtype must be one of"),
     (["run=RUN", "verify=some"], "verify must be a number"),
     (["run=RUN", "verify_seed=-1"], "verify_seed must be an int"),
+    (["run=RUN", "device=tpu"], "device must be auto, cpu or cuda, got 'tpu'"),
     (["run=FP_EVAL_DIR"], "student.safetensors is missing"),
     (["run=INCOMPLETE"], "did not complete"),
     (["run=RUN", "out=EXISTING"], "exists; pass overwrite=true"),

@@ -37,6 +37,9 @@ def test_run_writes_a_self_describing_loadable_student(tiny_model_dir, tmp_path)
     assert saved["fidelity_protocol"]["seed"] == 1234 + cfg.seed and saved["calibration"]["seed"] == cfg.seed
     assert saved["method"] == "dilatequant" and saved["weight_bits"] == 4
     assert len(saved["block_final_losses"]) == saved["num_blocks"]
+    # per phase its device (trainer=auto without CUDA: the CPU), wall time and peak memory
+    assert saved["device"] == "cpu" and list(saved["phases"]) == ["calibration", "bkd", "end_to_end", "fidelity"]
+    assert all(p["device"] == "cpu" and p["seconds"] >= 0 and p["peak_memory_mb"] > 0 for p in saved["phases"].values())
     assert saved["psnr_vs_fp"] > 5.0 and 0 < saved["mse_vs_fp"] < 0.5
     # the student loads without the training code path, from the FP model and the file alone
     unet, _ = load_model_folder(tiny_model_dir)
@@ -111,6 +114,9 @@ def test_baselines_run(method, tiny_model_dir, tmp_path):
     assert results["method"] == method
     assert results["num_blocks"] == (1 if method == "qat_full" else results["num_blocks"])
     assert (results["block_final_losses"] == {}) == (method == "ptq_minmax")
+    # a PTQ method builds no Trainer: its calibration and initialisation still run on the job's device
+    assert list(results["phases"]) == ["calibration", "initialisation" if method == "ptq_minmax" else "bkd", "fidelity"]
+    assert {p["device"] for p in results["phases"].values()} == {results["device"]} == {"cpu"}
 
 
 def _run_script(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
