@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dq import cli
 from dq.errors import MissingFileError, UserError
+from dq.evaluation.overrides import refuse_ignored_overrides
 from dq.evaluation.pipeline import evaluate
 from dq.evaluation.report import write_report
 from dq.evaluation.seeds import run_seed, write_seed_report
@@ -83,6 +84,8 @@ def evaluate_sweep(sweep_dir: Path, overrides: list[str], force: bool = False, m
         raise UserError(f"the runs under {sweep_dir} use {len(models)} different model configs; evaluate them apart")
     if seeded and any(o.startswith(("eval.seed=", "+eval.seed=")) for o in overrides):
         raise UserError("--seeded sets eval.seed from each run's seed; leave eval.seed out of the overrides")
+    # every run, and the FP model they came from, brings its own model: a model.* override would be dropped
+    refuse_ignored_overrides([f"run={sweep_dir}", *overrides])
     seeds = {run: _run_seed(run) for run in runs} if seeded else {}
     run_seeds = {run: [f"eval.seed={seeds[run]}"] if seeded else [] for run in runs}
     fp_jobs = ([(Path(sweep_dir) / "fp_eval" / f"seed_{s}", [f"eval.seed={s}"]) for s in sorted(set(seeds.values()))]

@@ -20,10 +20,12 @@ the fidelity metrics are cached under eval.fp_cache_dir and shared by every stud
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dq.cli import CONF_DIR, discard_if_untouched, reported_errors, run_hydra_entry
-from dq.evaluation.pipeline import evaluate
+from dq.evaluation.overrides import refuse_ignored_overrides
+from dq.evaluation.pipeline import check_config, evaluate
 
 __all__ = ["evaluate"]
 
@@ -31,6 +33,8 @@ __all__ = ["evaluate"]
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with discard_if_untouched(cfg.output_dir), reported_errors():
+        check_config(cfg)  # a bad value first, then an override that run= / export= would drop
+        refuse_ignored_overrides(HydraConfig.get().overrides.task)
         results = evaluate(cfg)
     if results:
         shown = ", ".join(f"{k} {results[k]:.4g}" for k in ("fid", "sfid", "is", "psnr_vs_fp", "ssim_vs_fp", "clip_score")

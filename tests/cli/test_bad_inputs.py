@@ -57,6 +57,11 @@ EVALUATE_CASES = [
     (["run=/nonexistent/run"], "run=/nonexistent/run is not a train.py output dir"),
     (["export=GARBAGE"], "is not a readable safetensors file"),
     (["sampler.num_steps=-3"], "sampler num_steps must be a positive int, got -3"),
+    # an override the run dir or the export would drop: refused before the run dir is even read
+    (["run=/nonexistent/run", "model.sampler.num_steps=13"],
+     "model.sampler.num_steps=13 does nothing with run=: a run dir brings its own model and sampler"),
+    (["export=GARBAGE", "model=ddpm_cifar10"], "model=ddpm_cifar10 does nothing with export=:"),
+    (["int_backend=gemm"], "int_backend=gemm does nothing without export="),
 ]
 CONVERT_CASES = [
     (["--ckpt", "/nonexistent.ckpt", "--config", "CONFIG", "--out", "OUT"], "checkpoint /nonexistent.ckpt does not exist"),
