@@ -4,7 +4,7 @@
     with recording() as phases:                     # one per job (train, evaluate, export)
         enter("calibration", unet_device)           # from anywhere below: ends the last phase, starts this one
         ...
-    results["phases"] = phases.records              # {name: {device, seconds, peak_memory_mb, ...}}
+    results["phases"] = phases.summary()            # {name: {device, seconds, peak_memory_mb, ...}}
 
 `trainer=auto` (the default) runs on the GPU when CUDA is present and on the CPU otherwise, announced in one
 log line; `trainer=gpu` without CUDA is refused before any work.

@@ -1,6 +1,7 @@
 """evaluate.py refuses, before any work, an override that run= or export= makes meaningless (every model.* key
 of every model config, the model group, method.* and quant.*), naming the key to use instead."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,8 @@ def test_every_model_key_is_refused_under_run_and_export(source, key):
 @pytest.mark.parametrize("override", ["model=ddpm_cifar10", "+model.dtype=float16", "~model.path", "method.name=x",
                                       "quant.name=w8a8"])
 def test_groups_additions_deletions_and_replaced_names_are_refused(source, override):
-    key = override.lstrip("+~").split("=")[0]
-    with pytest.raises(UserError, match=f"does nothing with {source.split('=')[0]}="):
+    with pytest.raises(UserError, match=f"^{re.escape(override)} does nothing with {source.split('=')[0]}="):
         refuse_ignored_overrides([override, source])  # in any order
-    assert key.split(".")[0] in ("model", "method", "quant")
 
 
 def test_the_issue_example_names_sampler_num_steps():
