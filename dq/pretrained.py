@@ -9,7 +9,9 @@ The folder, in diffusers' layout for a UNet:
 
     config.json                        the UNet config (as `UNet2DModel.save_config` writes it)
     dq_student.json                    what dq adds: format and version, UNet class, attention head counts,
-                                       the trained timesteps, the sampler, the QuantConfig, the files
+                                       the trained timesteps (dq's grid, and `pipeline_timesteps`: the same
+                                       steps as the family's stock pipeline passes them, Flux's σ, SD3's
+                                       unrounded σ·1000), the sampler, the QuantConfig, the files
     student.safetensors                the quantization state with the (dilated) float weights
                                        (`dq.quant.save_quant_state`: TPQ tables, WD's s, Δw/z_w)
     scheduler/scheduler_config.json    the model's training noise schedule (when given)
@@ -80,6 +82,8 @@ def save_student(student: nn.Module, directory: str | os.PathLike, *,
     if export is not None and not Path(export).is_file():
         raise MissingFileError(f"export file {export} does not exist")
 
+    calls = _pipeline_timesteps(student, timesteps, keying, scheduler_config, sampler)
+
     with staged_dir(directory) as staging:
         save_quant_state(student, staging / STATE_FILE, include_weights=True, timesteps=timesteps)
         student.save_config(staging)
@@ -96,12 +100,32 @@ def save_student(student: nn.Module, directory: str | os.PathLike, *,
             "unet_class": type(student).__name__,
             "attention_heads": attention_heads(student),
             "timesteps": timesteps,
+            "pipeline_timesteps": calls,
             "sampler": dict(sampler) if sampler is not None else None,
             "quant_config": config.to_dict(),
             "files": files,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
     return directory
+
+
+def _pipeline_timesteps(student: nn.Module, timesteps: list[int | float], keying: Any,
+                        scheduler_config: Mapping[str, Any] | None, sampler: Mapping[str, Any] | None
+                        ) -> list[int | float]:
+    """The trained schedule in the units the family's stock pipeline calls the denoiser with: from the
+    sampler record (`dq.sampling.pipeline_timesteps`: Flux's unrounded σ, SD3's unrounded σ·1000) when it
+    plans these timesteps, else the keying's own call timesteps when they were given, else the timesteps
+    scaled to the denoiser's input units."""
+    from dq.arch.flow_transformers import timestep_input_scale
+    from dq.sampling import SamplerConfig, pipeline_timesteps, planned_timesteps
+
+    if sampler is not None and scheduler_config is not None:
+        settings = SamplerConfig.from_mapping(sampler)
+        if planned_timesteps(scheduler_config, settings).tolist() == timesteps:
+            return timestep_values(pipeline_timesteps(student, scheduler_config, settings))
+    if keying is not None and keying.timestep_list() == timesteps and keying.call_timestep_list() != timesteps:
+        return keying.call_timestep_list()
+    return timestep_values(torch.tensor(timesteps, dtype=torch.float64) * timestep_input_scale(student))
 
 
 def add_export(directory: str | os.PathLike, export: str | os.PathLike) -> Path:
@@ -161,7 +185,8 @@ def load_student(directory: str | os.PathLike, *, tpq_policy: str = "exact", int
                                      "python -m dq.export run=<run dir>, or load with integer=False")
         from dq.export import load_int_model
 
-        return load_int_model(directory / EXPORT_FILE, device=device, backend=backend, tpq_policy=tpq_policy)
+        model = load_int_model(directory / EXPORT_FILE, device=device, backend=backend, tpq_policy=tpq_policy)
+        return _key_by_manifest(model, manifest, tpq_policy, directory)
     try:
         unet_config = json.loads((directory / "config.json").read_text())
         unet = build_denoiser(manifest["unet_class"], unet_config, manifest["attention_heads"])
@@ -174,9 +199,23 @@ def load_student(directory: str | os.PathLike, *, tpq_policy: str = "exact", int
     expected = QuantConfig.from_dict(manifest["quant_config"])
     if expected.diff(quant_config(student)):
         raise StudentFolderError(f"{directory}: {STATE_FILE} was saved with another QuantConfig than {MANIFEST} records")
-    if timestep_keying(student) is None:
-        key_by_timestep(student, manifest["timesteps"], tpq_policy)
+    student = _key_by_manifest(student, manifest, tpq_policy, directory)
     return student.to(device).eval().requires_grad_(False)
+
+
+def _key_by_manifest(model: nn.Module, manifest: Mapping[str, Any], policy: str, directory: Path) -> nn.Module:
+    """Key `model` by the folder's trained schedule, its calls in the pipeline's units (`pipeline_timesteps`;
+    a folder written before dq recorded them: the timesteps in the denoiser's input units)."""
+    from dq.arch.flow_transformers import timestep_input_scale
+
+    calls = manifest.get("pipeline_timesteps")
+    if calls is None:
+        calls = [t * timestep_input_scale(model) for t in manifest["timesteps"]]
+    try:
+        key_by_timestep(model, manifest["timesteps"], policy, call_timesteps=calls)
+    except (TypeError, ValueError) as err:
+        raise StudentFolderError(f"{directory / MANIFEST}: its timesteps do not key this student: {err}") from err
+    return model
 
 
 def _jsonable(value: Any) -> Any:

@@ -64,6 +64,18 @@ def _refuse_guidance_embeds(model: nn.Module) -> None:
                                "by dq yet")
 
 
+def timestep_input_scale(model: nn.Module) -> float:
+    """What the denoiser's timestep input is in units of dq's timestep t (the 1000-point grid), as the
+    family's stock pipeline calls it: FluxPipeline passes σ = t/1000, SanaPipeline t times the config's
+    timestep_scale; the other denoisers take t itself."""
+    name = type(model).__name__
+    if name == "FluxTransformer2DModel":
+        return 1.0 / 1000
+    if name == "SanaTransformer2DModel":
+        return float(getattr(model.config, "timestep_scale", 1.0))
+    return 1.0
+
+
 def _call_sd3(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     embeds, pooled = unpack_text_conditioning(_text_cond(model, cond, True), model.config.pooled_projection_dim)
     return model(x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=timesteps.to(x.dtype),
@@ -84,7 +96,7 @@ def _call_flux(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond:
     img_ids[..., 2] = torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
     txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
     out = model(tokens, encoder_hidden_states=embeds, pooled_projections=pooled,
-                timestep=timesteps.to(x.dtype) / 1000, img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids,
+                timestep=timesteps.to(x.dtype) * timestep_input_scale(model), img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids,
                 return_dict=False)[0]
     channels = out.shape[-1] // 4
     return out.reshape(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, h, w)
@@ -92,7 +104,7 @@ def _call_flux(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond:
 
 def _call_sana(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     _refuse_guidance_embeds(model)
-    timestep = timesteps.to(x.dtype) * float(getattr(model.config, "timestep_scale", 1.0))
+    timestep = timesteps.to(x.dtype) * timestep_input_scale(model)
     return model(x, encoder_hidden_states=_text_cond(model, cond, False), timestep=timestep, return_dict=False)[0]
 
 

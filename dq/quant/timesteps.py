@@ -15,6 +15,14 @@ that one call. A timestep outside the trained schedule follows the policy:
 
 A schedule that visits one timestep at several steps (the "quad" spacing's repeated 0 at 100 steps, PLMS's
 repeated second timestep) keys that timestep to its first step index.
+
+The calls are keyed in the units the model is called with, which are not always dq's integer timesteps:
+FluxPipeline passes the transformer σ = t/1000, StableDiffusion3Pipeline the unrounded σ·1000 (dq trains on
+t = round(1000 σ), up to 0.5 away). `call_timesteps[i]` is what the family's stock pipeline passes at step i
+of the trained schedule (`dq.sampling.pipeline_timesteps`; default: `timesteps` themselves, a UNet's); a call
+matches step i when it lies within a 1e-4 of a grid step (in the call's units) plus the rounding of the
+call's dtype (a bf16 pipeline's timesteps are bf16). `check_schedule` and `unmatched` take dq's own
+schedules, on the integer grid.
 """
 
 from __future__ import annotations
@@ -32,9 +40,16 @@ POLICIES = ("exact", "nearest", "interpolate")
 _MATCH_TOLERANCE = 1e-4  # |t - t_i| under which a (float) timestep is the trained timestep t_i
 
 
+def _float64(timesteps: Any) -> torch.Tensor:
+    """float64 [N] on the CPU (a list of floats kept at double precision, not read as float32 first)."""
+    if isinstance(timesteps, torch.Tensor):
+        return timesteps.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+    return torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+
+
 def timestep_values(timesteps: Sequence[int | float] | torch.Tensor) -> list[int | float]:
     """Timesteps as JSON-ready numbers: ints where they are whole, floats otherwise."""
-    values = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).tolist()
+    values = _float64(timesteps).tolist()
     return [int(t) if float(t).is_integer() else float(t) for t in values]
 
 
@@ -44,20 +59,45 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-class TimestepKeying:
-    """The trained schedule and the policy of one student, and the forward hooks that use them."""
+class _Schedule:
+    """The distinct values of a schedule, ascending, each with its first step index."""
 
-    def __init__(self, timesteps: Sequence[int | float] | torch.Tensor, policy: str = "exact") -> None:
-        self.policy = check_policy(policy)
-        values = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).cpu()
-        if values.numel() == 0:
-            raise UserError("the trained schedule needs at least one timestep")
-        self.timesteps = values
-        # the distinct trained timesteps, ascending, each with its first step index
+    def __init__(self, values: torch.Tensor) -> None:
         unique, inverse = torch.unique(values, sorted=True, return_inverse=True)
         first = torch.full((unique.numel(),), values.numel(), dtype=torch.int64)
         first.scatter_reduce_(0, inverse, torch.arange(values.numel()), reduce="amin")
-        self._unique, self._first_step = unique, first
+        self.values, self.unique, self.first_step = values, unique, first
+
+    def nearest(self, values: torch.Tensor) -> torch.Tensor:
+        """Index into the distinct values of the nearest one (ties: the larger value, the earlier step)."""
+        distance = (values[:, None] - self.unique[None, :]).abs()
+        # among equal distances prefer the larger timestep (the earlier step): flip, argmin, flip back
+        flipped = distance.flip(1).argmin(dim=1)
+        return self.unique.numel() - 1 - flipped
+
+
+class TimestepKeying:
+    """The trained schedule and the policy of one student, and the forward hooks that use them.
+
+    timesteps: dq's timestep of each trained step (the integer grid); call_timesteps: what the model is
+    called with at each of those steps by the family's stock pipeline (default: timesteps)."""
+
+    def __init__(self, timesteps: Sequence[int | float] | torch.Tensor, policy: str = "exact",
+                 call_timesteps: Sequence[int | float] | torch.Tensor | None = None) -> None:
+        self.policy = check_policy(policy)
+        values = _float64(timesteps)
+        if values.numel() == 0:
+            raise UserError("the trained schedule needs at least one timestep")
+        calls = values if call_timesteps is None else _float64(call_timesteps)
+        if calls.shape != values.shape:
+            raise UserError(f"{calls.numel()} call timesteps given for a trained schedule of {values.numel()} steps")
+        if bool(((calls[1:] - calls[:-1]) * (values[1:] - values[:-1]) < 0).any()):
+            raise UserError("the call timesteps must run in the order of the trained schedule (one unit per step)")
+        self.timesteps, self.call_timesteps = values, calls
+        self._grid, self._calls = _Schedule(values), _Schedule(calls)
+        # 1e-4 of a grid step in the call's units (Flux: σ = t/1000, so 1e-7)
+        peak = float(values.abs().max())
+        self._call_tolerance = _MATCH_TOLERANCE * (float(calls.abs().max()) / peak if peak > 0 else 1.0)
         self._quantizers: list[StepIndexed] = []
         self._owns_step = False
         self._handles: list[Any] = []
@@ -69,59 +109,65 @@ class TimestepKeying:
     def timestep_list(self) -> list[int | float]:
         return timestep_values(self.timesteps)
 
+    def call_timestep_list(self) -> list[int | float]:
+        """What the model is called with at each trained step, in its pipeline's units."""
+        return timestep_values(self.call_timesteps)
+
     def matches(self, timesteps: Sequence[int | float] | torch.Tensor) -> bool:
-        """True when `timesteps` is the trained schedule itself (same steps, same order)."""
-        other = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).cpu()
+        """True when `timesteps` (dq's grid) is the trained schedule itself (same steps, same order)."""
+        other = _float64(timesteps)
         return other.shape == self.timesteps.shape and bool(((other - self.timesteps).abs() <= _MATCH_TOLERANCE).all())
 
     def unmatched(self, timesteps: torch.Tensor) -> list[int | float]:
-        """The values of `timesteps` that are not trained timesteps."""
-        values = torch.as_tensor(timesteps).detach().reshape(-1).to(torch.float64).cpu()
-        index = self._nearest(values)
-        far = (self._unique[index] - values).abs() > _MATCH_TOLERANCE
+        """The values of `timesteps` (dq's grid) that are not trained timesteps."""
+        values = _float64(timesteps)
+        index = self._grid.nearest(values)
+        far = (self._grid.unique[index] - values).abs() > _MATCH_TOLERANCE
         return sorted(set(timestep_values(values[far])), reverse=True)
 
     def check_schedule(self, timesteps: Sequence[int | float] | torch.Tensor) -> None:
         """ValueError, before any sampling, when the policy is "exact" and `timesteps` leaves the trained schedule."""
         if self.policy == "exact":
-            missing = self.unmatched(torch.as_tensor(timesteps))
+            missing = self.unmatched(timesteps)
             if missing:
-                raise UserError(self._refusal(missing))
+                raise UserError(self._refusal(missing, self.timestep_list()))
 
-    def _refusal(self, missing: list[int | float]) -> str:
-        shown = ", ".join(str(t) for t in missing[:8]) + (", ..." if len(missing) > 8 else "")
+    def _refusal(self, missing: list[int | float], trained: list[int | float]) -> str:
+        shown = ", ".join(f"{t:.6g}" if isinstance(t, float) else str(t) for t in missing[:8])
+        shown += ", ..." if len(missing) > 8 else ""
+        listed = [round(t, 6) if isinstance(t, float) else t for t in trained]
         return (f"timestep(s) {shown} are not in the schedule this student's TPQ tables were trained for "
-                f"({self.num_steps} steps: {self.timestep_list()}); sample with that schedule, or load the student "
+                f"({self.num_steps} steps: {listed}); sample with that schedule, or load the student "
                 "with tpq_policy='nearest' or 'interpolate'")
 
     # ------------------------------------------------------------------ lookup
 
-    def _nearest(self, values: torch.Tensor) -> torch.Tensor:
-        """Index into the distinct trained timesteps of the nearest one (ties: the larger timestep)."""
-        distance = (values[:, None] - self._unique[None, :]).abs()
-        # among equal distances prefer the larger timestep (the earlier step): flip, argmin, flip back
-        flipped = distance.flip(1).argmin(dim=1)
-        return self._unique.numel() - 1 - flipped
-
     def resolve(self, timestep: Any) -> int | torch.Tensor | StepBlend:
-        """The step index (or blend) for the timestep(s) of one call: an int when the whole batch shares one
-        row, an int64 tensor [B] of per-sample indices, or a StepBlend (policy "interpolate")."""
-        values = torch.as_tensor(timestep).detach().reshape(-1).to(torch.float64).cpu()
+        """The step index (or blend) for the timestep(s) of one call, in the call's units (`call_timesteps`):
+        an int when the whole batch shares one row, an int64 tensor [B] of per-sample indices, or a
+        StepBlend (policy "interpolate")."""
+        given = torch.as_tensor(timestep).detach()
+        values = given.reshape(-1).to(torch.float64).cpu()
         if values.numel() == 0:
             raise UserError("the model was called with an empty timestep tensor")
         if bool((values == values[0]).all()):
             values = values[:1]
-        index = self._nearest(values)
-        exact = (self._unique[index] - values).abs() <= _MATCH_TOLERANCE
+        schedule = self._calls
+        index = schedule.nearest(values)
+        nearest = schedule.unique[index]
+        # the call's own rounding: a float16 / bfloat16 pipeline passes its timesteps in that dtype
+        rounding = torch.finfo(given.dtype).eps * nearest.abs() if given.is_floating_point() else 0.0
+        exact = (nearest - values).abs() <= self._call_tolerance + rounding
         if self.policy == "exact" and not bool(exact.all()):
-            raise UserError(self._refusal(self.unmatched(values)))
+            missing = sorted(set(timestep_values(values[~exact])), reverse=True)
+            raise UserError(self._refusal(missing, self.call_timestep_list()))
         if self.policy == "interpolate" and not bool(exact.all()):
             return self._blend(values, index, exact)
-        steps = self._first_step[index]
+        steps = schedule.first_step[index]
         return int(steps[0]) if steps.numel() == 1 else steps
 
     def _blend(self, values: torch.Tensor, nearest: torch.Tensor, exact: torch.Tensor) -> StepBlend | int | torch.Tensor:
-        unique = self._unique
+        unique, first_step = self._calls.unique, self._calls.first_step
         upper = torch.searchsorted(unique, values, right=False).clamp(max=unique.numel() - 1)  # first >= t
         lower = (upper - 1).clamp(min=0)
         inside = (values > unique[0]) & (values < unique[-1]) & ~exact
@@ -130,7 +176,7 @@ class TimestepKeying:
         weight = torch.where(inside, (t_hi - values) / (t_hi - t_lo).clamp_min(1e-12), torch.zeros_like(values))
         start = torch.where(inside, upper, nearest)
         end = torch.where(inside, lower, nearest)
-        return StepBlend(self._first_step[start], self._first_step[end], weight.to(torch.float32))
+        return StepBlend(first_step[start], first_step[end], weight.to(torch.float32))
 
     # ------------------------------------------------------------------ hooks
 
@@ -182,10 +228,13 @@ def timestep_keying(model: nn.Module) -> TimestepKeying | None:
     return None
 
 
-def key_by_timestep(model: nn.Module, timesteps: Sequence[int | float] | torch.Tensor, policy: str = "exact") -> TimestepKeying:
+def key_by_timestep(model: nn.Module, timesteps: Sequence[int | float] | torch.Tensor, policy: str = "exact",
+                    call_timesteps: Sequence[int | float] | torch.Tensor | None = None) -> TimestepKeying:
     """Key the TPQ tables of `model` (a dq student or integer model) by timestep: `timesteps[i]` is the
-    timestep of step index i in the trained schedule (call order). Replaces an earlier keying; returns it."""
-    keying = TimestepKeying(timesteps, policy)
+    timestep of step index i in the trained schedule (call order), `call_timesteps[i]` what the model is
+    called with at that step in its stock pipeline's units (default: timesteps; `dq.sampling.
+    pipeline_timesteps` gives them). Replaces an earlier keying; returns it."""
+    keying = TimestepKeying(timesteps, policy, call_timesteps)
     old = timestep_keying(model)
     if old is not None:
         old.detach()

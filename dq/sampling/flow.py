@@ -9,7 +9,7 @@ dynamic-shift config has no fixed shift: give exp(mu) of your resolution), then 
 dq's timesteps are integers on the 1000-point training grid (calibration tuples, TPQ tables and timestep
 keying all take int64): t_i = round(1000 σ_i), and the sampler then uses σ_i = t_i / 1000 for both the model
 input and the update, so it is exact for the levels it uses; they differ from diffusers' unrounded ones
-by at most 0.0005 in σ.
+(`levels`: what a stock pipeline passes, `dq.sampling.pipeline_timesteps`) by at most 0.0005 in σ.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class FlowEulerScheduler:
             raise UserError(f"{num_steps} flow steps with shift {shift} do not give distinct timesteps on the "
                             f"{num_train}-point grid: {timesteps.tolist()}")
         self.num_train_timesteps = num_train
+        self.levels = sigmas  # float64 [T]: the unrounded levels, those diffusers' pipelines step through
         self.timesteps = timesteps
         self.sigmas = torch.cat([timesteps.to(torch.float64) / num_train, torch.zeros(1, dtype=torch.float64)])
         self.config = {"num_train_timesteps": num_train, "shift": shift}

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dq.arch import model_call, sample_shape
+from dq.arch.flow_transformers import timestep_input_scale
 from dq.errors import UserError
 from dq.io import derived_seed
 from dq.quant import key_by_timestep, step_context, timestep_keying, tpq_num_steps
@@ -75,6 +76,20 @@ def planned_timesteps(scheduler_config: Mapping[str, Any], sampler: SamplerConfi
     """int64 [M]: the timestep of each model call of one trajectory, in call order; M is the number of step
     indices (TPQ's T). M = num_steps, except PLMS (num_steps + 1) and PNDM (its Runge-Kutta warm-up)."""
     return build_scheduler(scheduler_config, sampler).timesteps.to(torch.int64).cpu().clone()
+
+
+def pipeline_timesteps(unet: nn.Module, scheduler_config: Mapping[str, Any], sampler: SamplerConfig) -> torch.Tensor:
+    """float64 [M]: what the family's stock pipeline passes the denoiser as its timestep at each model call
+    of this schedule (`planned_timesteps`' calls), in that pipeline's units: the integer t for the UNets
+    and DiT; the unrounded σ·1000 of the flow levels for SD3 (StableDiffusion3Pipeline), σ itself for Flux
+    (FluxPipeline divides by 1000), σ·1000·timestep_scale for Sana. A student keyed with these
+    (`dq.quant.key_by_timestep(..., call_timesteps=)`) finds its rows in those pipelines."""
+    scheduler = build_scheduler(scheduler_config, sampler)
+    if isinstance(scheduler, FlowEulerScheduler):
+        values = scheduler.levels * scheduler.num_train_timesteps
+    else:
+        values = scheduler.timesteps.to(torch.float64).cpu()
+    return values * timestep_input_scale(unet)
 
 
 def unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -179,3 +179,23 @@ def test_calibration_and_explicit_steps_are_untouched_by_keying():
     set_step(student, 2)
     assert all(q.step == 2 for q in act_quantizers(student))
     set_step(student, None)
+
+
+def test_calls_are_keyed_in_the_units_the_pipeline_passes():
+    # Flux: dq's grid t = round(1000 σ), the pipeline passes the unrounded σ itself
+    sigmas = [1.0, 0.8823529, 0.7142857, 0.4545454]
+    keying = TimestepKeying([1000, 882, 714, 455], call_timesteps=sigmas)
+    assert keying.resolve(torch.tensor(sigmas)).tolist() == [0, 1, 2, 3]
+    assert keying.resolve(torch.tensor(0.7142857, dtype=torch.bfloat16)) == 2  # a bf16 pipeline's rounding
+    with pytest.raises(ValueError, match=r"timestep\(s\) 0\.714 are not .* \[1, 0\.882353, 0\.714286, 0\.454545\]"):
+        keying.resolve(torch.tensor(0.714, dtype=torch.float64))  # 0.3 of a grid step off in σ units
+    with pytest.raises(ValueError, match=r"timestep\(s\) 714 are not"):
+        keying.resolve(torch.tensor(714))  # the grid's units are not the calls'
+    keying.check_schedule([1000, 882, 714, 455])  # dq's own schedules stay on the grid
+    assert keying.matches([1000, 882, 714, 455]) and keying.unmatched(torch.tensor([714, 700])) == [700]
+    nearest = TimestepKeying([1000, 882, 714, 455], "nearest", call_timesteps=sigmas)
+    assert nearest.resolve(torch.tensor([0.8, 0.5])).tolist() == [1, 3]
+    with pytest.raises(ValueError, match="3 call timesteps given for a trained schedule of 4 steps"):
+        TimestepKeying([1000, 882, 714, 455], call_timesteps=sigmas[:3])
+    with pytest.raises(ValueError, match="must run in the order of the trained schedule"):
+        TimestepKeying([1000, 882, 714, 455], call_timesteps=sigmas[::-1])
