@@ -71,11 +71,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False,
 
         arch = describe(model)
     student = model if inplace else copy.deepcopy(model)
-    targets = [
-        (name, module)
-        for name, module in student.named_modules()
-        if type(module) in (nn.Conv2d, nn.Linear) and _selected(name, config)
-    ]
+    selected = [(name, module) for name, module in student.named_modules()
+                if isinstance(module, (nn.Conv2d, nn.Linear)) and _selected(name, config)]
+    targets = [(name, module) for name, module in selected if _computes_as_its_base(module)]
+    refused = [f"{name} ({type(module).__name__})" for name, module in selected if not _computes_as_its_base(module)]
+    if refused:  # a subclass with a forward of its own (a LoRA layer, a custom projection): dq cannot mirror it
+        shown = ", ".join(refused[:4]) + (f" and {len(refused) - 4} more" if len(refused) > 4 else "")
+        raise UserError(f"{len(refused)} layer(s) subclass nn.Conv2d / nn.Linear with a computation of their own, "
+                        f"which a quantized layer would not run: {shown}; merge them into plain layers, or keep "
+                        "them in float with quant.exclude=[<their names>]")
     if not targets:
         raise UserError(
             f"no Conv2d/Linear layer matches include={list(config.include)} exclude={list(config.exclude)}"
@@ -88,6 +92,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False,
                 arch.quantize_attention(student.get_submodule(name), config)
     setattr(student, CONFIG_ATTR, config)
     return student
+
+
+def _computes_as_its_base(module: nn.Module) -> bool:
+    """Whether a Conv2d / Linear (or a subclass of one) computes exactly what its base class computes: the
+    same forward, only a weight and a bias, no child modules; then its quantized twin replaces it."""
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    methods = ("forward", "_conv_forward") if base is nn.Conv2d else ("forward",)
+    return (all(getattr(type(module), m) is getattr(base, m) for m in methods)
+            and set(module._parameters) <= {"weight", "bias"} and not module._modules)
 
 
 def _replace_layer(student: nn.Module, name: str, module: nn.Module, config: QuantConfig, arch: Architecture) -> None:

@@ -44,8 +44,8 @@ class _QuantLayerMixin:
     ):
         """The quantized twin of a float layer, sharing its Parameter objects (so in-place conversion keeps
         optimizer references and tied weights); WD is applied to the weight when the config asks for it."""
-        if type(layer) is not cls.float_type:
-            raise TypeError(f"{cls.__name__}.from_float expects a plain {cls.float_type.__name__}, got {type(layer).__name__}")
+        if not isinstance(layer, cls.float_type):  # a subclass only when it computes as its base (quantize_model)
+            raise TypeError(f"{cls.__name__}.from_float expects a {cls.float_type.__name__}, got {type(layer).__name__}")
         quant = cls.__new__(cls)
         nn.Module.__init__(quant)
         state = {k: v for k, v in layer.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}

@@ -213,3 +213,39 @@ def test_inplace_conversion_keeps_parameter_objects():
     bias = model.conv_in.bias
     student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T), inplace=True)
     assert student is model and student.conv_in.bias is bias
+
+
+class _ProjectionLinear(nn.Linear):
+    """A subclass that computes as nn.Linear (torch's own NonDynamicallyQuantizableLinear is one)."""
+
+
+class _LoRAConv(nn.Conv2d):
+    """A LoRA-style layer: its own forward adds a low-rank branch a quantized Conv2d would drop."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora_down = nn.Conv2d(self.in_channels, 1, 1, bias=False)
+        self.lora_up = nn.Conv2d(1, self.out_channels, 1, bias=False)
+
+    def forward(self, x):
+        return super().forward(x) + self.lora_up(self.lora_down(x))
+
+
+def test_layer_subclasses_are_quantized_or_refused_by_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), _ProjectionLinear(4 * 4 * 4, 8),
+                          nn.modules.linear.NonDynamicallyQuantizableLinear(8, 3)).eval()
+    config = QuantConfig(weight_bits=8, act_bits=8, num_steps=1, num_groups=1)
+    student = quantize_model(model, config, arch=describe(model))
+    assert [type(m).__name__ for m in student] == ["QuantConv2d", "Flatten", "QuantLinear", "QuantLinear"]
+    set_quant_enabled(student, weights=False, activations=False)
+    x = torch.randn(2, 2, 4, 4)
+    with torch.no_grad(), step_context(student, 0):
+        torch.testing.assert_close(student(x), model(x), rtol=1e-4, atol=1e-4)
+
+    lora = nn.Sequential(nn.Conv2d(2, 2, 1), _LoRAConv(2, 4, 3, padding=1)).eval()
+    with pytest.raises(ValueError, match=r"^1 layer\(s\) subclass nn.Conv2d / nn.Linear with a computation of their "
+                                         r"own, which a quantized layer would not run: 1 \(_LoRAConv\); .*quant.exclude"):
+        quantize_model(lora, config, arch=describe(lora))
+    kept = quantize_model(lora, QuantConfig(exclude=("1", "1.*"), num_steps=1, num_groups=1), arch=describe(lora))
+    assert type(kept[0]).__name__ == "QuantConv2d" and type(kept[1]) is _LoRAConv  # excluded: stays in float
