@@ -111,7 +111,9 @@ def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None) ->
             raise UserError(f"model.latent_scale must be > 0, got {latent_scale}")
     elif model_cfg.get("latent_scale") is not None:
         raise UserError(f"model.latent_scale is set but {folder} has no vae/ (a pixel-space model)")
-    if layout.has_component("text_encoder"):
+    # prompt embeddings made elsewhere (SD3, Flux, PixArt so far) need no text encoder: it is not loaded
+    embeds_file = (model_cfg.get("conditioning") or {}).get("prompt_embeds_file")
+    if layout.has_component("text_encoder") and embeds_file is None:
         text_encoder, tokenizer = load_text_encoder(folder, **options)
     if (folder / CLASS_EMBEDDINGS_FILE).is_file():
         tensors = load_file(str(folder / CLASS_EMBEDDINGS_FILE))

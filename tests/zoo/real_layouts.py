@@ -2,6 +2,7 @@
 
     folder = write_sd15(tmp / "sd15")                       # model_index.json, the UNet sharded with an index
     folder = write_sd15(tmp / "sd15_fp16", variant="fp16")  # the fp16 variant files only (*.fp16.safetensors)
+    folder = write_sd3(tmp / "sd3")                         # StableDiffusion3Pipeline: transformer/ sharded
 
 What a download of stable-diffusion-v1-5 holds (unet/, vae/, text_encoder/, tokenizer/, scheduler/ and
 model_index.json naming StableDiffusionPipeline and each part's class), at toy widths: a cross-attention
@@ -18,8 +19,14 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from tests.conftest import make_tiny_text_unet
 
@@ -95,3 +102,33 @@ def write_clip_tokenizer_files(tokenizer: CLIPTokenizer, folder: Path) -> None:
     config = {**special, "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
               "model_max_length": tokenizer.model_max_length, "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_sd3(root: Path) -> Path:
+    """A StableDiffusion3Pipeline folder at `root` as stable-diffusion-3-medium-diffusers is saved: its
+    transformer (tests.arch.test_flow_transformers' tiny SD3) sharded with an index, a VAE, the SD3 flow
+    scheduler (shift 3.0), and its two CLIP encoders with projection and their tokenizers. The T5 encoder and
+    tokenizer (text_encoder_3/) are left out (model_index.json lists them as absent): no T5 tokenizer can be
+    built offline here. Also writes root/embeds.safetensors (prompt_embeds packed with the pooled row)."""
+    from safetensors.torch import save_file
+
+    from tests.arch.test_flow_transformers import _cond, tiny_sd3
+
+    tokenizer = clip_tokenizer(root.parent / f"{root.name}_work")
+    encoders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=6, intermediate_size=8, num_hidden_layers=1,
+                                num_attention_heads=2, max_position_embeddings=TOKEN_LENGTH, projection_dim=6,
+                                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        encoders.append(CLIPTextModelWithProjection(config).eval())
+    pipe = StableDiffusion3Pipeline(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=tiny_vae(latent_channels=4), text_encoder=encoders[0], tokenizer=tokenizer,
+                                    text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=None,
+                                    tokenizer_3=None)
+    pipe.save_pretrained(root, max_shard_size="20KB")  # small enough to shard the tiny transformer
+    for name in ("tokenizer", "tokenizer_2"):
+        write_clip_tokenizer_files(tokenizer, root / name)
+    save_file({"prompt_embeds": _cond("sd3", 4).contiguous(), "uncond_embeds": _cond("sd3", 1, seed=9).contiguous()},
+              str(root / "embeds.safetensors"))
+    return root

@@ -239,3 +239,21 @@ def test_model_local_samples_a_pipeline_folder_as_its_pipeline_does(sd15_folders
     picked = [m for m in caplog.messages if m.startswith("dq: sampler from the folder")]
     assert picked == ["dq: sampler from the folder (StableDiffusionPipeline's 50 steps, guidance 7.5 (PNDMScheduler)): "
                       "name=plms num_steps=50 spacing=uniform guidance_scale=7.5; set model.sampler.<key> to change"]
+
+
+def test_sd3_pipeline_folder_loads_with_prompt_embeddings_and_refuses_prompts_in_one_line(tmp_path):
+    from tests.zoo.real_layouts import write_sd3
+
+    folder = write_sd3(tmp_path / "sd3")
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    cfg = OmegaConf.create({"source": "local", "path": str(folder), "sampler": {"num_steps": 4},
+                            "conditioning": {"prompt_embeds_file": str(folder / "embeds.safetensors")}})
+    loaded = load_model(cfg)
+    assert type(loaded.unet).__name__ == "SD3Transformer2DModel" and loaded.components.text_encoder is None
+    assert loaded.sampler == SamplerConfig(name="flow_euler", num_steps=4, spacing="uniform", guidance_scale=7.0)
+    assert loaded.conditioning.prompt_embeds.shape == (4, 4, 12)
+    cfg.conditioning = {"prompts_file": str(tmp_path / "prompts.txt")}
+    with pytest.raises(ValueError, match=r"text_encoder holds CLIPTextModelWithProjection; dq encodes prompts with a "
+                                         r"CLIPTextModel only so far .*prompt_embeds_file") as error:
+        load_model(cfg)
+    assert "\n" not in str(error.value)
