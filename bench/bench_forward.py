@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.architectures import build, random_inputs  # noqa: E402
+from dq.arch import describe  # noqa: E402
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step  # noqa: E402
 from dq.sampling import unet_forward  # noqa: E402
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {k: v.to(device) for k, v in random_inputs(fp, args.batch, torch.Generator().manual_seed(0)).items()}
     x, cond = inputs["x_t"], inputs.get("cond")
     t = torch.full((args.batch,), 500, device=device, dtype=torch.long)
-    student = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4, num_steps=1, num_groups=1))
+    student = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4, num_steps=1, num_groups=1), describe(fp))
     with calibrate_activations(student), torch.no_grad():
         set_step(student, 0)
         unet_forward(student, x, t, cond)

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.architectures import build, random_inputs  # noqa: E402
+from dq.arch import describe  # noqa: E402
 from dq.export import export_student, load_int_model  # noqa: E402
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step  # noqa: E402
 from dq.sampling import unet_forward  # noqa: E402
@@ -47,7 +48,8 @@ def build_fp(arch: str) -> torch.nn.Module:
 
 
 def student_and_int(fp: torch.nn.Module, bits: tuple[int, int], x: torch.Tensor, device: torch.device, folder: Path):
-    student = quantize_model(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1], num_steps=1, num_groups=1))
+    student = quantize_model(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1], num_steps=1, num_groups=1),
+                             describe(fp))
     t = torch.full((x.shape[0],), 500)
     with calibrate_activations(student), torch.no_grad():
         set_step(student, 0)

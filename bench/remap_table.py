@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dq.arch import describe  # noqa: E402
 from dq.metrics import mse, psnr  # noqa: E402
 from dq.quant import load_quant_state, timestep_keying  # noqa: E402
 from dq.sampling import SamplerConfig, key_by_trained_sampler, planned_timesteps, sample  # noqa: E402
@@ -40,7 +41,7 @@ def load_run_student(run: Path, policy: str = "exact"):
     """(loaded FP model and trained sampler, the run's student keyed by its trained timesteps)."""
     cfg = OmegaConf.load(run / "config.yaml")
     loaded = load_model(cfg.model)
-    student = load_quant_state(loaded.unet, run / "student.safetensors", tpq_policy=policy)
+    student = load_quant_state(loaded.unet, run / "student.safetensors", describe(loaded.unet), tpq_policy=policy)
     return loaded, cfg, key_by_trained_sampler(student, loaded.scheduler.config, loaded.sampler, policy).eval()
 
 

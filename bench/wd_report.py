@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dq.arch import describe  # noqa: E402
 from dq.bkd.blocks import run_model  # noqa: E402
 from dq.calibration import CalibrationDataModule  # noqa: E402
 from dq.io import atomic_write  # noqa: E402
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                          last_layer_bits=q.last_layer_bits, modulation_bits=q.get("modulation_bits"),
                          softmax_bits=q.softmax_bits, num_steps=steps,
                          num_groups=steps, weight_dilation=True, weight_init="minmax", act_init="minmax")
-    student = quantize_model(loaded.unet, config)
+    student = quantize_model(loaded.unet, config, describe(loaded.unet))
     with tempfile.TemporaryDirectory() as cache:
         data = CalibrationDataModule(loaded.unet, loaded.scheduler.config, loaded.sampler, num_samples=args.tuples,
                                      num_trajectories=args.trajectories, seed=args.seed, cache_dir=cache,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dq.arch import DENOISER_CLASSES, attention_heads, build_denoiser
+from dq.arch import DENOISER_CLASSES, attention_heads, build_denoiser, describe
 from dq.errors import MissingFileError, OutputExistsError, UserError
 from dq.io import atomic_write, link_or_copy, place_file, staged_dir
 from dq.quant import QuantConfig, load_quant_state, quant_config, save_quant_state
@@ -193,7 +193,8 @@ def load_student(directory: str | os.PathLike, *, tpq_policy: str = "exact", int
     except (json.JSONDecodeError, ValueError) as err:
         raise StudentFolderError(f"{directory / 'config.json'}: {err}") from err
     try:
-        student = load_quant_state(unet, directory / STATE_FILE, inplace=True, tpq_policy=tpq_policy)
+        student = load_quant_state(unet, directory / STATE_FILE, describe(unet), inplace=True,
+                                   tpq_policy=tpq_policy)
     except (ValueError, FileNotFoundError) as err:
         raise StudentFolderError(f"{directory}: {err}") from err
     expected = QuantConfig.from_dict(manifest["quant_config"])

@@ -1,16 +1,12 @@
 """What dq knows about model architectures, as descriptions (dq.arch.description): one module per backbone
-family registers a describer; the converter and BKD read a model's structure from `describe(model)`.
-Also the diffusers UNet classes and their builder, and diffusers attention (quantized processor, heads)."""
+family registers a describer; BKD reads a model's structure from `describe(model)` and its callers hand it to the
+converter (`dq.quant.quantize_model(model, config, describe(model))`).
+Also the diffusers UNet classes and their builder, and the head counts of diffusers attention modules (their
+quantized processors are dq.quant's: the converter installs them where a description names attention)."""
 
 from dq.arch import transformer2d as _transformer2d  # noqa: F401  (registers the DiT / PixArt descriptions)
 from dq.arch import unet2d as _unet2d  # noqa: F401  (registers the UNet description)
-from dq.arch.attention import (
-    QuantAttnProcessor,
-    QuantJointAttnProcessor,
-    attention_heads,
-    quantize_attention,
-    set_attention_heads,
-)
+from dq.arch.attention import attention_heads, set_attention_heads
 from dq.arch.classes import DENOISER_CLASSES, build_denoiser
 from dq.arch.description import Architecture, describe, described_classes, model_call, register, sample_shape
 from dq.arch.flow_transformers import (  # registers SD3/Flux/Sana
@@ -21,15 +17,12 @@ from dq.arch.flow_transformers import (  # registers SD3/Flux/Sana
 __all__ = [
     "DENOISER_CLASSES",
     "Architecture",
-    "QuantAttnProcessor",
-    "QuantJointAttnProcessor",
     "attention_heads",
     "build_denoiser",
     "describe",
     "described_classes",
     "model_call",
     "pack_text_conditioning",
-    "quantize_attention",
     "register",
     "sample_shape",
     "set_attention_heads",

@@ -15,7 +15,7 @@ Text conditioning of SD3 and Flux is two tensors, the prompt embeddings [B, L, D
 [B, P]; dq carries conditioning as one tensor, so they travel packed as [B, L + 1, D]: the L token rows,
 then one row holding the pooled vector in its first P features (`pack_text_conditioning`).
 
-Quantized attention matmuls (q, k, v, softmax output): SD3's and Flux's joint attention (dq.arch.attention.
+Quantized attention matmuls (q, k, v, softmax output): SD3's and Flux's joint attention (dq.quant.attention.
 QuantJointAttnProcessor) and Sana's cross-attention; Sana's linear self-attention (no softmax) stays in float.
 Not yet: guidance-distilled Flux (guidance_embeds) and Sana-Sprint, and Flux's resolution-dependent shift
 (give sampler.shift).
@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dq.arch.attention import quantize_attention, quantize_joint_attention
 from dq.arch.description import Architecture, check_parts, register
 from dq.errors import UnsupportedError, UserError
+from dq.quant.attention import quantize_attention, quantize_joint_attention
 
 
 def pack_text_conditioning(prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:

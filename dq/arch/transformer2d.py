@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dq.arch.attention import attention_modules, quantize_attention
+from dq.arch.attention import attention_modules
 from dq.arch.description import Architecture, check_parts, has_layers, register
 from dq.errors import UnsupportedError
+from dq.quant.attention import quantize_attention
 
 
 def _prediction(model: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from dq.arch.attention import attention_modules, quantize_attention
+from dq.arch.attention import attention_modules
 from dq.arch.description import Architecture, check_parts, has_layers, register
 from dq.errors import UnsupportedError, UserError
+from dq.quant.attention import quantize_attention
 
 # top-level children that run before conv_in, in forward order (each present one with layers is a block)
 EMBEDDINGS = ("time_embedding", "class_embedding", "add_embedding", "encoder_hid_proj")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from dq.arch import describe
 from dq.bkd.blocks import (
     WHOLE_MODEL,
     BlockIO,
@@ -267,7 +268,7 @@ class BlockDistiller(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.teacher = teacher.eval().requires_grad_(False)
-        self.student = quantize_model(teacher, quant_config).eval().requires_grad_(True)
+        self.student = quantize_model(teacher, quant_config, describe(teacher)).eval().requires_grad_(True)
         self.distill = distill
         self.quant_config = quant_config
         # which TPQ groups each batch draws; a callback (configure_callbacks) that sets itself here in setup

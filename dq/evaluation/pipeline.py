@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
+from dq.arch import describe
 from dq.calibration import model_fingerprint, shard_range
 from dq.config_values import config_bool, config_choice, config_int, config_str
 from dq.errors import UserError
@@ -118,7 +119,7 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
     loaded = load_model(run_config.model, prompt_limit=limit)  # the model and sampler the student was trained for
     policy = str(cfg.get("tpq_policy", "exact"))
     # a quantized copy (the FP unet is kept), keyed by timestep with the policy
-    student = load_quant_state(loaded.unet, run_dir / "student.safetensors", tpq_policy=policy)
+    student = load_quant_state(loaded.unet, run_dir / "student.safetensors", describe(loaded.unet), tpq_policy=policy)
     key_by_trained_sampler(student, loaded.scheduler.config, loaded.sampler, policy)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -60,6 +60,7 @@ def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str 
     the check's figures and phase record: device, seconds, peak memory)."""
     from omegaconf import OmegaConf
 
+    from dq.arch import describe
     from dq.quant import load_quant_state
     from dq.sampling import planned_timesteps
     from dq.zoo import load_model
@@ -80,7 +81,7 @@ def export_run(run: str | Path, out: str | Path | None = None, float_dtype: str 
     run_config = OmegaConf.load(run_dir / "config.yaml")
     loaded = load_model(run_config.model, prompt_limit=max(1, verify))  # the FP model + its conditioning
     try:
-        student = load_quant_state(loaded.unet, run_dir / "student.safetensors")
+        student = load_quant_state(loaded.unet, run_dir / "student.safetensors", describe(loaded.unet))
     except (FileNotFoundError, ValueError) as err:
         raise ExportError(f"cannot load the run's student: {err}") from err
     timesteps = planned_timesteps(loaded.scheduler.config, loaded.sampler).tolist()

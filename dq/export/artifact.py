@@ -30,11 +30,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dq.arch import QuantAttnProcessor, attention_heads
+from dq.arch import attention_heads
 from dq.errors import UserError
 from dq.export.packing import pack_codes, packed_numel, unpack_codes
 from dq.io import atomic_write
-from dq.quant import QuantConfig, quant_config
+from dq.quant import QuantAttnProcessor, QuantConfig, quant_config
 from dq.quant.layers import QuantConv2d, QuantLinear
 
 FORMAT_NAME = "dq-int-export"

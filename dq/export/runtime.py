@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dq.arch import QuantAttnProcessor, QuantJointAttnProcessor, build_denoiser
+from dq.arch import build_denoiser
 from dq.export.artifact import (
     Export,
     ExportError,
@@ -23,6 +23,7 @@ from dq.export.artifact import (
 )
 from dq.export.kernels import resolve_backend
 from dq.export.layers import IntActQuantizer, IntConv2d, IntLinear
+from dq.quant.attention import QuantAttnProcessor, QuantJointAttnProcessor
 from dq.quant.convert import CONFIG_ATTR
 from dq.quant.layers import QuantConv2d, QuantLinear
 from dq.quant.timesteps import check_policy, key_by_timestep

@@ -1,8 +1,11 @@
-"""The quantization core: pure ops, Weight Dilation, TPQ quantizers, quantized layers, the converter and
-the student's saved state. Imports torch only (no Lightning, Hydra or diffusers)."""
+"""The quantization core: pure ops, Weight Dilation, TPQ quantizers, quantized layers and attention, the
+converter and the student's saved state. Imports torch only (no Lightning, Hydra, diffusers or dq.arch: a
+model's architecture description is handed to `quantize_model` by its caller)."""
 
+from dq.quant.attention import QuantAttnProcessor, QuantJointAttnProcessor
 from dq.quant.config import QuantConfig
 from dq.quant.convert import (
+    ModelLayout,
     act_quantizers,
     activation_drop,
     calibrate_activations,
@@ -36,8 +39,11 @@ from dq.quant.timesteps import TimestepKeying, key_by_timestep, timestep_keying
 
 __all__ = [
     "MIN_STEP_SIZE",
+    "ModelLayout",
+    "QuantAttnProcessor",
     "QuantConfig",
     "QuantConv2d",
+    "QuantJointAttnProcessor",
     "QuantLinear",
     "StepBlend",
     "StepIndexed",

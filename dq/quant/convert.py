@@ -1,7 +1,8 @@
-"""The converter: a float model (its structure from its architecture description, dq.arch) → its quantized student,
-and the model-level controls of a student: the sampling step index, calibration, quantization on/off.
+"""The converter: a float model and its architecture description → its quantized student, and the model-level
+controls of a student: the sampling step index, calibration, quantization on/off. The description comes from the
+caller (`dq.arch.describe`), so the quantization core imports no architecture code and no diffusers.
 
-    student = quantize_model(unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=25, num_groups=25))
+    student = quantize_model(unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=25, num_groups=25), describe(unet))
     with calibrate_activations(student):
         for batch in calibration_batches:
             set_step(student, batch["step"])           # int64 [B]: one step index per sample
@@ -14,21 +15,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from dq.errors import UserError
-
-if TYPE_CHECKING:
-    from dq.arch import Architecture
 from dq.quant.config import QuantConfig
 from dq.quant.layers import QuantConv2d, QuantLinear
 from dq.quant.quantizers import StepIndexed, TemporalActQuantizer, WeightQuantizer
 
 CONFIG_ATTR = "dq_quant_config"
+
+
+class ModelLayout(Protocol):
+    """What the converter reads from a model's architecture description, by module name (`dq.arch.Architecture`
+    is one: `dq.arch.describe(model)`; it gives a layers-only description for a class it does not know)."""
+
+    first_layers: tuple[str, ...]  # take config.first_layer_bits
+    last_layers: tuple[str, ...]  # take config.last_layer_bits
+    modulation_layers: tuple[str, ...]  # take config.modulation_bits
+    skip_splits: Mapping[str, int]  # {layer: channels of the first part of its concatenated input}
+    attention: tuple[str, ...]  # the attention modules whose matmul inputs get quantized
+    quantize_attention: Callable[[nn.Module, QuantConfig], None] | None  # installs a dq.quant.attention processor
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -49,15 +59,14 @@ def _selected(name: str, config: QuantConfig) -> bool:
     )
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False, arch: Architecture | None = None
-                   ) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig, arch: ModelLayout, inplace: bool = False) -> nn.Module:
     """Turn a float diffusion model into its quantized student (METHOD.md §1-§3).
 
     Every nn.Conv2d / nn.Linear selected by config.include/exclude becomes a QuantConv2d / QuantLinear
-    (WD applied, weight quantizer initialised from the weight). The model's architecture description
-    (`arch`, default `dq.arch.describe(model)`) says which layers take the first/last layer bits, which
-    inputs are skip concatenations to split (config.split_skip), and which attention modules get quantized
-    matmul inputs (config.quantize_attention). Activation (TPQ) tables still need calibration data: see
+    (WD applied, weight quantizer initialised from the weight). The model's architecture description `arch`
+    (`dq.arch.describe(model)`) says which layers take the first/last/modulation layer bits, which inputs are
+    skip concatenations to split (config.split_skip), and which attention modules get quantized matmul inputs
+    (config.quantize_attention). Activation (TPQ) tables still need calibration data: see
     `calibrate_activations`. Returns the student (the same object if inplace).
     """
     if not isinstance(model, nn.Module):
@@ -66,10 +75,6 @@ def quantize_model(model: nn.Module, config: QuantConfig, inplace: bool = False,
         raise TypeError(f"config must be a dq.quant.QuantConfig, got {type(config).__name__}")
     if is_quantized(model) or any(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules()):
         raise UserError("model is already quantized; convert the float model instead")
-    if arch is None:
-        from dq.arch import describe  # the architecture knowledge; imported here, dq.arch imports dq.quant
-
-        arch = describe(model)
     student = model if inplace else copy.deepcopy(model)
     selected = [(name, module) for name, module in student.named_modules()
                 if isinstance(module, (nn.Conv2d, nn.Linear)) and _selected(name, config)]
@@ -103,7 +108,7 @@ def _computes_as_its_base(module: nn.Module) -> bool:
             and set(module._parameters) <= {"weight", "bias"} and not module._modules)
 
 
-def _replace_layer(student: nn.Module, name: str, module: nn.Module, config: QuantConfig, arch: Architecture) -> None:
+def _replace_layer(student: nn.Module, name: str, module: nn.Module, config: QuantConfig, arch: ModelLayout) -> None:
     """Put the quantized version of layer `name` in its place, with its bits by the precision policy."""
     weight_bits, act_bits = config.weight_bits, config.act_bits
     if name in arch.first_layers and config.first_layer_bits is not None:

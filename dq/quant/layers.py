@@ -1,5 +1,4 @@
-"""Quantized Conv2d / Linear carrying the Weight Dilation pre-scale (quantized attention is part of each
-architecture description: dq.arch).
+"""Quantized Conv2d / Linear carrying the Weight Dilation pre-scale (quantized attention: dq.quant.attention).
 
 A quantized layer computes  Y = q_w(s·W) ⊛ q_x(X / s)  (eq. 10): `weight` holds the dilated weight s·W,
 the buffer `wd_scale` holds s [C_in] (ones when WD is off), and the input quantizer sees X / s.

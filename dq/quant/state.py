@@ -21,7 +21,7 @@ from torch import nn
 from dq.errors import MissingFileError, UserError
 from dq.io import atomic_write
 from dq.quant.config import QuantConfig
-from dq.quant.convert import CONFIG_ATTR, is_quantized, quant_config, quantize_model
+from dq.quant.convert import CONFIG_ATTR, ModelLayout, is_quantized, quant_config, quantize_model
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
 from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying, timestep_values
 
@@ -108,12 +108,13 @@ def read_quant_state_full(path: str | os.PathLike
     return tensors, config, includes_weights, timesteps
 
 
-def load_quant_state(model: nn.Module, path: str | os.PathLike, inplace: bool = False,
-                     tpq_policy: str = "exact") -> nn.Module:
+def load_quant_state(model: nn.Module, path: str | os.PathLike, arch: ModelLayout | None = None,
+                     inplace: bool = False, tpq_policy: str = "exact") -> nn.Module:
     """Load a saved state into `model` and return the student.
 
-    A float model is first converted with the saved QuantConfig (a copy unless inplace); a student must
-    have been built with the same config. Every key and shape must match; mismatches raise ValueError.
+    A float model is first converted with the saved QuantConfig and its architecture description `arch`
+    (`dq.arch.describe(model)`; a copy unless inplace); a student must have been built with the same config.
+    Every key and shape must match; mismatches raise ValueError.
     A file that records its trained schedule keys the student by timestep with `tpq_policy` ("exact",
     "nearest" or "interpolate": `dq.quant.timesteps`).
     """
@@ -124,8 +125,11 @@ def load_quant_state(model: nn.Module, path: str | os.PathLike, inplace: bool = 
         if differences:
             raise UserError(f"{path} was saved with another QuantConfig; differing fields (file, model): {differences}")
         student = model
+    elif arch is None:
+        raise UserError(f"{type(model).__name__} is a float model: converting it to load {path} needs its "
+                        "architecture description, load_quant_state(model, path, arch=dq.arch.describe(model))")
     else:
-        student = quantize_model(model, config, inplace=inplace)
+        student = quantize_model(model, config, arch, inplace=inplace)
     expected = quant_state_dict(student, include_weights=includes_weights)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -16,8 +16,6 @@ from diffusers import (
 from torch import nn
 
 from dq.arch import (
-    QuantAttnProcessor,
-    QuantJointAttnProcessor,
     describe,
     pack_text_conditioning,
     sample_shape,
@@ -28,8 +26,10 @@ from dq.bkd.blocks import capture_block
 from dq.calibration import CalibrationDataModule
 from dq.errors import UnsupportedError, UserError
 from dq.quant import (
+    QuantAttnProcessor,
     QuantConfig,
     QuantConv2d,
+    QuantJointAttnProcessor,
     load_quant_state,
     quantize_model,
     save_quant_state,
@@ -101,7 +101,7 @@ def test_description_is_the_forward_order_and_holds_every_layer_once(kind):
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_student_with_quantizers_off_is_the_fp_model(kind):
     model = MODELS[kind]()
-    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T))
+    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T), describe(model))
     processors = {type(student.get_submodule(name).processor) for name in describe(model).attention}
     assert processors == {QuantAttnProcessor if kind == "sana" else QuantJointAttnProcessor}
     set_quant_enabled(student, weights=False, activations=False)
@@ -115,7 +115,7 @@ def test_student_with_quantizers_off_is_the_fp_model(kind):
 
 def test_sana_depthwise_conv_is_quantized_with_unit_dilation():
     model = tiny_sana()
-    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T))
+    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T), describe(model))
     depthwise = student.get_submodule("transformer_blocks.0.ff.conv_depth")
     assert isinstance(depthwise, QuantConv2d) and depthwise.groups == depthwise.in_channels == 64
     assert depthwise.wd_scale.shape == (64,) and bool((depthwise.wd_scale == 1).all())
@@ -157,7 +157,8 @@ def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path, caplog):
     images = sample(student, SCHEDULER, SAMPLER, 4, seed=0, batch_size=4, progress=False, cond=cond)
     assert images.shape == (4, *sample_shape(model)) and torch.isfinite(images).all()
     save_quant_state(student, tmp_path / "student.safetensors")
-    loaded = load_quant_state(MODELS[kind](), tmp_path / "student.safetensors")
+    fresh = MODELS[kind]()
+    loaded = load_quant_state(fresh, tmp_path / "student.safetensors", describe(fresh))
     again = sample(loaded, SCHEDULER, SAMPLER, 4, seed=0, batch_size=4, progress=False, cond=cond)
     torch.testing.assert_close(again, images, rtol=0, atol=0)
 

@@ -69,7 +69,7 @@ def test_description_is_the_forward_order_and_holds_every_layer_once(kind):
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_student_with_quantizers_off_is_the_fp_model(kind):
     model = MODELS[kind]()
-    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T))
+    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T), describe(model))
     set_quant_enabled(student, weights=False, activations=False)
     batch = _example(kind, model)
     with torch.no_grad(), step_context(student, batch["step"]):
@@ -101,7 +101,8 @@ def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path, caplog):
     images = sample(student, SCHEDULER, SAMPLER, 4, seed=0, batch_size=4, progress=False, cond=cond)
     assert images.shape == (4, model.config.in_channels, 8, 8) and torch.isfinite(images).all()
     save_quant_state(student, tmp_path / "student.safetensors")
-    loaded = load_quant_state(MODELS[kind](), tmp_path / "student.safetensors")
+    fresh = MODELS[kind]()
+    loaded = load_quant_state(fresh, tmp_path / "student.safetensors", describe(fresh))
     again = sample(loaded, SCHEDULER, SAMPLER, 4, seed=0, batch_size=4, progress=False, cond=cond)
     torch.testing.assert_close(again, images, rtol=0, atol=0)
 
@@ -113,7 +114,7 @@ def test_modulation_bits_apply_to_the_adaln_modulation_linears_only(kind):
     assert modulation == ({"transformer_blocks.0.norm1.linear", "transformer_blocks.1.norm1.linear", "proj_out_1"}
                           if kind == "dit" else {"adaln_single.linear"})
     student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, modulation_bits=6, num_steps=T,
-                                                num_groups=T))
+                                                num_groups=T), describe(model))
     bits = {n: (m.weight_quantizer.bits, m.act_quantizer.bits) for n, m in student.named_modules()
             if hasattr(m, "weight_quantizer")}
     for name, pair in bits.items():

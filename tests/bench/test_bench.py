@@ -82,6 +82,7 @@ def test_remap_table_scores_every_policy_against_the_retrained_student(tmp_path)
     from omegaconf import OmegaConf
 
     from bench import remap_table
+    from dq.arch import describe
     from dq.quant import QuantConfig, calibrate_activations, quantize_model, save_quant_state
     from dq.sampling import SamplerConfig, sample
     from tests.conftest import write_model_folder
@@ -92,7 +93,9 @@ def test_remap_table_scores_every_policy_against_the_retrained_student(tmp_path)
     runs = {}
     for steps in (4, 6):  # a 4-step student to remap, and a student trained for 6 steps
         sampler = SamplerConfig(name="ddim", num_steps=steps)
-        student = quantize_model(make_unet16(), QuantConfig(weight_bits=8, act_bits=8, num_steps=steps, num_groups=steps))
+        unet = make_unet16()
+        student = quantize_model(unet, QuantConfig(weight_bits=8, act_bits=8, num_steps=steps, num_groups=steps),
+                                 describe(unet))
         with calibrate_activations(student):
             sample(student, scheduler.config, sampler, 2, batch_size=2, progress=False)
         run = runs[steps] = tmp_path / f"run{steps}"

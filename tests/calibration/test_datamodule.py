@@ -7,6 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from dq.arch import describe
 from dq.calibration import CalibrationDataModule, draw_plan, generate_shard, load_tuples, shard_range
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step
 from dq.sampling import SamplerConfig, planned_timesteps, sample
@@ -148,7 +149,8 @@ def test_cache_file_holds_metadata(tiny_unet, ddpm_scheduler, tmp_path):
 def test_student_calibrates_on_tuples_then_samples(tiny_unet, ddpm_scheduler, tmp_path):
     dm = make_datamodule(tiny_unet, ddpm_scheduler, tmp_path)
     dm.setup()
-    student = quantize_model(tiny_unet, QuantConfig(weight_bits=8, act_bits=8, num_steps=5, num_groups=5))
+    student = quantize_model(tiny_unet, QuantConfig(weight_bits=8, act_bits=8, num_steps=5, num_groups=5),
+                             describe(tiny_unet))
     with torch.no_grad(), calibrate_activations(student):
         for batch in dm.train_dataloader():
             set_step(student, batch["step"])

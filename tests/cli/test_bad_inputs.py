@@ -170,6 +170,7 @@ def test_unwritable_output_dir_is_refused_before_any_work(places, tmp_path, monk
 
 
 def test_quant_api_bad_inputs(tmp_path):
+    from dq.arch import describe
     from dq.quant import QuantConfig, load_quant_state, quantize_model, set_step
     from tests.quant.conftest import tiny_unet2d
 
@@ -180,17 +181,17 @@ def test_quant_api_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="unknown QuantConfig field"):
         QuantConfig.from_dict({"weight_bits": 4, "bits": 4})
     unet = tiny_unet2d()
-    student = quantize_model(unet, QuantConfig(num_steps=4, num_groups=4))
+    student = quantize_model(unet, QuantConfig(num_steps=4, num_groups=4), describe(unet))
     with pytest.raises(UserError, match="already quantized"):
-        quantize_model(student, QuantConfig(num_steps=4, num_groups=4))
+        quantize_model(student, QuantConfig(num_steps=4, num_groups=4), describe(student))
     with pytest.raises(UserError, match="step must be"):
         set_step(student, "first")
     with pytest.raises(MissingFileError, match="no quantization state file"):
-        load_quant_state(unet, tmp_path / "nothing.safetensors")
+        load_quant_state(unet, tmp_path / "nothing.safetensors", describe(unet))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 40)
     with pytest.raises(UserError, match="not a readable safetensors file"):
-        load_quant_state(unet, garbage)
+        load_quant_state(unet, garbage, describe(unet))
 
 
 # ----------------------------------------------------------------------------- real processes

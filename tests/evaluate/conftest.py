@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from dq.arch import describe
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, save_quant_state
 from dq.sampling import SamplerConfig, sample
 from tests.conftest import write_model_folder
@@ -37,7 +38,9 @@ def student_run_dir(tmp_path_factory, model16_dir) -> Path:
     """What train.py leaves behind (config.yaml, student.safetensors, results.json) for a W8A8 student."""
     run = tmp_path_factory.mktemp("run")
     scheduler = DDPMScheduler.from_pretrained(model16_dir / "scheduler")
-    student = quantize_model(make_unet16(), QuantConfig(weight_bits=8, act_bits=8, num_steps=STEPS, num_groups=STEPS))
+    unet = make_unet16()
+    student = quantize_model(unet, QuantConfig(weight_bits=8, act_bits=8, num_steps=STEPS, num_groups=STEPS),
+                             describe(unet))
     sampler = SamplerConfig(name="ddim", num_steps=STEPS)
     with calibrate_activations(student):
         sample(student, scheduler.config, sampler, 4, batch_size=4, progress=False)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dq.arch import describe
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step
 from dq.sampling import planned_timesteps, sample, unet_forward
 from tests.quant.conftest import tiny_unet2d
@@ -15,7 +16,7 @@ def calibrated_student(unet, config: QuantConfig, trajectories: dict[int, torch.
                        cond: torch.Tensor | None = None) -> torch.nn.Module:
     """A student whose TPQ tables come from per-step inputs {step: x [B, C, H, W]} (no training); cond:
     class labels or text embeddings for a conditional UNet."""
-    student = quantize_model(unet, config)
+    student = quantize_model(unet, config, describe(unet))
     with calibrate_activations(student), torch.no_grad():
         for step, x in trajectories.items():
             set_step(student, step)

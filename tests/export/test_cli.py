@@ -6,6 +6,7 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
+from dq.arch import describe
 from dq.export import read_export
 from dq.export.__main__ import main
 from dq.jobs.evaluate import evaluate
@@ -21,7 +22,9 @@ def model_and_run(tmp_path_factory):
     model_dir = write_model_folder(make_unet16(), tmp_path_factory.mktemp("model16"))
     run = tmp_path_factory.mktemp("run")
     sampler = SamplerConfig(name="ddim", num_steps=STEPS)
-    student = quantize_model(make_unet16(), QuantConfig(weight_bits=4, act_bits=4, num_steps=STEPS, num_groups=STEPS))
+    unet = make_unet16()
+    student = quantize_model(unet, QuantConfig(weight_bits=4, act_bits=4, num_steps=STEPS, num_groups=STEPS),
+                             describe(unet))
     scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
     with calibrate_activations(student):
         sample(student, scheduler_config, sampler, 4, batch_size=4, progress=False)

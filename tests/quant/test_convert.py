@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from dq.arch import QuantAttnProcessor, describe
+from dq.arch import Architecture, describe
 from dq.quant import (
+    QuantAttnProcessor,
     QuantConfig,
     QuantConv2d,
     QuantLinear,
@@ -50,14 +51,14 @@ def _rel_err(a, b):
 def test_w8a8_student_stays_close_to_fp(build):
     model = build()
     x, t, kw = _inputs(model)
-    student = quantize_model(model, QuantConfig(weight_bits=8, act_bits=8, num_steps=T, num_groups=T))
+    student = quantize_model(model, QuantConfig(weight_bits=8, act_bits=8, num_steps=T, num_groups=T), describe(model))
     _calibrate(student, x, t, kw)
     set_step(student, torch.arange(4) % T)
     with torch.no_grad():
         ref, out = model(x, t, **kw).sample, student(x, t, **kw).sample
     assert _rel_err(out, ref) < 0.05
     # W4A4 is much further away: the test above really exercises quantization
-    student4 = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T))
+    student4 = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T), describe(model))
     _calibrate(student4, x, t, kw)
     set_step(student4, torch.arange(4) % T)
     with torch.no_grad():
@@ -67,7 +68,7 @@ def test_w8a8_student_stays_close_to_fp(build):
 @pytest.mark.parametrize("build", [tiny_unet2d, tiny_unet2d_condition])
 def test_every_layer_is_converted_with_the_policy(build):
     model = build()
-    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T))
+    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T), describe(model))
     float_layers = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     for name in float_layers:
         layer = student.get_submodule(name)
@@ -85,11 +86,11 @@ def test_every_layer_is_converted_with_the_policy(build):
 def test_include_exclude_and_first_last_bits():
     model = tiny_unet2d()
     config = QuantConfig(first_layer_bits=None, last_layer_bits=6, exclude=("time_embedding.*",), num_steps=T, num_groups=T)
-    student = quantize_model(model, config)
+    student = quantize_model(model, config, describe(model))
     assert student.conv_in.weight_quantizer.bits == 4
     assert student.conv_out.weight_quantizer.bits == 6
     assert type(student.time_embedding.linear_1) is nn.Linear
-    only_down = quantize_model(model, QuantConfig(include=("down_blocks.*",), quantize_attention=False, num_steps=T, num_groups=T))
+    only_down = quantize_model(model, QuantConfig(include=("down_blocks.*",), quantize_attention=False, num_steps=T, num_groups=T), describe(model))
     assert type(only_down.conv_in) is nn.Conv2d and isinstance(only_down.down_blocks[0].resnets[0].conv1, QuantConv2d)
     assert not any(isinstance(m, QuantAttnProcessor) for m in only_down.modules())
 
@@ -99,13 +100,13 @@ def test_wd_keeps_the_float_function(build):
     """With fake quantization switched off, the dilated student computes the float model's function."""
     model = build()
     x, t, kw = _inputs(model)
-    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T))
+    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T), describe(model))
     dilated = [m for m in student.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     assert any((m.wd_scale > 1).any() for m in dilated)  # WD really rescaled something
     set_quant_enabled(student, weights=False, activations=False)
     with torch.no_grad():
         torch.testing.assert_close(student(x, t, **kw).sample, model(x, t, **kw).sample, rtol=1e-4, atol=1e-4)
-    no_wd = quantize_model(model, QuantConfig(weight_dilation=False, num_steps=T, num_groups=T))
+    no_wd = quantize_model(model, QuantConfig(weight_dilation=False, num_steps=T, num_groups=T), describe(model))
     assert all((m.wd_scale == 1).all() for m in no_wd.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
     torch.testing.assert_close(no_wd.conv_in.weight, model.conv_in.weight, rtol=0, atol=0)
 
@@ -129,17 +130,17 @@ def test_skip_splits_match_the_concatenation():
     assert {name.rsplit(".", 1)[0] for name in splits} == set(seen)
     for name, split in splits.items():
         assert 0 < split < seen[name.rsplit(".", 1)[0]]  # h first, then the skip: both halves non-empty
-    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T))
+    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T), describe(model))
     conv1 = student.up_blocks[0].resnets[0].conv1
     assert conv1.split_at == splits["up_blocks.0.resnets.0.conv1"] and conv1.skip_act_quantizer is not None
-    unsplit = quantize_model(model, QuantConfig(split_skip=False, num_steps=T, num_groups=T))
+    unsplit = quantize_model(model, QuantConfig(split_skip=False, num_steps=T, num_groups=T), describe(model))
     assert unsplit.up_blocks[0].resnets[0].conv1.skip_act_quantizer is None
 
 
 def test_step_plumbing_and_scalar_sampling():
     model = tiny_unet2d()
     x, t, _ = _inputs(model)
-    student = quantize_model(model, QuantConfig(weight_bits=8, act_bits=8, num_steps=T, num_groups=T))
+    student = quantize_model(model, QuantConfig(weight_bits=8, act_bits=8, num_steps=T, num_groups=T), describe(model))
     _calibrate(student, x, t, {})
     assert tpq_num_steps(student) == T and tpq_num_steps(model) is None
     with step_context(student, 2):
@@ -154,14 +155,14 @@ def test_step_plumbing_and_scalar_sampling():
 def test_bad_inputs_get_clear_errors():
     model = tiny_unet2d()
     with pytest.raises(TypeError, match="nn.Module"):
-        quantize_model("unet", QuantConfig())
+        quantize_model("unet", QuantConfig(), describe(model))
     with pytest.raises(TypeError, match="QuantConfig"):
-        quantize_model(model, {"weight_bits": 4})
-    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T))
+        quantize_model(model, {"weight_bits": 4}, describe(model))
+    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T), describe(model))
     with pytest.raises(ValueError, match="already quantized"):
-        quantize_model(student, QuantConfig(num_steps=T, num_groups=T))
+        quantize_model(student, QuantConfig(num_steps=T, num_groups=T), describe(student))
     with pytest.raises(ValueError, match="no Conv2d/Linear layer matches"):
-        quantize_model(model, QuantConfig(include=("nothing.*",), num_steps=T, num_groups=T))
+        quantize_model(model, QuantConfig(include=("nothing.*",), num_steps=T, num_groups=T), describe(model))
     with pytest.raises(ValueError, match="out of range"):
         set_step(student, T)
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
@@ -211,8 +212,18 @@ def test_config_round_trip_and_unknown_keys():
 def test_inplace_conversion_keeps_parameter_objects():
     model = tiny_unet2d()
     bias = model.conv_in.bias
-    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T), inplace=True)
+    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T), describe(model), inplace=True)
     assert student is model and student.conv_in.bias is bias
+
+
+def test_the_description_passed_in_decides_the_policy():
+    """The converter knows nothing of UNets itself: a layers-only description gives conv_in the common bits,
+    splits no skip input and quantizes no attention."""
+    model = tiny_unet2d()
+    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T), Architecture("generic"))
+    assert student.conv_in.weight_quantizer.bits == 4
+    assert all(m.split_at is None for m in student.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
+    assert not any(isinstance(m, QuantAttnProcessor) for m in student.modules())
 
 
 class _ProjectionLinear(nn.Linear):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dq.arch import describe
 from dq.quant import (
     QuantConfig,
     calibrate_activations,
@@ -22,7 +23,7 @@ T = 3
 
 
 def _trained_student(model):
-    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T))
+    student = quantize_model(model, QuantConfig(num_steps=T, num_groups=T), describe(model))
     x = torch.randn(3, 3, 8, 8)
     t = torch.tensor([900, 500, 100])
     with calibrate_activations(student), torch.no_grad():
@@ -39,7 +40,8 @@ def test_round_trip_is_exact(tmp_path, include_weights):
     model = tiny_unet2d()
     student, x, t = _trained_student(model)
     path = save_quant_state(student, tmp_path / "student.safetensors", include_weights=include_weights)
-    restored = load_quant_state(tiny_unet2d(), path)  # a fresh float model of the same architecture
+    fresh = tiny_unet2d()  # a fresh float model of the same architecture
+    restored = load_quant_state(fresh, path, describe(fresh))
     state, restored_state = student.state_dict(), restored.state_dict()
     tensors, _, _ = read_quant_state(path)
     for key in tensors:
@@ -57,7 +59,8 @@ def test_round_trip_is_exact(tmp_path, include_weights):
 def test_load_into_an_existing_student(tmp_path):
     student, _, _ = _trained_student(tiny_unet2d())
     path = save_quant_state(student, tmp_path / "s.safetensors")
-    other = quantize_model(tiny_unet2d(seed=5), QuantConfig(num_steps=T, num_groups=T))
+    fresh = tiny_unet2d(seed=5)
+    other = quantize_model(fresh, QuantConfig(num_steps=T, num_groups=T), describe(fresh))
     loaded = load_quant_state(other, path)
     assert loaded is other
     assert torch.equal(loaded.conv_in.act_quantizer.scale, student.conv_in.act_quantizer.scale)
@@ -66,7 +69,8 @@ def test_load_into_an_existing_student(tmp_path):
 def test_config_mismatch_is_refused(tmp_path):
     student, _, _ = _trained_student(tiny_unet2d())
     path = save_quant_state(student, tmp_path / "s.safetensors")
-    other = quantize_model(tiny_unet2d(), QuantConfig(weight_bits=8, num_steps=T, num_groups=T))
+    fresh = tiny_unet2d()
+    other = quantize_model(fresh, QuantConfig(weight_bits=8, num_steps=T, num_groups=T), describe(fresh))
     with pytest.raises(ValueError, match="weight_bits"):
         load_quant_state(other, path)
 
@@ -74,8 +78,11 @@ def test_config_mismatch_is_refused(tmp_path):
 def test_architecture_mismatch_is_refused(tmp_path):
     student, _, _ = _trained_student(tiny_unet2d())
     path = save_quant_state(student, tmp_path / "s.safetensors")
+    other = tiny_unet2d_condition()
     with pytest.raises(ValueError, match="does not fit this model"):
-        load_quant_state(tiny_unet2d_condition(), path)
+        load_quant_state(other, path, describe(other))
+    with pytest.raises(ValueError, match="needs its architecture description"):  # a float model, no description
+        load_quant_state(other, path)
 
 
 def test_shape_mismatch_is_refused(tmp_path):
@@ -87,8 +94,9 @@ def test_shape_mismatch_is_refused(tmp_path):
     meta = {"format": "dq-quant-state", "format_version": "1", "quant_config": json.dumps(config.to_dict()),
             "includes_weights": "false"}
     save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
+    fresh = tiny_unet2d()
     with pytest.raises(ValueError, match="shape mismatch"):
-        load_quant_state(tiny_unet2d(), tmp_path / "bad.safetensors")
+        load_quant_state(fresh, tmp_path / "bad.safetensors", describe(fresh))
 
 
 def test_bad_files_are_refused(tmp_path):

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from dq.arch import describe
 from dq.export import export_student, load_int_model
 from dq.export.layers import IntActQuantizer
 from dq.quant import (
@@ -135,16 +136,16 @@ def test_keying_survives_deepcopy_and_replaces_an_earlier_one():
 def test_saved_state_records_the_schedule_and_loading_keys_with_the_policy(tmp_path):
     unet, student = tiny_student()
     save_quant_state(student, tmp_path / "plain.safetensors")
-    assert timestep_keying(load_quant_state(unet, tmp_path / "plain.safetensors")) is None
+    assert timestep_keying(load_quant_state(unet, tmp_path / "plain.safetensors", describe(unet))) is None
     key_by_timestep(student, TINY_TIMESTEPS)
     save_quant_state(student, tmp_path / "keyed.safetensors")
-    loaded = load_quant_state(unet, tmp_path / "keyed.safetensors", tpq_policy="interpolate")
+    loaded = load_quant_state(unet, tmp_path / "keyed.safetensors", describe(unet), tpq_policy="interpolate")
     keying = timestep_keying(loaded)
     assert keying.timestep_list() == TINY_TIMESTEPS and keying.policy == "interpolate"
     with pytest.raises(ValueError, match="4 timesteps given for TPQ tables of 3"):
         save_quant_state(student, tmp_path / "bad.safetensors", timesteps=[1, 2, 3, 4])
     with pytest.raises(ValueError, match="tpq_policy must be one of"):
-        load_quant_state(unet, tmp_path / "keyed.safetensors", tpq_policy="bogus")
+        load_quant_state(unet, tmp_path / "keyed.safetensors", describe(unet), tpq_policy="bogus")
 
 
 def test_integer_model_is_keyed_by_its_export_timesteps(tmp_path):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from dq.arch import describe
 from dq.quant import QuantConfig, act_quantizers, quantize_model, set_quant_enabled
 from dq.sampling import (
     SamplerConfig,
@@ -53,7 +54,7 @@ def test_sample_seeds_are_distinct():
 
 
 def test_step_index_reaches_model_at_every_call_in_order(tiny_unet, ddpm_scheduler):
-    student = quantize_model(tiny_unet, QuantConfig(num_steps=5, num_groups=5))
+    student = quantize_model(tiny_unet, QuantConfig(num_steps=5, num_groups=5), describe(tiny_unet))
     set_quant_enabled(student, weights=False, activations=False)  # float path; the step index is still set
     quantizers = act_quantizers(student)
     calls = []
@@ -68,7 +69,7 @@ def test_step_index_reaches_model_at_every_call_in_order(tiny_unet, ddpm_schedul
 
 
 def test_classifier_free_guidance_doubles_batch_with_same_step(tiny_class_unet, ddpm_scheduler):
-    student = quantize_model(tiny_class_unet, QuantConfig(num_steps=5, num_groups=5))
+    student = quantize_model(tiny_class_unet, QuantConfig(num_steps=5, num_groups=5), describe(tiny_class_unet))
     set_quant_enabled(student, weights=False, activations=False)
     quantizers = act_quantizers(student)
     calls = []
@@ -97,7 +98,7 @@ def test_text_conditioning(tiny_text_unet, ddpm_scheduler):
 
 
 def test_student_with_other_step_count_is_refused(tiny_unet, ddpm_scheduler):
-    student = quantize_model(tiny_unet, QuantConfig(num_steps=10, num_groups=10))
+    student = quantize_model(tiny_unet, QuantConfig(num_steps=10, num_groups=10), describe(tiny_unet))
     with pytest.raises(ValueError, match="built for 10 sampling steps"):
         run(student, ddpm_scheduler)
 

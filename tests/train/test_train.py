@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dq
+from dq.arch import describe
 from dq.jobs.train import build_quant_config, train
 from dq.quant import load_quant_state, set_step, timestep_keying
 from dq.zoo import load_model_folder
@@ -43,7 +44,7 @@ def test_run_writes_a_self_describing_loadable_student(tiny_model_dir, tmp_path)
     assert saved["psnr_vs_fp"] > 5.0 and 0 < saved["mse_vs_fp"] < 0.5
     # the student loads without the training code path, from the FP model and the file alone
     unet, _ = load_model_folder(tiny_model_dir)
-    student = load_quant_state(unet, out / "student.safetensors")
+    student = load_quant_state(unet, out / "student.safetensors", describe(unet))
     set_step(student, 0)
     with torch.no_grad():
         assert torch.isfinite(student(torch.randn(1, 3, 8, 8), torch.tensor([999])).sample).all()

@@ -10,6 +10,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from dq.arch import describe
 from dq.quant import QuantConfig, quantize_model, set_quant_enabled
 from dq.sampling import SamplerConfig, planned_timesteps
 from dq.zoo import load_components, load_model
@@ -109,7 +110,8 @@ def test_church_heads_survive_quantization(tmp_path):
     assert (out / "unet" / "attention_heads.json").is_file()
     loaded = load_model(model_cfg(out))
     unet = loaded.unet
-    student = quantize_model(unet, QuantConfig(weight_bits=8, act_bits=8, num_steps=4, num_groups=4, weight_dilation=False))
+    student = quantize_model(unet, QuantConfig(weight_bits=8, act_bits=8, num_steps=4, num_groups=4, weight_dilation=False),
+                             describe(unet))
     set_quant_enabled(student, weights=False, activations=False)
     x, t, _ = unet_inputs(TINY_CHURCH, modules)
     with torch.no_grad():
