@@ -2,7 +2,12 @@
 converter and the student's saved state. Imports torch only (no Lightning, Hydra, diffusers or dq.arch: a
 model's architecture description is handed to `quantize_model` by its caller)."""
 
-from dq.quant.attention import QuantAttnProcessor, QuantJointAttnProcessor
+from dq.quant.attention import (
+    DEFAULT_ATTENTION_CHUNK_MB,
+    QuantAttnProcessor,
+    QuantJointAttnProcessor,
+    set_attention_chunk,
+)
 from dq.quant.config import QuantConfig
 from dq.quant.convert import (
     ModelLayout,
@@ -38,6 +43,7 @@ from dq.quant.timesteps import POLICIES as TPQ_POLICIES
 from dq.quant.timesteps import TimestepKeying, key_by_timestep, timestep_keying
 
 __all__ = [
+    "DEFAULT_ATTENTION_CHUNK_MB",
     "MIN_STEP_SIZE",
     "ModelLayout",
     "QuantAttnProcessor",
@@ -71,6 +77,7 @@ __all__ = [
     "read_quant_state",
     "round_ste",
     "save_quant_state",
+    "set_attention_chunk",
     "set_quant_enabled",
     "set_step",
     "step_context",

@@ -224,6 +224,11 @@ class TemporalActQuantizer(StepIndexed):
         """Record per-group statistics of the inputs (passed through unquantized) until finish_observing."""
         self._observer = _RangeObserver(self.num_groups, self.init_method != "minmax", seed)
 
+    @property
+    def observing(self) -> bool:
+        """Whether forward passes are being recorded (between start_observing and finish_observing)."""
+        return self._observer is not None
+
     def cancel_observing(self) -> None:
         """Stop observing and leave the tables as they were (calibration interrupted by an error)."""
         self._observer = None
@@ -278,11 +283,12 @@ class TemporalActQuantizer(StepIndexed):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, numel_per_sample: int | None = None) -> torch.Tensor:
         """Observing (between start_observing and finish_observing): record x, return it unchanged. Disabled
         (set_quant_enabled): x. Otherwise x fake-quantized with its step's group (Δ, z); the first such call
         after calibration or a state load checks, once, that the tables were initialised (checking every
-        call would make each forward wait on the device)."""
+        call would make each forward wait on the device). numel_per_sample: the elements per sample of the
+        whole tensor when x is a slice of it (tiled attention), for the LSQ gradient scale; None: x[0]'s."""
         if self._observer is not None:
             self._observe(x)
             return x
@@ -297,7 +303,7 @@ class TemporalActQuantizer(StepIndexed):
             self._checked_calibrated = True
         scale, zero_point = self.scale, self.zero_point
         if self.lsq_grad_scale:
-            factor = ops.lsq_grad_factor(x[0].numel(), self.bits)
+            factor = ops.lsq_grad_factor(numel_per_sample or x[0].numel(), self.bits)
             scale, zero_point = ops.scale_grad(scale, factor), ops.scale_grad(zero_point, factor)
         quantized = self.fake_quantize_step(x, scale, zero_point, self.bits)
         if self.drop_prob > 0.0:
