@@ -2,6 +2,10 @@
 their run used, without retraining: each run's student/ folder is loaded and sampled again.
 
     python bench/fidelity_recheck.py RUN_DIR [RUN_DIR ...] --num-samples 32 --seed 1234
+    python bench/fidelity_recheck.py RUN_DIR [RUN_DIR ...] --num-samples 256   # each run's own noise seed
+
+Every fidelity figure of today's results.json is printed (dq.metrics.fidelity_figures: the PSNR of the mean
+MSE, the mean and median per-image PSNR, MSE, SSIM), so runs recorded before a figure existed get it too.
 
 The earlier protocol of train.py (before the 256-sample one) was 32 samples from noise seed 1234 for every
 run; this gives that figure for runs trained since. Samples are drawn as train.py draws them (DDIM from the
@@ -22,28 +26,30 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dq.metrics import mse, psnr  # noqa: E402
+from dq.metrics import fidelity_figures  # noqa: E402
 from dq.pretrained import load_student  # noqa: E402
 from dq.sampling import sample  # noqa: E402
-from dq.zoo import load_model  # noqa: E402
+from dq.zoo import load_model, to_images  # noqa: E402
 
 
 @torch.no_grad()
-def recheck(run_dir: Path, num_samples: int, seed: int, batch_size: int) -> dict[str, float]:
+def recheck(run_dir: Path, num_samples: int, seed: int | None, batch_size: int) -> dict[str, float]:
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    if seed is None:  # the run's own fidelity noise: fidelity.seed, or 1234 + the run's seed (as train.py draws it)
+        seed = int(cfg.fidelity.seed) if cfg.fidelity.get("seed") is not None else 1234 + int(cfg.seed)
     loaded = load_model(cfg.model)
     student = load_student(run_dir / "student")
     kwargs = dict(seed=seed, batch_size=batch_size, progress=False)
     teacher_images = sample(loaded.unet, loaded.scheduler.config, loaded.sampler, num_samples, **kwargs)
     student_images = sample(student, loaded.scheduler.config, loaded.sampler, num_samples, **kwargs)
-    return {"psnr_vs_fp": psnr(student_images, teacher_images), "mse_vs_fp": mse(student_images, teacher_images)}
+    return fidelity_figures(to_images(loaded.components, student_images), to_images(loaded.components, teacher_images))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=None, help="noise seed (default: each run's own fidelity seed)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     values = []
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"run": str(run), **{k: round(v, 5) for k, v in figures.items()}}))
     if len(values) > 1:
         print(f"PSNR vs FP over {len(values)} runs: {statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} dB "
-              f"({args.num_samples} samples, noise seed {args.seed})")
+              f"({args.num_samples} samples, noise seed {args.seed if args.seed is not None else 'of each run'})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What Weight Dilation does to each quantized layer of a model (METHOD.md §2), measured.
+"""What Weight Dilation does to each quantized layer of a model (docs/method.md §2), measured.
 
     python bench/wd_report.py                                  # the embedded model, W4A4 -> docs/wd_report.{md,json}
     python bench/wd_report.py --model conf/model/embedded_dit.yaml --out docs/embedded_dit   # the embedded DiT

@@ -40,9 +40,10 @@ from dq.evaluation import (
 )
 from dq.export.kernels import BACKENDS as INT_BACKENDS
 from dq.io import atomic_write, check_writable_dir, file_sha256
-from dq.metrics import inception_score, mse, psnr, ssim
+from dq.metrics import fidelity_figures, inception_score
 from dq.metrics.backends import FeatureBackend, build_backend, display_path
 from dq.metrics.clip_score import clip_score
+from dq.metrics.figures import FIDELITY_KEYS
 from dq.metrics.reference import resolve_reference
 from dq.metrics.ssim import ssim_window
 from dq.placement import PhaseRecorder, recording, trainer_settings
@@ -236,11 +237,9 @@ def compute_figures(plan: MetricPlan, images: torch.Tensor, fp_images: torch.Ten
     if "is" in plan.metrics:
         figures["is"], figures["is_std"] = inception_score(features["is"], int(eval_cfg.is_splits))
     if fp_images is None:  # the FP model is its own reference
-        figures.update(psnr_vs_fp=None, mse_vs_fp=None, ssim_vs_fp=None)
+        figures.update(dict.fromkeys(FIDELITY_KEYS))
     elif "fidelity" in plan.metrics:
-        student, teacher = images.float() / 127.5 - 1.0, fp_images.float() / 127.5 - 1.0
-        figures.update(psnr_vs_fp=psnr(student, teacher), mse_vs_fp=mse(student, teacher),
-                       ssim_vs_fp=ssim(student, teacher))
+        figures.update(fidelity_figures(images.float() / 127.5 - 1.0, fp_images.float() / 127.5 - 1.0))
     if "clip_score" in plan.metrics:
         prompts = [plan.prompts[k % len(plan.prompts)] for k in range(len(images))]
         figures["clip_score"] = clip_score(images, prompts, str(eval_cfg.clip_model), device=_device(str(eval_cfg.device)))

@@ -60,7 +60,7 @@ def _selected(name: str, config: QuantConfig) -> bool:
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, arch: ModelLayout, inplace: bool = False) -> nn.Module:
-    """Turn a float diffusion model into its quantized student (METHOD.md §1-§3).
+    """Turn a float diffusion model into its quantized student (docs/method.md §1-§3).
 
     Every nn.Conv2d / nn.Linear selected by config.include/exclude becomes a QuantConv2d / QuantLinear
     (WD applied, weight quantizer initialised from the weight). The model's architecture description `arch`

@@ -142,7 +142,7 @@ def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path, caplog):
     model = MODELS[kind]()
     data = CalibrationDataModule(model, SCHEDULER, SAMPLER, num_samples=32, num_trajectories=8,
                                  cache_dir=tmp_path / "cache", progress=False, prompt_embeds=_cond(kind, 5, seed=2))
-    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16)
+    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, end_to_end_iters=0)
     config = QuantConfig(weight_bits=4, act_bits=8, num_steps=T, num_groups=T)
     distiller = BlockDistiller(model, config, distill, data, seed=0)
     trainer = L.Trainer(accelerator="cpu", max_epochs=len(candidate_blocks(distiller.student)), logger=False,
