@@ -27,6 +27,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from dq.bkd import (
@@ -53,6 +54,7 @@ from dq.quant import QuantConfig, TemporalActQuantizer, key_by_timestep
 from dq.resume import check_checkpoint, phase, resolve_checkpoint, run_identity
 from dq.sampling import planned_timesteps, sample
 from dq.sampling.grid import image_grid, write_png
+from dq.tracking import job_tracker
 from dq.zoo import ModelBundle, load_model, to_images
 
 RESULTS_VERSION = 1
@@ -190,8 +192,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     job = prepare(cfg, start)
     checkpoint = check_resume(job)
     check_writable_dir(cfg.data.cache_dir, "data.cache_dir")  # after the checks: a refused run creates nothing
-    with recording(job.phases):  # per phase its device, time and memory (dq.placement)
-        rank = fit_student(job, checkpoint)
+    # one logger run per job (a W&B run), finished also when it fails; per phase its device, time and memory
+    with job_tracker(cfg, "train") as tracker, recording(job.phases):
+        rank = fit_student(job, checkpoint, tracker.logger)
         if rank != 0:
             return {}
         if job.distiller.state.block < len(job.distiller.blocks):  # interrupted (Ctrl-C, max_steps, time limit)
@@ -201,7 +204,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 job.distiller.state.block + 1, len(job.distiller.blocks), job.out_dir,
             )
             return {"complete": False, "block": job.distiller.state.block, "num_blocks": len(job.distiller.blocks)}
-        return write_outputs(job)
+        results = write_outputs(job)
+        tracker.log_results(results, {"samples": job.out_dir / "samples.png"})
+        return results
 
 
 def prepare(cfg: DictConfig, start: float) -> Job:
@@ -233,27 +238,28 @@ def check_resume(job: Job) -> Path | None:
     return checkpoint
 
 
-def fit_student(job: Job, checkpoint: Path | None) -> int:
-    """Initialise (PTQ) or train the student block by block; returns this process's global rank."""
+def fit_student(job: Job, checkpoint: Path | None, logger: Logger | None = None) -> int:
+    """Initialise (PTQ) or train the student block by block (the Trainer logs to `logger`, the job's: see
+    dq.tracking); returns this process's global rank."""
     if job.distill.iters_per_block == 0:  # initialisation only: no optimisation, no Lightning loop needed
         job.distiller.to(job.device)  # no Trainer places it: calibration and initialisation run there too
         job.distiller.initialize_only()
         finish_phase()
         return 0
-    trainer = make_trainer(job.cfg, job.out_dir, len(training_blocks(job.distiller.student, job.distill)))
+    trainer = make_trainer(job.cfg, job.out_dir, len(training_blocks(job.distiller.student, job.distill)), logger)
     trainer.fit(job.distiller, ckpt_path=checkpoint)
     finish_phase()
     return trainer.global_rank
 
 
-def make_trainer(cfg: DictConfig, out_dir: Path, num_blocks: int) -> L.Trainer:
+def make_trainer(cfg: DictConfig, out_dir: Path, num_blocks: int, logger: Logger | None = None) -> L.Trainer:
     """One epoch per block; the observing callbacks (progress, TPQ ranges) and the resume checkpoint; the
-    configured accelerator and logger."""
+    configured accelerator, and `logger` (None: a new one from cfg.logger)."""
     return L.Trainer(
         **trainer_settings(OmegaConf.to_container(cfg.trainer, resolve=True), announce=False),  # auto made explicit
         max_epochs=num_blocks,
         reload_dataloaders_every_n_epochs=1,  # each block's loader has its own length (BlockBatches)
-        logger=hydra.utils.instantiate(cfg.logger),
+        logger=hydra.utils.instantiate(cfg.logger) if logger is None else logger,
         callbacks=[
             *([BlockProgressBar()] if cfg.progress_bar else []),
             TPQRangeLogger(),
@@ -363,8 +369,8 @@ def main(cfg: DictConfig) -> None:
     if results.get("complete"):
         print(
             f"dq: {results['method']} {results['quant']} done in {results['wall_seconds']:.0f} s; "
-            f"PSNR vs FP {results['psnr_mse_vs_fp']:.2f} dB (of the mean MSE {results['mse_vs_fp']:.5f}; mean "
-            f"per-image PSNR {results['psnr_vs_fp']:.2f} dB)\n"
+            f"PSNR vs FP {results['psnr_vs_fp']:.2f} dB (mean per image; median {results['psnr_median_vs_fp']:.2f}, "
+            f"of the mean MSE {results['psnr_mse_vs_fp']:.2f}), MSE vs FP {results['mse_vs_fp']:.5f}\n"
             f"dq: outputs in {cfg.output_dir} (student/ for dq.load_student, student.safetensors, results.json, "
             "samples.png)"
         )
