@@ -48,6 +48,7 @@ from dq.bkd.blocks import (
     nbytes_of,
     same_block_io,
 )
+from dq.bkd.guidance import with_guidance_rows
 from dq.bkd.schedule import TimestepGroupSchedule, check_group_schedule
 from dq.config_values import check_field_types
 from dq.errors import UserError
@@ -129,6 +130,10 @@ class DistillConfig:
     end_to_end_lr_quant: float = 3e-4
     end_to_end_lr_zero_point: float = 3e-3
     group_schedule: str = "uniform"  # the TPQ timestep-group schedule of the batches (dq.bkd.schedule)
+    # the share of calibration rows (per sampling step) that carry the unconditional input of classifier-free
+    # guidance instead of their condition, for models calibrated with guidance (dq.bkd.guidance); 0 = every
+    # row conditional. Initialisation, BKD and the end-to-end stage all see the mixed rows.
+    uncond_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         check_field_types(self, "method.distill.")
@@ -169,6 +174,8 @@ class DistillConfig:
                             "iters_per_block > 0 and whole_model false (set it to 0 for PTQ and end-to-end QAT)")
         if not 0.0 <= self.act_drop < 1.0:
             raise UserError(f"act_drop must lie in [0, 1), got {self.act_drop}")
+        if not 0.0 <= self.uncond_fraction <= 1.0:
+            raise UserError(f"uncond_fraction must lie in [0, 1], got {self.uncond_fraction}")
         check_group_schedule(self.group_schedule)
         if self.teacher_precision not in TEACHER_PRECISIONS:
             allowed = ", ".join(TEACHER_PRECISIONS)
@@ -507,6 +514,8 @@ class BlockDistiller(L.LightningModule):
             if key not in self.calibration:
                 raise UserError(f"calibration data lacks {key!r}; it has {sorted(self.calibration)}")
         self.num_samples = int(self.calibration["x_t"].shape[0])
+        if self.distill.uncond_fraction > 0:
+            self.calibration = with_guidance_rows(self.calibration, self.distill.uncond_fraction, self.seed)
         if self.num_samples < self.distill.batch_size:
             raise UserError(f"{self.num_samples} calibration samples are fewer than one batch ({self.distill.batch_size})")
         num_steps, steps = tpq_num_steps(self.student), self.calibration["step"]
