@@ -87,7 +87,7 @@ def test_domain_fid_column_and_fp_row_over_seeds(sweep):
     assert groups["method.distill.lr_weights=1e-5"].stats("fid") == (60.0, 0.0, 1)
     assert groups["method=ptq_minmax"].stats("fid") is None
     text = render(list(groups.values()), None)
-    assert "| FP | fp | `(the FP model)` | 0,1,2 | – | – | – | – | 34.00 ± 4.00 | – | – |" in text
+    assert "| FP | fp | `(the FP model)` | 0,1,2 | – | – | – | – | – | – | 34.00 ± 4.00 | – | – |" in text
     assert "**44.00 ± 4.00**" in text and "60.00 (1 seed)" in text
     assert "backend digits, num_samples 1000" in text and "mixes evaluation protocols" not in text
     _metrics(sweep / "c0", "ptq_minmax", 0, 90.0, num_samples=500)
