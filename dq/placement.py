@@ -100,13 +100,24 @@ def module_device(module: torch.nn.Module) -> torch.device:
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+def _rss_now_and_peak_mb() -> tuple[float, float] | None:
+    """(VmRSS, VmHWM) of this process in MiB, from /proc/self/status; None where it cannot be read."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def _rss_peak_reset() -> bool:
-    """Reset this process's peak RSS (Linux: 5 > /proc/self/clear_refs); False where that is not possible."""
+    """Reset this process's peak RSS (Linux: 5 > /proc/self/clear_refs); False where that is not possible or
+    the peak did not come down to the current RSS (a kernel that accepts the write and ignores it)."""
     try:
         _CLEAR_REFS.write_text("5")
-        return True
     except OSError:
         return False
+    now = _rss_now_and_peak_mb()
+    return now is not None and now[1] - now[0] < 16  # MiB: the RSS may grow between the reset and the read
 
 
 def _rss_peak_mb() -> float:

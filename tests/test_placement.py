@@ -2,6 +2,7 @@
 without CUDA is refused, and phase records hold each phase's device, wall time and its own peak memory."""
 
 import logging
+import mmap
 import time
 
 import pytest
@@ -44,8 +45,9 @@ def test_phases_are_contiguous_and_each_peak_is_its_own():
         placement.enter("small", "cpu")
         time.sleep(0.05)
         placement.enter("large", torch.device("cpu"))
-        block = torch.ones(96 * 2**20 // 4)  # 96 MiB touched
-        del block
+        block = mmap.mmap(-1, 96 * 2**20)  # 96 MiB of fresh pages, touched: an allocator could reuse freed ones
+        block.write(b"\1" * len(block))
+        block.close()
         placement.finish()
         time.sleep(0.05)  # between phases: counted in none
         placement.enter("small", "cpu")  # entered again: times add up
