@@ -131,9 +131,10 @@ class DistillConfig:
     end_to_end_lr_zero_point: float = 3e-3
     group_schedule: str = "uniform"  # the TPQ timestep-group schedule of the batches (dq.bkd.schedule)
     # the share of calibration rows (per sampling step) that carry the unconditional input of classifier-free
-    # guidance instead of their condition, for models calibrated with guidance (dq.bkd.guidance); 0 = every
-    # row conditional. Initialisation, BKD and the end-to-end stage all see the mixed rows.
-    uncond_fraction: float = 0.0
+    # guidance instead of their condition, for models calibrated with guidance (dq.bkd.guidance): 0.5 is the
+    # sampler's own proportion (measured on the embedded DiT: +0.16 ± 0.13 dB over conditional-only, 3
+    # seeds); 0 = every row conditional (the paper). Initialisation, BKD and the end-to-end stage all see it.
+    uncond_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         check_field_types(self, "method.distill.")

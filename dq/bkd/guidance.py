@@ -40,7 +40,7 @@ def with_guidance_rows(tuples: Mapping[str, torch.Tensor], fraction: float, seed
     out = dict(tuples)
     if fraction <= 0 or "uncond" not in tuples or "cond" not in tuples:
         if fraction > 0:
-            log.info("method.distill.uncond_fraction=%g: the calibration holds no unconditional inputs (the sampler "
+            log.debug("method.distill.uncond_fraction=%g: the calibration holds no unconditional inputs (the sampler "
                      "uses no guidance); every row stays conditional", fraction)
         return out
     cond, uncond = tuples["cond"], tuples["uncond"]
