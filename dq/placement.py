@@ -122,12 +122,9 @@ def _rss_peak_reset() -> bool:
 
 def _rss_peak_mb() -> float:
     """This process's peak RSS since the last reset (VmHWM), or since it started (getrusage)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    now = _rss_now_and_peak_mb()
+    if now is not None:
+        return now[1]
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

@@ -515,8 +515,7 @@ class BlockDistiller(L.LightningModule):
             if key not in self.calibration:
                 raise UserError(f"calibration data lacks {key!r}; it has {sorted(self.calibration)}")
         self.num_samples = int(self.calibration["x_t"].shape[0])
-        if self.distill.uncond_fraction > 0:
-            self.calibration = with_guidance_rows(self.calibration, self.distill.uncond_fraction, self.seed)
+        self.calibration = with_guidance_rows(self.calibration, self.distill.uncond_fraction, self.seed)
         if self.num_samples < self.distill.batch_size:
             raise UserError(f"{self.num_samples} calibration samples are fewer than one batch ({self.distill.batch_size})")
         num_steps, steps = tpq_num_steps(self.student), self.calibration["step"]
