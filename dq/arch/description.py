@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dq.errors import UnsupportedError
+from dq.errors import UnsupportedError, UserError
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,18 @@ def sample_shape(model: nn.Module) -> tuple[int, int, int]:
         raise UnsupportedError(f"{type(model).__name__}'s config has no sample_size; dq cannot tell the sample shape")
     height, width = (size, size) if isinstance(size, int) else size
     return int(config.in_channels), int(height), int(width)
+
+
+def cond_kwargs(cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The diffusers UNet keyword that carries `cond`: class_labels for int64 labels [B],
+    encoder_hidden_states for embeddings [B, L, D], none for None."""
+    if cond is None:
+        return {}
+    if not torch.is_floating_point(cond):
+        return {"class_labels": cond}
+    if cond.ndim != 3:
+        raise UserError(f"float conditioning must be embeddings [B, L, D], got shape {tuple(cond.shape)}")
+    return {"encoder_hidden_states": cond}
 
 
 def model_call(model: nn.Module) -> ModelCall | None:

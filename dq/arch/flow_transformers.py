@@ -11,14 +11,13 @@ BKD's blocks, in the order their forward passes run them:
 A joint block returns (encoder_hidden_states, hidden_states) and BKD matches both; SD3's last block returns
 (None, hidden_states). Flux's blocks share one rotary embedding with no batch dimension (shared_inputs).
 
-Text conditioning of SD3 and Flux is two tensors, the prompt embeddings [B, L, D] and the pooled projection
-[B, P]; dq carries conditioning as one tensor, so they travel packed as [B, L + 1, D]: the L token rows,
-then one row holding the pooled vector in its first P features (`pack_text_conditioning`).
+Their text conditioning travels packed as [B, L + 1, D] (dq.arch.text_conditioning): the prompt's token
+rows, then one row with SD3's and Flux's pooled projection (and FLUX.1-dev's distilled guidance value), or
+Sana's attention mask.
 
 Quantized attention matmuls (q, k, v, softmax output): SD3's and Flux's joint attention (dq.quant.attention.
 QuantJointAttnProcessor) and Sana's cross-attention; Sana's linear self-attention (no softmax) stays in float.
-Not yet: guidance-distilled Flux (guidance_embeds) and Sana-Sprint, and Flux's resolution-dependent shift
-(give sampler.shift).
+Not yet: Sana-Sprint (guidance_embeds).
 """
 
 from __future__ import annotations
@@ -27,41 +26,9 @@ import torch
 from torch import nn
 
 from dq.arch.description import Architecture, check_parts, register
+from dq.arch.text_conditioning import unpack_for
 from dq.errors import UnsupportedError, UserError
 from dq.quant.attention import quantize_attention, quantize_joint_attention
-
-
-def pack_text_conditioning(prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """[B, L + 1, D]: the prompt embeddings [B, L, D], then a row with the pooled projection [B, P] (P <= D)
-    in its first P features and zeros after: SD3's and Flux's conditioning as one tensor."""
-    if prompt_embeds.ndim != 3 or pooled.ndim != 2 or pooled.shape[0] != prompt_embeds.shape[0]:
-        raise UserError(f"pack_text_conditioning takes embeddings [B, L, D] and pooled [B, P], got "
-                        f"{tuple(prompt_embeds.shape)} and {tuple(pooled.shape)}")
-    width = prompt_embeds.shape[2]
-    if pooled.shape[1] > width:
-        raise UserError(f"the pooled projection ({pooled.shape[1]} features) is wider than the embeddings ({width})")
-    row = prompt_embeds.new_zeros(prompt_embeds.shape[0], 1, width)
-    row[:, 0, : pooled.shape[1]] = pooled.to(prompt_embeds.dtype)
-    return torch.cat([prompt_embeds, row], dim=1)
-
-
-def unpack_text_conditioning(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt embeddings [B, L, D], pooled [B, P]) from pack_text_conditioning's tensor."""
-    return cond[:, :-1], cond[:, -1, :pooled_dim]
-
-
-def _text_cond(model: nn.Module, cond: torch.Tensor | None, packed: bool) -> torch.Tensor:
-    name = type(model).__name__
-    if cond is None or not torch.is_floating_point(cond) or cond.ndim != 3:
-        layout = "pack_text_conditioning(prompt_embeds, pooled) [B, L + 1, D]" if packed else "embeddings [B, L, D]"
-        raise UnsupportedError(f"{name} is text-conditional: give {layout} as cond")
-    return cond
-
-
-def _refuse_guidance_embeds(model: nn.Module) -> None:
-    if getattr(model.config, "guidance_embeds", False):
-        raise UnsupportedError(f"{type(model).__name__} with guidance_embeds (guidance-distilled) is not supported "
-                               "by dq yet")
 
 
 def timestep_input_scale(model: nn.Module) -> float:
@@ -77,16 +44,17 @@ def timestep_input_scale(model: nn.Module) -> float:
 
 
 def _call_sd3(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    embeds, pooled = unpack_text_conditioning(_text_cond(model, cond, True), model.config.pooled_projection_dim)
-    return model(x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=timesteps.to(x.dtype),
+    embeds, fields = unpack_for(model, cond)
+    return model(x, encoder_hidden_states=embeds, pooled_projections=fields["pooled"], timestep=timesteps.to(x.dtype),
                  return_dict=False)[0]
 
 
 def _call_flux(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     """Flux takes the latents as 2x2 patches [B, (H/2)(W/2), 4C] with their (0, row, col) position ids and
-    σ = t / 1000 as its timestep; the output is unpacked back to [B, C, H, W]."""
-    _refuse_guidance_embeds(model)
-    embeds, pooled = unpack_text_conditioning(_text_cond(model, cond, True), model.config.pooled_projection_dim)
+    σ = t / 1000 as its timestep, and FLUX.1-dev the distilled guidance value of its conditioning row (as
+    FluxPipeline passes its guidance_scale); the output is unpacked back to [B, C, H, W]."""
+    embeds, fields = unpack_for(model, cond)
+    guidance = fields["guidance"][:, 0].to(x.dtype) if "guidance" in fields else None
     b, c, h, w = x.shape
     if h % 2 or w % 2:
         raise UserError(f"Flux packs 2x2 latent patches: height and width must be even, got {h}x{w}")
@@ -95,7 +63,7 @@ def _call_flux(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond:
     img_ids[..., 1] = torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
     img_ids[..., 2] = torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
     txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
-    out = model(tokens, encoder_hidden_states=embeds, pooled_projections=pooled,
+    out = model(tokens, encoder_hidden_states=embeds, pooled_projections=fields["pooled"], guidance=guidance,
                 timestep=timesteps.to(x.dtype) * timestep_input_scale(model), img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids,
                 return_dict=False)[0]
     channels = out.shape[-1] // 4
@@ -103,9 +71,12 @@ def _call_flux(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond:
 
 
 def _call_sana(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    _refuse_guidance_embeds(model)
+    if getattr(model.config, "guidance_embeds", False):
+        raise UnsupportedError("SanaTransformer2DModel with guidance_embeds (Sana-Sprint) is not supported by dq yet")
+    embeds, fields = unpack_for(model, cond)
     timestep = timesteps.to(x.dtype) * timestep_input_scale(model)
-    return model(x, encoder_hidden_states=_text_cond(model, cond, False), timestep=timestep, return_dict=False)[0]
+    return model(x, encoder_hidden_states=embeds, encoder_attention_mask=fields["mask"], timestep=timestep,
+                 return_dict=False)[0]
 
 
 def _flux_shape(model: nn.Module) -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from dq.arch.attention import attention_modules
 from dq.arch.description import Architecture, check_parts, has_layers, register
+from dq.arch.text_conditioning import unpack_for
 from dq.errors import UnsupportedError
 from dq.quant.attention import quantize_attention
 
@@ -33,13 +34,13 @@ def _call_dit(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: 
 
 def _call_pixart(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None
                  ) -> torch.Tensor:
-    if cond is None or not torch.is_floating_point(cond) or cond.ndim != 3:
-        raise UnsupportedError("PixArtTransformer2DModel is text-conditional: give embeddings [B, L, D] as cond")
-    added = {"resolution": None, "aspect_ratio": None}  # only used when the config asks for them
-    if getattr(model, "use_additional_conditions", False):
-        raise UnsupportedError("PixArt configs with use_additional_conditions (resolution / aspect-ratio "
-                               "embeddings) are not supported by dq yet")
-    output = model(x, encoder_hidden_states=cond, timestep=timesteps, added_cond_kwargs=added, return_dict=False)[0]
+    """PixArt's call as PixArtAlphaPipeline / PixArtSigmaPipeline make it: the T5 embeddings with their
+    attention mask, and at 1024 px on PixArt-α (use_additional_conditions) the resolution and aspect ratio,
+    all from the packed conditioning (dq.arch.text_conditioning)."""
+    embeds, fields = unpack_for(model, cond)
+    added = {"resolution": fields.get("resolution"), "aspect_ratio": fields.get("aspect_ratio")}
+    output = model(x, encoder_hidden_states=embeds, encoder_attention_mask=fields["mask"], timestep=timesteps,
+                   added_cond_kwargs=added, return_dict=False)[0]
     return _prediction(model, x, output)
 
 

@@ -11,10 +11,12 @@ downsampler's output on a stack; each up resnet's input is the concatenation [h,
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from dq.arch.attention import attention_modules
-from dq.arch.description import Architecture, check_parts, has_layers, register
+from dq.arch.description import Architecture, check_parts, cond_kwargs, has_layers, register
+from dq.arch.text_conditioning import text_fields, unpack_for
 from dq.errors import UnsupportedError, UserError
 from dq.quant.attention import quantize_attention
 
@@ -100,5 +102,17 @@ def describe_unet2d(model: nn.Module) -> Architecture:
     )
 
 
-for _name in ("UNet2DModel", "UNet2DConditionModel"):
-    register(_name, describe_unet2d)
+def _call_unet_condition(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None
+                         ) -> torch.Tensor:
+    """A conditional UNet's call: the embeddings or class labels as they are (SD 1.x / 2.x, LDMs), or for
+    SDXL (addition_embed_type text_time) the embeddings with the pooled projection and the size / crop ids
+    of the packed conditioning (dq.arch.text_conditioning), as StableDiffusionXLPipeline passes them."""
+    if not text_fields(model):
+        return model(x, timesteps, return_dict=False, **cond_kwargs(cond))[0]
+    embeds, fields = unpack_for(model, cond)
+    added = {"text_embeds": fields["pooled"], "time_ids": fields["time_ids"]}
+    return model(x, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+
+register("UNet2DModel", describe_unet2d)
+register("UNet2DConditionModel", describe_unet2d, _call_unet_condition)

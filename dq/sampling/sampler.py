@@ -22,7 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-from dq.arch import model_call, sample_shape
+from dq.arch import cond_kwargs, model_call, sample_shape
 from dq.arch.flow_transformers import timestep_input_scale
 from dq.errors import UserError
 from dq.io import derived_seed
@@ -100,18 +100,6 @@ def unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond
     if call is not None:
         return call(unet, x, timesteps, cond)
     return unet(x, timesteps, return_dict=False, **cond_kwargs(cond))[0]
-
-
-def cond_kwargs(cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The diffusers UNet keyword that carries `cond`: class_labels for int64 labels [B],
-    encoder_hidden_states for embeddings [B, L, D], none for None."""
-    if cond is None:
-        return {}
-    if not torch.is_floating_point(cond):
-        return {"class_labels": cond}
-    if cond.ndim != 3:
-        raise UserError(f"float conditioning must be embeddings [B, L, D], got shape {tuple(cond.shape)}")
-    return {"encoder_hidden_states": cond}
 
 
 def _call_model(unet: nn.Module, x: torch.Tensor, timestep: int, cond: torch.Tensor | None) -> torch.Tensor:

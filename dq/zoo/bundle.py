@@ -44,9 +44,12 @@ def load_model(model_cfg: Mapping[str, Any], *, prompt_limit: int | None = None)
     pipeline's (`dq.zoo.families`). prompt_limit: encode only the first prompts of a text model (sample k
     uses prompt k % P, so P = the number of samples gives the same tensors)."""
     folder = model_folder(model_cfg)
-    unet, scheduler = load_model_folder(folder, variant=model_cfg.get("variant"), dtype=model_cfg.get("dtype"))
+    unet, scheduler = load_model_folder(folder, variant=model_cfg.get("variant"), dtype=model_cfg.get("dtype"),
+                                         sample_size=model_cfg.get("sample_size"))
     components = load_components(model_cfg, folder)
-    conditioning = model_conditioning(model_cfg, components, limit=prompt_limit)
+    conditioning = model_conditioning(model_cfg, components, limit=prompt_limit, denoiser=unet, scheduler=scheduler)
+    # the text encoders are needed for encoding only: release them (T5-XXL alone is 19 GB in float32)
+    components = components._replace(text_encoder=None, tokenizer=None, text_parts=None)
     defaults, reason = family_sampler(read_layout(folder).pipeline_class, scheduler,
                                       text_conditional=conditioning.prompt_embeds is not None
                                       and conditioning.num_classes is None, denoiser_config=unet.config)

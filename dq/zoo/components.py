@@ -1,32 +1,42 @@
-"""The full-precision parts around a diffusion UNet: the first-stage autoencoder of a latent model (VQ or
-KL) and the text encoder of a text-to-image model, or the class-embedding table of an LDM that feeds class
-labels through cross-attention. They are never quantized and never part of BKD: the student is the UNet.
+"""The full-precision parts around a diffusion model's denoiser: the first-stage autoencoder of a latent
+model (VQ, KL, or Sana's DC-AE), the text encoders and tokenizers of a text-to-image model, or the
+class-embedding table of an LDM that feeds class labels through cross-attention. They are never quantized
+and never part of BKD: the student is the denoiser.
 
-    components = load_components(cfg.model)      # vae/, text_encoder/ + tokenizer/, class_embedder/ if present
+    components = load_components(cfg.model)      # vae/, text_encoder*/ + tokenizer*/, class_embedder/ if present
     images = to_images(components, samples)      # latents -> pixels in [-1, 1]; pixel models pass through
 
-Folder layout (diffusers `save_pretrained`): `vae/` (AutoencoderKL or VQModel, config.json + safetensors),
-`text_encoder/` (transformers CLIPTextModel, config.json + model.safetensors), `tokenizer/` (CLIPTokenizer
-files); weights sharded or as a fp16/bf16 variant as `dq.zoo.loading.weights_variant` reads them, `class_embedder/embeddings.safetensors` (key `weight`, [num_classes + 1, D]). Loading reads JSON
-and safetensors only, so it never executes code from the folder.
+Folder layout (diffusers `save_pretrained`, a hub download): `vae/` (AutoencoderKL, VQModel or
+AutoencoderDC, config.json + safetensors); `text_encoder/`, `text_encoder_2/`, `text_encoder_3/` (the
+transformers class model_index.json names: CLIP, CLIP with projection, T5 or Gemma 2) with `tokenizer/`,
+`tokenizer_2/`, `tokenizer_3/` (CLIP, T5 or Gemma tokenizers; T5's spiece.model alone needs sentencepiece);
+weights sharded or as a fp16/bf16 variant as `dq.zoo.loading.weights_variant` reads them;
+`class_embedder/embeddings.safetensors` (key `weight`, [num_classes + 1, D]). Loading reads JSON,
+tokenizer files and safetensors only, so it never executes code from the folder.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 from safetensors.torch import load_file
 from torch import nn
 
 from dq.errors import MissingFileError, UnsupportedError, UserError
 from dq.io import read_json_object
-from dq.zoo.loading import model_folder, read_layout, torch_dtype, weights_variant
+from dq.zoo.loading import FolderLayout, model_folder, read_layout, torch_dtype, weights_variant
 
-VAE_CLASSES: dict[str, type[nn.Module]] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+VAE_CLASSES: dict[str, type[nn.Module]] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel,
+                                           "AutoencoderDC": AutoencoderDC}
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "Gemma2Model")
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "GemmaTokenizer",
+                     "GemmaTokenizerFast")
 CLASS_EMBEDDINGS_FILE = Path("class_embedder") / "embeddings.safetensors"
 TRANSFORMERS_REQUIREMENT = "transformers==5.23.0"
 
@@ -34,9 +44,12 @@ TRANSFORMERS_REQUIREMENT = "transformers==5.23.0"
 class ModelComponents(NamedTuple):
     vae: nn.Module | None = None  # FP first stage (eval mode), None for a pixel-space model
     latent_scale: float | None = None  # latents = scale * encoder output; decode divides by it
-    text_encoder: nn.Module | None = None  # FP transformers CLIPTextModel (eval mode)
-    tokenizer: Any = None  # transformers CLIPTokenizer
+    text_encoder: nn.Module | None = None  # the first FP text encoder (eval mode), None without one
+    tokenizer: Any = None  # its tokenizer
     class_embeddings: torch.Tensor | None = None  # float32 [num_classes + 1, D]: label -> cross-attention context
+    text_parts: Mapping[str, Any] | None = None  # every text encoder and tokenizer, by folder name
+    pipeline_class: str | None = None  # model_index.json's pipeline class: whose encode_prompt encodes prompts
+    index: Mapping[str, Any] | None = None  # model_index.json (its pipeline settings, e.g. force_zeros_for_empty_prompt)
 
     @property
     def is_latent(self) -> bool:
@@ -63,34 +76,67 @@ def load_vae(folder: str | Path, *, variant: str | None = None, dtype: str | Non
     return vae.eval().requires_grad_(False)
 
 
-def load_text_encoder(folder: str | Path, *, variant: str | None = None, dtype: str | None = None
-                      ) -> tuple[nn.Module, Any]:
-    """(CLIPTextModel, CLIPTokenizer) of `folder/text_encoder` and `folder/tokenizer`, FP, eval mode; the
-    encoder's weights one safetensors file, sharded, or a variant (`weights_variant`). Another encoder class
-    (T5, Gemma) is refused in one line: dq encodes prompts with CLIP only so far."""
-    root = Path(folder)
-    config_path = root / "text_encoder" / "config.json"
-    if not config_path.is_file():
-        raise MissingFileError(f"{config_path} is missing: text_encoder/ needs its config as save_pretrained writes it")
-    config = read_json_object(config_path, "text encoder config")
-    architectures = config.get("architectures") or []
-    if architectures != ["CLIPTextModel"] and not (not architectures and config.get("model_type") == "clip_text_model"):
-        raise UnsupportedError(f"{root / 'text_encoder'} holds {'/'.join(map(str, architectures)) or 'no named model'}; "
-                               "dq encodes prompts with a CLIPTextModel only so far (SD 1.x / 2.x): give "
-                               "model.conditioning.prompt_embeds_file with embeddings made by the model's pipeline")
+def _transformers_class(name: str, allowed: tuple[str, ...], where: Path) -> Any:
+    """The transformers class `name` if dq loads it (a known text encoder or tokenizer), else a one-line
+    refusal naming the folder."""
+    if name not in allowed:
+        raise UnsupportedError(f"{where} holds {name or 'no named class'}; dq loads the text encoders and "
+                               f"tokenizers {list(allowed)} (or give model.conditioning.prompt_embeds_file)")
     try:  # lazy: only text-to-image models need transformers
-        from transformers import CLIPTextModel, CLIPTokenizer
+        import transformers
     except ImportError as err:
-        raise ImportError(
-            f"{folder} has a text encoder: install transformers to load it (pip install {TRANSFORMERS_REQUIREMENT})"
-        ) from err
-    if not (root / "tokenizer").is_dir():
-        raise MissingFileError(f"{root / 'tokenizer'} is missing: text_encoder/ needs its tokenizer/ beside it")
-    text_encoder = CLIPTextModel.from_pretrained(
-        root / "text_encoder", use_safetensors=True, local_files_only=True,
-        variant=weights_variant(root / "text_encoder", variant, stem="model"), dtype=torch_dtype(dtype))
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    return text_encoder.eval().requires_grad_(False), tokenizer
+        raise ImportError(f"{where} is a text model's part: install transformers to load it "
+                          f"(pip install {TRANSFORMERS_REQUIREMENT})") from err
+    return getattr(transformers, name)
+
+
+def _part_class(root: Path, name: str, index: Mapping[str, Any] | None) -> str:
+    """The class of part `name` (text_encoder_2, tokenizer, ...): model_index.json's entry, or without an
+    index a text encoder's config architectures and CLIPTokenizer (an SD folder saved part by part)."""
+    entry = (index or {}).get(name)
+    if isinstance(entry, list) and len(entry) == 2 and entry[1]:
+        return str(entry[1])
+    if name.startswith("text_encoder"):
+        config_path = root / name / "config.json"
+        if not config_path.is_file():
+            raise MissingFileError(f"{config_path} is missing: {name}/ needs its config as save_pretrained writes it")
+        config = read_json_object(config_path, "text encoder config")
+        architectures = config.get("architectures") or []
+        if not architectures and config.get("model_type") == "clip_text_model":
+            return "CLIPTextModel"
+        return "/".join(map(str, architectures))
+    return "CLIPTokenizer"
+
+
+def load_text_part(folder: str | Path, name: str, *, index: Mapping[str, Any] | None = None,
+                   variant: str | None = None, dtype: str | None = None) -> Any:
+    """Text encoder or tokenizer `name` of `folder` (text_encoder, text_encoder_2, text_encoder_3,
+    tokenizer, ...) as the class model_index.json names for it: CLIP, CLIP with projection, T5 or Gemma 2
+    encoders (FP, eval mode, weights one safetensors file, sharded, or a variant: `weights_variant`) and
+    their tokenizers, from local files only."""
+    root = Path(folder)
+    where = root / name
+    if not where.is_dir():
+        raise MissingFileError(f"{where} is missing: the model folder lists {name} but has no such folder")
+    class_name = _part_class(root, name, index)
+    if name.startswith("text_encoder"):
+        cls = _transformers_class(class_name, TEXT_ENCODER_CLASSES, where)
+        encoder = cls.from_pretrained(where, use_safetensors=True, local_files_only=True,
+                                      variant=weights_variant(where, variant, stem="model"), dtype=torch_dtype(dtype))
+        return encoder.eval().requires_grad_(False)
+    cls = _transformers_class(class_name, TOKENIZER_CLASSES, where)
+    has_json = (where / "tokenizer.json").is_file()
+    if not has_json and (where / "spiece.model").is_file() and importlib.util.find_spec("sentencepiece") is None:
+        raise ImportError(f"{where} ships spiece.model without tokenizer.json: reading it needs sentencepiece "
+                          "(pip install sentencepiece)")
+    return cls.from_pretrained(where, local_files_only=True)
+
+
+def load_text_parts(folder: str | Path, layout: FolderLayout, *, variant: str | None = None,
+                    dtype: str | None = None) -> dict[str, Any]:
+    """{part name: loaded part} for every text encoder and tokenizer the folder holds (`load_text_part`)."""
+    return {name: load_text_part(folder, name, index=layout.index, variant=variant, dtype=dtype)
+            for name in TEXT_PARTS if layout.has_component(name)}
 
 
 def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None) -> ModelComponents:
@@ -113,14 +159,16 @@ def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None) ->
         raise UserError(f"model.latent_scale is set but {folder} has no vae/ (a pixel-space model)")
     # prompt embeddings made elsewhere (SD3, Flux, PixArt so far) need no text encoder: it is not loaded
     embeds_file = (model_cfg.get("conditioning") or {}).get("prompt_embeds_file")
-    if layout.has_component("text_encoder") and embeds_file is None:
-        text_encoder, tokenizer = load_text_encoder(folder, **options)
+    text_parts = load_text_parts(folder, layout, **options) if embeds_file is None else {}
+    text_encoder = next((text_parts[n] for n in TEXT_PARTS if n.startswith("text_encoder") and n in text_parts), None)
+    tokenizer = text_parts.get("tokenizer")
     if (folder / CLASS_EMBEDDINGS_FILE).is_file():
         tensors = load_file(str(folder / CLASS_EMBEDDINGS_FILE))
         if "weight" not in tensors or tensors["weight"].ndim != 2:
             raise UserError(f"{folder / CLASS_EMBEDDINGS_FILE} must hold `weight` [num_classes + 1, D]")
         class_embeddings = tensors["weight"].float()
-    return ModelComponents(vae, latent_scale, text_encoder, tokenizer, class_embeddings)
+    return ModelComponents(vae, latent_scale, text_encoder, tokenizer, class_embeddings, text_parts,
+                           layout.pipeline_class, layout.index)
 
 
 @torch.no_grad()

@@ -23,11 +23,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from dq.arch.text_conditioning import pack_text_conditioning, text_fields
 from dq.calibration import trajectory_conditioning
 from dq.errors import CorruptFileError, MissingFileError, UserError
 from dq.zoo.components import ModelComponents
+from dq.zoo.prompts import encode_with_pipeline
 
-CONDITIONING_KEYS = ("num_classes", "uncond_class", "prompts_file", "prompt_embeds_file", "max_prompts")
+CONDITIONING_KEYS = ("num_classes", "uncond_class", "prompts_file", "prompt_embeds_file", "max_prompts",
+                     "max_sequence_length", "distilled_guidance")
 
 
 class ModelConditioning(NamedTuple):
@@ -38,6 +41,7 @@ class ModelConditioning(NamedTuple):
     prompts: tuple[str, ...] = ()  # the P prompts of prompt_embeds (text models), for the CLIP score
     source: str | None = None  # the prompts file, for the protocol
     embeds_file: dict[str, Any] | None = None  # prompt_embeds_file: {file, sha256, num_prompts}
+    encoding: dict[str, Any] | None = None  # how the prompts were encoded: {pipeline, max_sequence_length, ...}
 
     @property
     def is_conditional(self) -> bool:
@@ -69,6 +73,8 @@ class ModelConditioning(NamedTuple):
             record.update(prompts_file=self.source, num_prompts=len(self.prompts))
         if self.embeds_file is not None:
             record["prompt_embeds"] = self.embeds_file
+        if self.encoding is not None:
+            record["encoding"] = self.encoding
         return record
 
 
@@ -96,9 +102,12 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     return prompts
 
 
-def read_prompt_embeds(path: str | Path, limit: int | None = None) -> ModelConditioning:
+def read_prompt_embeds(path: str | Path, limit: int | None = None, denoiser: nn.Module | None = None
+                       ) -> ModelConditioning:
     """The conditioning of a prompt-embeddings file (prompt_embeds [P, L, D], optional uncond_embeds
-    [1, L, D]), the first `limit` prompts."""
+    [1, L, D]), the first `limit` prompts. For a denoiser that reads an attention mask (PixArt, Sana), the
+    file's prompt_attention_mask [P, L] and uncond_attention_mask [1, L] are packed with the embeddings,
+    or every token is attended when the file has none; SD3, Flux and SDXL files hold the packed tensors."""
     from safetensors.torch import load_file
 
     from dq.io import file_sha256
@@ -116,9 +125,22 @@ def read_prompt_embeds(path: str | Path, limit: int | None = None) -> ModelCondi
     if uncond is not None and (uncond.shape[0] != 1 or uncond.shape[1:] != embeds.shape[1:]):
         raise UserError(f"{path}: uncond_embeds must be [1, L, D] like prompt_embeds' rows, got {tuple(uncond.shape)}")
     embeds = embeds[:limit] if limit is not None else embeds
+    fields = [] if denoiser is None else [name for name, _ in text_fields(denoiser)]
+    if fields == ["mask"]:
+        embeds = _with_mask(embeds, tensors.get("prompt_attention_mask"), path)
+        uncond = None if uncond is None else _with_mask(uncond, tensors.get("uncond_attention_mask"), path)
     record = {"file": str(path), "sha256": file_sha256(path), "num_prompts": int(embeds.shape[0])}
     return ModelConditioning(None, None, embeds.float(), None if uncond is None else uncond.float(),
                              embeds_file=record)
+
+
+def _with_mask(embeds: torch.Tensor, mask: torch.Tensor | None, path: Path) -> torch.Tensor:
+    """embeds [P, L, D] packed with their attention mask [>= P, L] (all ones when None)."""
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2])
+    if mask.ndim != 2 or mask.shape[1] != embeds.shape[1] or len(mask) < len(embeds):
+        raise UserError(f"{path}: an attention mask must be [P, L] like the embeddings' rows, got {tuple(mask.shape)}")
+    return pack_text_conditioning(embeds.float(), mask[: len(embeds)].float())
 
 
 @torch.no_grad()
@@ -134,10 +156,12 @@ def encode_prompts(text_encoder: nn.Module, tokenizer: Any, prompts: list[str], 
     return torch.cat(out)
 
 
-def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents,
-                       limit: int | None = None) -> ModelConditioning:
+def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents, limit: int | None = None,
+                       denoiser: nn.Module | None = None, scheduler: Any = None) -> ModelConditioning:
     """The conditioning of `model_cfg.conditioning` with the model's FP components; `limit`: encode only
-    the first prompts (sample k uses prompt k % P, so P = the number of samples gives the same tensors)."""
+    the first prompts (sample k uses prompt k % P, so P = the number of samples gives the same tensors).
+    Text prompts are encoded by the folder's pipeline around `denoiser` and `scheduler` (`dq.zoo.prompts`),
+    packed as the denoiser's call takes them (dq.arch.text_conditioning)."""
     settings = dict(model_cfg.get("conditioning") or {})
     unknown = sorted(set(settings) - set(CONDITIONING_KEYS))
     if unknown:
@@ -153,16 +177,24 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
         raise UserError(f"model.conditioning sets {' and '.join(chosen)}; a model takes one of them")
     if embeds_file is not None:
         limits = [int(v) for v in (max_prompts, limit) if v is not None]
-        return read_prompt_embeds(embeds_file, min(limits) if limits else None)
+        return read_prompt_embeds(embeds_file, min(limits) if limits else None, denoiser)
     if prompts_file is not None:
         if components.text_encoder is None:
             raise UserError(f"model.conditioning.prompts_file={prompts_file} needs a text_encoder/ + tokenizer/ in "
                              "the model folder")
         limits = [int(v) for v in (max_prompts, limit) if v is not None]
         prompts = read_prompts(prompts_file, min(limits) if limits else None)
-        embeds = encode_prompts(components.text_encoder, components.tokenizer, prompts)
-        uncond = encode_prompts(components.text_encoder, components.tokenizer, [""])  # CFG's empty prompt
-        return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file))
+        if denoiser is None:  # no denoiser to build a pipeline around: CLIP's last hidden states (SD 1.x / 2.x)
+            embeds = encode_prompts(components.text_encoder, components.tokenizer, prompts)
+            uncond = encode_prompts(components.text_encoder, components.tokenizer, [""])  # CFG's empty prompt
+            return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file))
+        pipeline_class = components.pipeline_class or "StableDiffusionPipeline"  # an SD folder saved part by part
+        parts = {**(components.text_parts or {}), "vae": components.vae, "scheduler": scheduler}
+        embeds, uncond, encoding = encode_with_pipeline(
+            pipeline_class, parts, denoiser, prompts, guidance=pipeline_class != "FluxPipeline",
+            max_sequence_length=settings.get("max_sequence_length"),
+            distilled_guidance=settings.get("distilled_guidance"), index=components.index)
+        return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file), encoding=encoding)
     if components.text_encoder is not None:
         raise UserError("this model has a text encoder: set model.conditioning.prompts_file (one prompt a line, "
                          "or a COCO captions JSON)")

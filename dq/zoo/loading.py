@@ -40,6 +40,7 @@ UNET_WEIGHTS = f"{DIFFUSERS_WEIGHTS}.safetensors"
 VARIANTS = ("fp16", "bf16")  # the weight variants the hub repos ship beside (or instead of) the full weights
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DENOISER_FOLDERS = ("unet", "transformer")
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size (latents of 1024 px images)
 ATTENTION_HEADS_FILE = "attention_heads.json"  # per-layer head counts UNet2DModel's config cannot express
 log = logging.getLogger("dq.zoo")
 
@@ -158,11 +159,13 @@ def torch_dtype(name: str | None) -> torch.dtype:
     return DTYPES[str(name)]
 
 
-def load_model_folder(path: str | Path, *, variant: str | None = None, dtype: str | None = None
-                      ) -> tuple[nn.Module, SchedulerMixin]:
+def load_model_folder(path: str | Path, *, variant: str | None = None, dtype: str | None = None,
+                      sample_size: int | None = None) -> tuple[nn.Module, SchedulerMixin]:
     """(denoiser, scheduler) from a diffusers model folder (`read_layout`): the denoiser's config.json and
     safetensors weights (one file, sharded with an index, or a fp16/bf16 variant: `weights_variant`), and
-    the scheduler's scheduler_config.json. dtype: the denoiser's (model.dtype; null: float32).
+    the scheduler's scheduler_config.json. dtype: the denoiser's (model.dtype; null: float32). sample_size
+    (model.sample_size): the latent size to sample at, recorded in the denoiser's config; a Flux transformer,
+    whose config records none, gets FluxPipeline's default 128.
 
     UserError naming the missing or malformed part when the folder does not have that layout.
     """
@@ -210,6 +213,13 @@ def load_model_folder(path: str | Path, *, variant: str | None = None, dtype: st
             raise UserError(f"{heads_file} must hold {{\"attention_heads\": {{module name: heads}}}}")
         set_attention_heads(unet, heads)
     scheduler = scheduler_class.from_config(scheduler_config)
+    if sample_size is not None:
+        unet.register_to_config(sample_size=int(sample_size))
+    elif unet_class_name == "FluxTransformer2DModel" and unet.config.get("sample_size") is None:
+        # FluxPipeline's default_sample_size: 128 latents, 1024 px through its VAE's factor 8
+        log.info("dq: %s records no sample size: 128 (FluxPipeline's default, 1024 px); set model.sample_size "
+                 "to change it", root / unet_dir)
+        unet.register_to_config(sample_size=FLUX_SAMPLE_SIZE)
     return unet.eval(), scheduler
 
 
@@ -222,8 +232,10 @@ def model_folder(model_cfg: Mapping[str, Any]) -> Path:
         raise UserError(f"model.source must be one of {MODEL_SOURCES}, got {source!r}")
     path = _value(model_cfg, "path")
     if source == "hub":
-        if path is not None:
-            raise UserError(f"model.source=hub loads model.repo_id from the HF cache; use model=local for path {path!r}")
+        if path is not None and str(path) != "":  # a real model's config pointed at its download
+            log.info("dq: model.path is set: loading %s instead of %s from the HF cache", path,
+                     _value(model_cfg, "repo_id"))
+            return Path(str(path)).expanduser()
         return hub_snapshot(_value(model_cfg, "repo_id"), _value(model_cfg, "revision"))
     if source == "embedded":
         if path is not None:

@@ -76,7 +76,9 @@ MODELS = {"sd3": tiny_sd3, "flux": tiny_flux, "sana": tiny_sana}
 def _cond(kind: str, n: int, seed: int = 5) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     embeds = torch.randn(n, TEXT_LEN, TEXT_DIM, generator=g)
-    return embeds if kind == "sana" else pack_text_conditioning(embeds, torch.randn(n, POOLED, generator=g))
+    if kind == "sana":  # the attention mask: the last token is padding
+        return pack_text_conditioning(embeds, torch.tensor([[1.0] * (TEXT_LEN - 1) + [0.0]]).repeat(n, 1))
+    return pack_text_conditioning(embeds, torch.randn(n, POOLED, generator=g))
 
 
 def _example(kind: str, model: nn.Module, n: int = 4) -> dict[str, torch.Tensor]:

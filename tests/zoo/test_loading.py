@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dq.sampling import SamplerConfig
-from dq.zoo import load_model, load_model_folder
+from dq.arch import pack_text_conditioning
+from dq.zoo import load_components, load_model, load_model_folder
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -166,7 +167,9 @@ def test_dtype_loads_every_part_in_it(sd15_folders):
     loaded = load_model(sd15_cfg(sd15_folders["fp16"], dtype="bfloat16"))
     assert {p.dtype for p in loaded.unet.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in loaded.components.vae.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in loaded.components.text_encoder.parameters()} == {torch.bfloat16}
+    components = load_components(sd15_cfg(sd15_folders["fp16"], dtype="bfloat16"))
+    assert {p.dtype for p in components.text_encoder.parameters()} == {torch.bfloat16}
+    assert loaded.components.text_encoder is None  # released once the prompts are encoded
     with pytest.raises(ValueError, match=r"model.dtype must be one of \['bfloat16', 'float16', 'float32'\] or null, got 'half'"):
         load_model_folder(sd15_folders["fp16"], dtype="half")
 
@@ -203,10 +206,10 @@ def test_asked_variant_missing_falls_back_to_the_full_weights_and_says_so(sd15_f
          r"model_index.json names unet: UNet2DModel, but .*unet/config.json is a UNet2DConditionModel"),
         (lambda f: _edit_json(f / "model_index.json", unet=None, transformer=None, prior=["diffusers", "PriorTransformer"]),
          r"model_index.json \(StableDiffusionPipeline\) names no unet or transformer"),
-        (lambda f: _edit_json(f / "text_encoder" / "config.json", architectures=["T5EncoderModel"]),
-         r"text_encoder holds T5EncoderModel; dq encodes prompts with a CLIPTextModel only so far"),
+        (lambda f: _edit_json(f / "model_index.json", text_encoder=["transformers", "BertModel"]),
+         r"text_encoder holds BertModel; dq loads the text encoders and tokenizers \['CLIPTextModel', "),
     ],
-    ids=["missing-shard", "unknown-denoiser", "index-disagrees", "no-denoiser", "t5-encoder"],
+    ids=["missing-shard", "unknown-denoiser", "index-disagrees", "no-denoiser", "unknown-encoder"],
 )
 def test_broken_pipeline_folder_fails_in_one_line_naming_it(sd15_folders, tmp_path, breakage, message):
     import shutil
@@ -225,7 +228,7 @@ def test_a_component_the_index_lists_as_absent_is_not_loaded(sd15_folders, tmp_p
     _edit_json(folder / "model_index.json", text_encoder=[None, None], tokenizer=[None, None])
     cfg = sd15_cfg(folder)
     cfg.conditioning.prompts_file = None
-    assert load_model(cfg).components.text_encoder is None
+    assert load_components(cfg).text_encoder is None and load_model(cfg).conditioning.prompt_embeds is None
 
 
 def test_model_local_samples_a_pipeline_folder_as_its_pipeline_does(sd15_folders, caplog):
@@ -241,19 +244,27 @@ def test_model_local_samples_a_pipeline_folder_as_its_pipeline_does(sd15_folders
                       "name=plms num_steps=50 spacing=uniform guidance_scale=7.5; set model.sampler.<key> to change"]
 
 
-def test_sd3_pipeline_folder_loads_with_prompt_embeddings_and_refuses_prompts_in_one_line(tmp_path):
-    from tests.zoo.real_layouts import write_sd3
+def test_sd3_pipeline_folder_loads_with_prompt_embeddings_or_encodes_its_prompts(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests.zoo.real_layouts import PROMPTS, write_sd3
 
     folder = write_sd3(tmp_path / "sd3")
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     cfg = OmegaConf.create({"source": "local", "path": str(folder), "sampler": {"num_steps": 4},
                             "conditioning": {"prompt_embeds_file": str(folder / "embeds.safetensors")}})
     loaded = load_model(cfg)
-    assert type(loaded.unet).__name__ == "SD3Transformer2DModel" and loaded.components.text_encoder is None
+    assert type(loaded.unet).__name__ == "SD3Transformer2DModel" and load_components(cfg).text_encoder is None
     assert loaded.sampler == SamplerConfig(name="flow_euler", num_steps=4, spacing="uniform", guidance_scale=7.0)
     assert loaded.conditioning.prompt_embeds.shape == (4, 4, 12)
-    cfg.conditioning = {"prompts_file": str(tmp_path / "prompts.txt")}
-    with pytest.raises(ValueError, match=r"text_encoder holds CLIPTextModelWithProjection; dq encodes prompts with a "
-                                         r"CLIPTextModel only so far .*prompt_embeds_file") as error:
-        load_model(cfg)
-    assert "\n" not in str(error.value)
+    # text prompts: encoded by StableDiffusion3Pipeline's own encode_prompt (the absent T5 gives zeros)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    cfg.conditioning = {"prompts_file": str(tmp_path / "prompts.txt"), "max_sequence_length": 4}
+    loaded = load_model(cfg)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None, tokenizer_3=None)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(list(PROMPTS), None, None, device="cpu",
+                                                                   max_sequence_length=4)
+    assert torch.equal(loaded.conditioning.prompt_embeds, pack_text_conditioning(embeds, pooled))
+    assert torch.equal(loaded.conditioning.uncond_embeds, pack_text_conditioning(negative, negative_pooled)[:1])
+    assert loaded.conditioning.record()["encoding"] == {"pipeline": "StableDiffusion3Pipeline",
+                                                        "max_sequence_length": 4, "distilled_guidance": None}
