@@ -11,7 +11,7 @@ from dq.config_values import known_fields
 from dq.errors import UserError
 
 SAMPLER_NAMES = ("ddim", "plms", "pndm", "dpm_solver", "flow_euler")
-SPACINGS = ("uniform", "quad")
+SPACINGS = ("uniform", "quad", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,10 @@ class SamplerConfig:
     flow-matching models, SD3 / Flux / Sana: dq.sampling.flow).
     num_steps: the sampler's step count T (PLMS makes T+1 model calls: see `planned_timesteps`).
     eta: DDIM's noise scale (0 = deterministic); must be 0 for the other samplers.
-    spacing: "uniform" or "quad" (docs/method.md §6); PLMS/PNDM support "uniform" only.
+    spacing: "uniform" or "quad" (docs/method.md §6), or "scheduler": the timesteps the model's scheduler
+      config spaces itself (its timestep_spacing and steps_offset, e.g. PixArt's DPM-Solver "linspace", which
+      starts at 999) for ddim and dpm_solver, FlowMatchEulerDiscreteScheduler's own levels for flow_euler
+      (SD3's and Sana's pipelines); PLMS/PNDM support "uniform" only.
     guidance_scale: classifier-free guidance scale; None (or 1.0) runs the conditional model alone.
     shift: flow_euler's noise-level shift (None: the scheduler config's); must be None for the others.
     """
@@ -45,11 +48,14 @@ class SamplerConfig:
             raise UserError(f"sampler eta must lie in [0, 1], got {self.eta!r}")
         if self.eta != 0.0 and self.name != "ddim":
             raise UserError(f"eta applies to the ddim sampler only; sampler {self.name!r} needs eta=0, got {self.eta}")
+        if self.spacing == "scheduler" and self.name not in ("ddim", "dpm_solver", "flow_euler"):
+            raise UserError(f"spacing 'scheduler' applies to the ddim, dpm_solver and flow_euler samplers, not "
+                            f"{self.name!r}")
         if self.spacing != "uniform" and self.name in ("plms", "pndm"):
             raise UserError(f"sampler {self.name!r} supports spacing 'uniform' only, got {self.spacing!r}")
-        if self.name == "flow_euler" and self.spacing != "uniform":
-            raise UserError(f"sampler 'flow_euler' spaces its noise levels uniformly (then shifts them); set "
-                            f"spacing: uniform, got {self.spacing!r}")
+        if self.name == "flow_euler" and self.spacing not in ("uniform", "scheduler"):
+            raise UserError(f"sampler 'flow_euler' spaces its noise levels uniformly (Flux) or as its scheduler "
+                            f"does (SD3, Sana), then shifts them; set spacing: uniform or scheduler, got {self.spacing!r}")
         if self.shift is not None and (self.name != "flow_euler" or not float(self.shift) > 0.0):
             raise UserError(f"shift applies to the flow_euler sampler only and must be > 0, got {self.shift!r} "
                             f"for sampler {self.name!r}")

@@ -49,7 +49,11 @@ def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig)
     offset = int(config.get("steps_offset", 0))
     if sampler.name == "ddim":
         scheduler = SpacedDDIMScheduler.from_config(config)
-        scheduler.set_timesteps(timesteps=sampling_timesteps(sampler.spacing, sampler.num_steps, num_train, offset))
+        if sampler.spacing == "scheduler":  # the config's own timestep_spacing
+            scheduler.set_timesteps(sampler.num_steps)
+        else:
+            scheduler.set_timesteps(timesteps=sampling_timesteps(sampler.spacing, sampler.num_steps, num_train,
+                                                                 offset))
     elif sampler.name in ("plms", "pndm"):
         # "uniform" is diffusers' "leading" spacing: t_i = i * (N // T) + steps_offset
         scheduler = PNDMScheduler.from_config(
@@ -57,7 +61,12 @@ def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig)
         )
         scheduler.set_timesteps(sampler.num_steps)
     elif sampler.name == "dpm_solver":
-        timesteps = sampling_timesteps(sampler.spacing, sampler.num_steps, num_train, offset)
+        if sampler.spacing == "scheduler":  # the config's own timestep_spacing, as the pipeline sets it
+            probe = DPMSolverMultistepScheduler.from_config(config)
+            probe.set_timesteps(sampler.num_steps)
+            timesteps = probe.timesteps.to(torch.int64)
+        else:
+            timesteps = sampling_timesteps(sampler.spacing, sampler.num_steps, num_train, offset)
         if bool((timesteps[1:] >= timesteps[:-1]).any()):
             raise UserError(
                 f"dpm_solver needs distinct timesteps; {sampler.spacing} spacing with {sampler.num_steps} steps "
@@ -66,7 +75,7 @@ def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig)
         scheduler = DPMSolverMultistepScheduler.from_config(config)
         scheduler.set_timesteps(timesteps=timesteps.tolist())
     elif sampler.name == "flow_euler":
-        scheduler = FlowEulerScheduler(config, sampler.num_steps, sampler.shift)
+        scheduler = FlowEulerScheduler(config, sampler.num_steps, sampler.shift, sampler.spacing)
     else:  # SamplerConfig already rejects other names
         raise UserError(f"unknown sampler {sampler.name!r}")
     return scheduler

@@ -27,19 +27,20 @@ PIPELINE_SAMPLERS: dict[str, tuple[dict[str, Any], str]] = {
     "StableDiffusionXLPipeline": ({"name": "ddim", "num_steps": 50, "spacing": "uniform", "guidance_scale": 5.0},
                                   "StableDiffusionXLPipeline's 50 steps, guidance 5.0, with DDIM for its Euler"),
     # PixArtAlphaPipeline / PixArtSigmaPipeline.__call__: num_inference_steps=20, guidance_scale=4.5, DPM-Solver++
-    "PixArtAlphaPipeline": ({"name": "dpm_solver", "num_steps": 20, "spacing": "uniform", "guidance_scale": 4.5},
+    # on the timesteps its scheduler config spaces ("linspace": from 999)
+    "PixArtAlphaPipeline": ({"name": "dpm_solver", "num_steps": 20, "spacing": "scheduler", "guidance_scale": 4.5},
                             "PixArtAlphaPipeline's DPM-Solver, 20 steps, guidance 4.5"),
-    "PixArtSigmaPipeline": ({"name": "dpm_solver", "num_steps": 20, "spacing": "uniform", "guidance_scale": 4.5},
+    "PixArtSigmaPipeline": ({"name": "dpm_solver", "num_steps": 20, "spacing": "scheduler", "guidance_scale": 4.5},
                             "PixArtSigmaPipeline's DPM-Solver, 20 steps, guidance 4.5"),
     # StableDiffusion3Pipeline.__call__: num_inference_steps=28, guidance_scale=7.0
-    "StableDiffusion3Pipeline": ({"name": "flow_euler", "num_steps": 28, "spacing": "uniform", "guidance_scale": 7.0},
+    "StableDiffusion3Pipeline": ({"name": "flow_euler", "num_steps": 28, "spacing": "scheduler", "guidance_scale": 7.0},
                                  "StableDiffusion3Pipeline's flow Euler, 28 steps, guidance 7.0"),
-    # FluxPipeline.__call__: num_inference_steps=28, true_cfg_scale=1.0 (no CFG; its guidance_scale feeds the
-    # guidance embedding of FLUX.1-dev, which dq does not support yet); FLUX.1-schnell is run with 4 steps
+    # FluxPipeline.__call__: num_inference_steps=28, true_cfg_scale=1.0 (no CFG; its guidance_scale 3.5 feeds
+    # FLUX.1-dev's guidance embedding: model.conditioning.distilled_guidance); FLUX.1-schnell is run with 4 steps
     "FluxPipeline": ({"name": "flow_euler", "num_steps": 28, "spacing": "uniform", "guidance_scale": None},
                      "FluxPipeline's flow Euler, 28 steps, no CFG"),
     # SanaPipeline.__call__: num_inference_steps=20, guidance_scale=4.5 (its flow DPM-Solver: dq samples flow Euler)
-    "SanaPipeline": ({"name": "flow_euler", "num_steps": 20, "spacing": "uniform", "guidance_scale": 4.5},
+    "SanaPipeline": ({"name": "flow_euler", "num_steps": 20, "spacing": "scheduler", "guidance_scale": 4.5},
                      "SanaPipeline's 20 steps, guidance 4.5, with flow Euler for its flow DPM-Solver"),
 }
 

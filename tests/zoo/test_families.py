@@ -24,11 +24,11 @@ def test_each_pipeline_gets_its_own_defaults():
     sd21, _ = family_sampler("StableDiffusionPipeline", DDIMScheduler(), text_conditional=True)
     assert sd21 == {"name": "ddim", "num_steps": 50, "spacing": "uniform", "guidance_scale": 7.5}
     pixart, why = family_sampler("PixArtSigmaPipeline", DPMSolverMultistepScheduler(), text_conditional=True)
-    assert pixart == {"name": "dpm_solver", "num_steps": 20, "spacing": "uniform", "guidance_scale": 4.5}
+    assert pixart == {"name": "dpm_solver", "num_steps": 20, "spacing": "scheduler", "guidance_scale": 4.5}
     assert why == "PixArtSigmaPipeline's DPM-Solver, 20 steps, guidance 4.5 (DPMSolverMultistepScheduler)"
     sd3, _ = family_sampler("StableDiffusion3Pipeline", FlowMatchEulerDiscreteScheduler(shift=3.0),
                             text_conditional=True)
-    assert sd3 == {"name": "flow_euler", "num_steps": 28, "spacing": "uniform", "guidance_scale": 7.0}
+    assert sd3 == {"name": "flow_euler", "num_steps": 28, "spacing": "scheduler", "guidance_scale": 7.0}
     for defaults in (sd15, sd21, pixart, sd3):
         SamplerConfig.from_mapping(defaults)  # each is a valid dq sampler
 

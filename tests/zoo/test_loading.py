@@ -6,8 +6,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dq.sampling import SamplerConfig
 from dq.arch import pack_text_conditioning
+from dq.sampling import SamplerConfig
 from dq.zoo import load_components, load_model, load_model_folder
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -255,7 +255,7 @@ def test_sd3_pipeline_folder_loads_with_prompt_embeddings_or_encodes_its_prompts
                             "conditioning": {"prompt_embeds_file": str(folder / "embeds.safetensors")}})
     loaded = load_model(cfg)
     assert type(loaded.unet).__name__ == "SD3Transformer2DModel" and load_components(cfg).text_encoder is None
-    assert loaded.sampler == SamplerConfig(name="flow_euler", num_steps=4, spacing="uniform", guidance_scale=7.0)
+    assert loaded.sampler == SamplerConfig(name="flow_euler", num_steps=4, spacing="scheduler", guidance_scale=7.0)
     assert loaded.conditioning.prompt_embeds.shape == (4, 4, 12)
     # text prompts: encoded by StableDiffusion3Pipeline's own encode_prompt (the absent T5 gives zeros)
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
