@@ -5,10 +5,10 @@ stock diffusers pipeline, loaded from the same folder, gives dq's sampler's late
 runs the student on its trained TPQ rows under `exact`, refuses another schedule, and runs it under
 `nearest`.
 
-Tolerances, FP denoiser, stock pipeline against dq's sampler on the same noise and prompts: 1e-4 of the
-latents' scale where both run the same timesteps (DDIM, PLMS, DPM-Solver); 2e-2 for the flow families,
-whose pipelines run the unrounded levels σ·1000 where dq's tables sit on the 1000-point grid (measured
-below 1e-2).
+Tolerances, FP denoiser, stock pipeline against dq's sampler on the same noise and prompts, as a share of
+the latents' largest value: 1e-4 where both run the same integer timesteps (DDIM, PLMS, DPM-Solver;
+measured at most 6.6e-6, SDXL); 2e-2 for the flow families, whose pipelines run the unrounded levels σ·1000
+where dq's steps sit on the 1000-point grid (measured: SD3 1.4e-3, FLUX.1-dev 9.4e-4, Sana 8.1e-3).
 """
 
 import json
