@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -223,7 +224,7 @@ def sample(
         raise UserError(f"sampler guidance_scale={sampler.guidance_scale} needs cond and uncond conditioning")
     cond = _expand_rows(cond, num_samples, "cond")
     uncond = _expand_rows(uncond, num_samples, "uncond")
-    device = next(unet.parameters()).device
+    device = _float_tensor(unet).device
     shape = sample_shape(unet)
     timesteps = planned_timesteps(scheduler_config, sampler)
     explicit_steps = check_student_steps(unet, timesteps, sampler)
@@ -243,12 +244,21 @@ def sample(
     return torch.cat(outputs)
 
 
+def _float_tensor(unet: nn.Module) -> torch.Tensor:
+    """The model's first floating-point parameter, or buffer (an integer model whose float parts are all
+    buffers): where and in which dtype it runs."""
+    for tensor in itertools.chain(unet.parameters(), unet.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    raise UserError(f"{type(unet).__name__} holds no floating-point tensor: dq cannot tell its device and dtype")
+
+
 def _denoise(unet: nn.Module, scheduler_config: Mapping[str, Any], sampler: SamplerConfig,
              generators: list[torch.Generator], shape: tuple[int, ...], indices: torch.Tensor,
              conditioning: tuple[torch.Tensor | None, torch.Tensor | None], explicit_steps: bool,
              on_step: StepCallback | None, bar: tqdm) -> torch.Tensor:
     """One batch's denoising loop, from its per-sample noise (generators) to the final samples."""
-    parameter = next(unet.parameters())
+    parameter = _float_tensor(unet)
     device, dtype = parameter.device, parameter.dtype
     scheduler = build_scheduler(scheduler_config, sampler)
     x = _per_sample_noise(generators, shape) * float(scheduler.init_noise_sigma)
