@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -14,6 +15,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would retry for ~30 s before failing
+# the configs' caches (calibration tuples, encoded prompts) default under DQ_CACHE_DIR: never the checkout's
+os.environ.setdefault("DQ_CACHE_DIR", tempfile.mkdtemp(prefix="dq-test-cache-"))
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb")
 

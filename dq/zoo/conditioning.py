@@ -27,10 +27,10 @@ from dq.arch.text_conditioning import pack_text_conditioning, text_fields
 from dq.calibration import trajectory_conditioning
 from dq.errors import CorruptFileError, MissingFileError, UserError
 from dq.zoo.components import ModelComponents
-from dq.zoo.prompts import encode_with_pipeline
+from dq.zoo.prompts import cached_encoding, encode_with_pipeline, encoding_key
 
 CONDITIONING_KEYS = ("num_classes", "uncond_class", "prompts_file", "prompt_embeds_file", "max_prompts",
-                     "max_sequence_length", "distilled_guidance")
+                     "max_sequence_length", "distilled_guidance", "cache_dir")
 
 
 class ModelConditioning(NamedTuple):
@@ -157,11 +157,14 @@ def encode_prompts(text_encoder: nn.Module, tokenizer: Any, prompts: list[str], 
 
 
 def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents, limit: int | None = None,
-                       denoiser: nn.Module | None = None, scheduler: Any = None) -> ModelConditioning:
+                       denoiser: nn.Module | None = None, scheduler: Any = None, folder: Path | None = None
+                       ) -> ModelConditioning:
     """The conditioning of `model_cfg.conditioning` with the model's FP components; `limit`: encode only
     the first prompts (sample k uses prompt k % P, so P = the number of samples gives the same tensors).
     Text prompts are encoded by the folder's pipeline around `denoiser` and `scheduler` (`dq.zoo.prompts`),
-    packed as the denoiser's call takes them (dq.arch.text_conditioning)."""
+    packed as the denoiser's call takes them (dq.arch.text_conditioning), and cached under
+    model.conditioning.cache_dir (keyed by `dq.zoo.prompts.encoding_key`; the text parts' files are read in
+    `folder`)."""
     settings = dict(model_cfg.get("conditioning") or {})
     unknown = sorted(set(settings) - set(CONDITIONING_KEYS))
     if unknown:
@@ -190,10 +193,14 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
             return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file))
         pipeline_class = components.pipeline_class or "StableDiffusionPipeline"  # an SD folder saved part by part
         parts = {**(components.text_parts or {}), "vae": components.vae, "scheduler": scheduler}
-        embeds, uncond, encoding = encode_with_pipeline(
-            pipeline_class, parts, denoiser, prompts, guidance=pipeline_class != "FluxPipeline",
-            max_sequence_length=settings.get("max_sequence_length"),
-            distilled_guidance=settings.get("distilled_guidance"), index=components.index)
+        options = {"guidance": pipeline_class != "FluxPipeline",
+                   "max_sequence_length": settings.get("max_sequence_length"),
+                   "distilled_guidance": settings.get("distilled_guidance")}
+        part_dirs = [folder / name for name in (components.text_parts or {})] if folder is not None else []
+        key = encoding_key(pipeline_class, prompts, {**options, "index": components.index}, part_dirs)
+        cache_dir = settings.get("cache_dir") if folder is not None else None
+        embeds, uncond, encoding = cached_encoding(cache_dir, key, lambda: encode_with_pipeline(
+            pipeline_class, parts, denoiser, prompts, index=components.index, **options))
         return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file), encoding=encoding)
     if components.text_encoder is not None:
         raise UserError("this model has a text encoder: set model.conditioning.prompts_file (one prompt a line, "

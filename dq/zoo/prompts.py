@@ -18,13 +18,21 @@ token embeddings is packed as dq.arch.text_conditioning says:
   PixArtAlphaPipeline / PixArtSigma..  T5 embeddings + attention mask (+ resolution, aspect ratio at 1024 α)
   SanaPipeline                         Gemma 2 embeddings (after its instruction prefix) + attention mask
 
-Prompts are encoded in batches; the unconditional row once, from the first batch.
+Prompts are encoded in batches; the unconditional row once, from the first batch. `cached_encoding` keeps
+the result on disk under a key of everything that decides it (the pipeline class, the prompts, the settings,
+and each text part's files by name, size and modification time), so train, evaluate and export encode a
+prompt set once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-from collections.abc import Mapping, Sequence
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -33,6 +41,9 @@ from torch import nn
 
 from dq.arch.text_conditioning import pack_text_conditioning, text_fields
 from dq.errors import UnsupportedError, UserError
+from dq.io import atomic_write
+
+log = logging.getLogger("dq.zoo")
 
 ENCODED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
                      "FluxPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline")
@@ -169,3 +180,46 @@ def _sana(pipe: Any, prompts: list[str], cfg: bool, msl: int | None, _g: float |
 _ENCODERS = {"StableDiffusionPipeline": _sd, "StableDiffusionXLPipeline": _sdxl, "StableDiffusion3Pipeline": _sd3,
              "FluxPipeline": _flux, "PixArtAlphaPipeline": _pixart, "PixArtSigmaPipeline": _pixart,
              "SanaPipeline": _sana}
+
+
+def encoding_key(pipeline_class: str, prompts: Sequence[str], settings: Mapping[str, Any],
+                 part_dirs: Sequence[Path]) -> str:
+    """sha256 of what decides an encoding: the pipeline class, the prompts, the settings, and the files of
+    the text encoders and tokenizers (name, size, modification time: a changed or replaced file is a miss)."""
+    files = []
+    for folder in sorted(part_dirs):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            stat = path.stat()
+            files.append([str(path.relative_to(folder.parent)), stat.st_size, stat.st_mtime_ns])
+    payload = {"pipeline": pipeline_class, "prompts": list(prompts), "settings": dict(settings), "files": files}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def cached_encoding(cache_dir: str | Path | None, key: str,
+                    encode: Callable[[], tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """encode()'s (cond, uncond, record), read from `cache_dir/<key>.safetensors` when an earlier job wrote
+    it, else computed and written there (atomically); no cache_dir: computed each time."""
+    from safetensors.torch import load_file, save_file
+
+    if cache_dir is None:
+        return encode()
+    path = Path(cache_dir).expanduser() / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            tensors = load_file(str(path))
+            with open(path, "rb") as handle:  # the record is in the file's metadata
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+            record = json.loads(header["__metadata__"]["record"])
+            log.info("dq: prompt embeddings from the cache: %s", path)
+            return tensors["cond"], tensors.get("uncond"), record
+        except (OSError, KeyError, ValueError) as err:  # a damaged entry is recomputed
+            log.warning("dq: prompt embeddings cache entry %s is unreadable (%s): encoding again", path, err)
+    start = time.perf_counter()
+    cond, uncond, record = encode()
+    tensors = {"cond": cond.contiguous()} if uncond is None else {"cond": cond.contiguous(),
+                                                                  "uncond": uncond.contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"record": json.dumps(record)}))
+    log.info("dq: encoded %d prompts with %s in %.1f s; cached at %s", len(cond), record.get("pipeline"),
+             time.perf_counter() - start, path)
+    return cond, uncond, record

@@ -268,3 +268,28 @@ def test_sd3_pipeline_folder_loads_with_prompt_embeddings_or_encodes_its_prompts
     assert torch.equal(loaded.conditioning.uncond_embeds, pack_text_conditioning(negative, negative_pooled)[:1])
     assert loaded.conditioning.record()["encoding"] == {"pipeline": "StableDiffusion3Pipeline",
                                                         "max_sequence_length": 4, "distilled_guidance": None}
+
+
+def test_encoded_prompts_are_cached_and_a_changed_encoder_is_a_miss(sd15_folders, tmp_path, caplog):
+    import os
+    import shutil
+
+    folder = shutil.copytree(sd15_folders["sharded"], tmp_path / "copy")
+    cfg = sd15_cfg(folder)
+    cfg.conditioning.cache_dir = str(tmp_path / "prompts")
+    with caplog.at_level("INFO", logger="dq.zoo"):
+        first = load_model(cfg).conditioning
+        second = load_model(cfg).conditioning
+    assert [m.split(" in ")[0] for m in caplog.messages if "encoded 4 prompts" in m] == [
+        "dq: encoded 4 prompts with StableDiffusionPipeline"]
+    assert sum("prompt embeddings from the cache" in m for m in caplog.messages) == 1
+    assert torch.equal(first.prompt_embeds, second.prompt_embeds)
+    assert torch.equal(first.uncond_embeds, second.uncond_embeds) and first.encoding == second.encoding
+    assert len(list((tmp_path / "prompts").glob("*.safetensors"))) == 1
+    weights = folder / "text_encoder" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # a replaced encoder
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dq.zoo"):
+        load_model(cfg)
+    assert any("encoded 4 prompts" in m for m in caplog.messages)
+    assert len(list((tmp_path / "prompts").glob("*.safetensors"))) == 2
