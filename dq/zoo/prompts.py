@@ -60,7 +60,7 @@ def call_default(pipeline_class: str, name: str) -> Any:
 def build_pipeline(pipeline_class: str, parts: Mapping[str, Any], index: Mapping[str, Any] | None = None) -> Any:
     """The pipeline around `parts` (name -> module, e.g. text_encoder, transformer, scheduler); every other
     part it takes is None; the settings model_index.json records (force_zeros_for_empty_prompt) are passed;
-    no safety checker or watermarker."""
+    no safety checker or watermarker. The parts' configs are left as they were."""
     cls = getattr(diffusers, pipeline_class)
     settings = {"requires_safety_checker": False, "add_watermarker": False}
     kwargs = {}
@@ -75,7 +75,12 @@ def build_pipeline(pipeline_class: str, parts: Mapping[str, Any], index: Mapping
             kwargs[name] = settings[name]
         elif parameter.default is inspect.Parameter.empty:
             kwargs[name] = None
+    # a pipeline's __init__ may rewrite the configs of the parts it is given (StableDiffusionPipeline sets
+    # the scheduler's steps_offset to 1): the parts stay as loaded
+    configs = {name: part._internal_dict for name, part in kwargs.items() if hasattr(part, "_internal_dict")}
     pipe = cls(**kwargs)
+    for name, config in configs.items():
+        kwargs[name]._internal_dict = config
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -293,3 +293,16 @@ def test_encoded_prompts_are_cached_and_a_changed_encoder_is_a_miss(sd15_folders
         load_model(cfg)
     assert any("encoded 4 prompts" in m for m in caplog.messages)
     assert len(list((tmp_path / "prompts").glob("*.safetensors"))) == 2
+
+
+def test_encoding_leaves_the_parts_configs_as_loaded(tmp_path):
+    """StableDiffusionPipeline's __init__ rewrites a scheduler's steps_offset to 1: building it to encode
+    prompts must not change the schedule dq samples (a cached encoding would then sample another one)."""
+    from diffusers import DDPMScheduler
+
+    from dq.zoo.prompts import build_pipeline
+    from tests.conftest import make_tiny_text_unet
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", steps_offset=0)
+    build_pipeline("StableDiffusionPipeline", {"scheduler": scheduler, "unet": make_tiny_text_unet()})
+    assert scheduler.config.steps_offset == 0
