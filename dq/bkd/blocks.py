@@ -136,6 +136,10 @@ class BlockIO:
                 leaf = leaves[i]
                 leaves[i] = torch.empty_permuted(leaf.shape, order, dtype=leaf.dtype, device=leaf.device).copy_(leaf)
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        if isinstance(kwargs.get("batch_size"), int):  # PixArt's adaLN-single: the rows run now, not at capture
+            batched = [leaf for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and i not in self.shared]
+            if batched:
+                kwargs["batch_size"] = int(batched[0].shape[0])
         return block(*args, **kwargs)
 
     def tensors(self) -> list[torch.Tensor]:

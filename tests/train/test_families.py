@@ -39,6 +39,9 @@ FAMILIES = {
     "flux_dev": ("flux_dev", None, [f"model.conditioning.max_sequence_length={TOKEN_LENGTH}", "model.sample_size=8"]),
     "sana": ("sana_1600m", FlowMatchEulerDiscreteScheduler,  # the repo's flow DPM-Solver; dq samples flow Euler
              [f"model.conditioning.max_sequence_length={TOKEN_LENGTH}"]),
+    # PixArt-α at 1024 px (resolution and aspect-ratio conditions), through model=local at 8x8 latents
+    "pixart_alpha_1024": ("local", None, [f"model.conditioning.max_sequence_length={TOKEN_LENGTH}",
+                                          "model.sample_size=8"]),
 }
 FLOW = ("sd3", "flux_schnell", "flux_dev", "sana")
 
@@ -71,6 +74,35 @@ def test_train_runs_the_family_folder_with_text_prompts(family_run):
     assert type(student).__name__ == index[denoiser][1]
 
 
+def test_pixart_alpha_conditions_are_the_pipelines(tmp_path):
+    """PixArt-α 1024's call: the resolution and aspect ratio PixArtAlphaPipeline forms at its default size
+    (the denoiser's sample size times the VAE's factor), packed with the T5 mask, reach the transformer."""
+    from diffusers import PixArtAlphaPipeline
+
+    from dq.arch.text_conditioning import unpack_for
+    from dq.sampling import unet_forward
+
+    folder = WRITERS["pixart_alpha_1024"](tmp_path / "alpha")
+    cfg = compose_config(["model=local", f"model.path={folder}", f"model.conditioning.prompts_file={folder / 'prompts.txt'}",
+                          *FAMILIES["pixart_alpha_1024"][2]])
+    model = load_model(cfg.model, prompt_limit=2)
+    cond, _ = model.conditioning.for_indices(torch.arange(2))
+    embeds, fields = unpack_for(model.unet, cond)
+    pipe = PixArtAlphaPipeline.from_pretrained(folder, local_files_only=True)
+    height = 8 * pipe.vae_scale_factor
+    assert fields["resolution"].tolist() == [[height, height]] * 2 and fields["aspect_ratio"].tolist() == [[1.0]] * 2
+    assert fields["mask"].shape == (2, TOKEN_LENGTH) and set(fields["mask"].flatten().tolist()) <= {0.0, 1.0}
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 500])
+    direct = model.unet(x, encoder_hidden_states=embeds, encoder_attention_mask=fields["mask"], timestep=t,
+                        added_cond_kwargs={"resolution": fields["resolution"],
+                                           "aspect_ratio": fields["aspect_ratio"]}).sample[:, :4]
+    assert torch.equal(unet_forward(model.unet, x, t, cond), direct)
+    without = model.unet(x, encoder_hidden_states=embeds, encoder_attention_mask=fields["mask"], timestep=t,
+                         added_cond_kwargs={"resolution": fields["resolution"] * 2,
+                                            "aspect_ratio": fields["aspect_ratio"]}).sample[:, :4]
+    assert not torch.equal(without, direct)  # the conditions change the prediction
+
+
 def _rows(student):
     rows = []
     quantizer = next(m for m in student.modules() if isinstance(m, StepIndexed))
@@ -82,6 +114,9 @@ def test_stock_pipeline_runs_the_student_of_the_run(family_run):
     import diffusers
 
     family, folder, run, cfg = family_run
+    if family == "pixart_alpha_1024":
+        pytest.skip("PixArtAlphaPipeline passes the resolution conditions only at sample size 128 (64x64 "
+                    "latent tokens); test_pixart_alpha_conditions_are_the_pipelines checks them")
     _, stock_scheduler, _ = FAMILIES[family]
     index = json.loads((folder / "model_index.json").read_text())
     pipeline_class = getattr(diffusers, index["_class_name"])
@@ -138,7 +173,7 @@ def test_stock_pipeline_runs_the_student_of_the_run(family_run):
 def test_integer_export_of_the_run(family_run):
     from dq.export.__main__ import export_run
 
-    family, _, run, _ = family_run
+    family, _, run, cfg = family_run
     if family == "sana":  # its feed-forward's depthwise convolution has no integer kernel yet
         with pytest.raises(ValueError, match=r"ff.conv_depth is a grouped convolution \(groups=\d+\); the integer "
                                              r"runtime has no grouped kernel yet"):
@@ -146,5 +181,14 @@ def test_integer_export_of_the_run(family_run):
         return
     path, summary = export_run(run, verify=2)
     assert path.is_file() and summary["bytes"] < summary["fp32_unet_bytes"]
-    # the integer model against the fake-quant student it was exported from, from the same noise
-    assert summary["verify"]["psnr_int_vs_fake_quant"] > 36.0
+    # the integer model samples the fake-quant student's latents from the same noise and prompts
+    model = load_model(cfg.model, prompt_limit=2)
+    cond, uncond = model.conditioning.for_indices(torch.arange(2))
+    latents = {name: sample(unet, model.scheduler.config, model.sampler, 2, seed=SEED, cond=cond, uncond=uncond,
+                            progress=False)
+               for name, unet in (("int", dq.load_student(run / "student", integer=True)),
+                                  ("fake_quant", dq.load_student(run / "student")))}
+    assert (latents["int"] - latents["fake_quant"]).abs().max() <= 1e-4 * latents["fake_quant"].abs().max()
+    if family != "pixart_alpha_1024":  # its tiny random DPM-Solver trajectory reaches |latent| ~ 5e2, where
+        # the decoded images saturate and their PSNR says nothing (the latents above agree to ~3e-7)
+        assert summary["verify"]["psnr_int_vs_fake_quant"] > 36.0
