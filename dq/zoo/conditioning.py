@@ -30,7 +30,7 @@ from dq.zoo.components import ModelComponents
 from dq.zoo.prompts import cached_encoding, encode_with_pipeline, encoding_key
 
 CONDITIONING_KEYS = ("num_classes", "uncond_class", "prompts_file", "prompt_embeds_file", "max_prompts",
-                     "max_sequence_length", "distilled_guidance", "cache_dir")
+                     "max_sequence_length", "distilled_guidance", "cache_dir", "prompts")
 
 
 class ModelConditioning(NamedTuple):
@@ -134,6 +134,16 @@ def read_prompt_embeds(path: str | Path, limit: int | None = None, denoiser: nn.
                              embeds_file=record)
 
 
+def _prompt_list(values: Any, limit: int | None) -> list[str]:
+    """model.conditioning.prompts as a list of prompts (the first `limit`): a one-line error unless it is a
+    non-empty list of non-empty strings."""
+    if isinstance(values, str) or not all(isinstance(v, str) and v.strip() for v in values) or not len(values):
+        raise UserError("model.conditioning.prompts must be a non-empty list of prompts, e.g. "
+                        "'model.conditioning.prompts=[a red car,two dogs]'")
+    prompts = [str(v).strip() for v in values]
+    return prompts[:limit] if limit is not None else prompts
+
+
 def _with_mask(embeds: torch.Tensor, mask: torch.Tensor | None, path: Path) -> torch.Tensor:
     """embeds [P, L, D] packed with their attention mask [>= P, L] (all ones when None)."""
     if mask is None:
@@ -173,20 +183,24 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
     prompts_file, max_prompts = settings.get("prompts_file"), settings.get("max_prompts")
     if uncond_class is not None and num_classes is None:
         raise UserError("model.conditioning.uncond_class is set but num_classes is not")
-    embeds_file = settings.get("prompt_embeds_file")
-    chosen = [k for k, v in (("num_classes", num_classes), ("prompts_file", prompts_file),
+    embeds_file, prompt_list = settings.get("prompt_embeds_file"), settings.get("prompts")
+    chosen = [k for k, v in (("num_classes", num_classes), ("prompts_file", prompts_file), ("prompts", prompt_list),
                              ("prompt_embeds_file", embeds_file)) if v is not None]
     if len(chosen) > 1:
         raise UserError(f"model.conditioning sets {' and '.join(chosen)}; a model takes one of them")
     if embeds_file is not None:
         limits = [int(v) for v in (max_prompts, limit) if v is not None]
         return read_prompt_embeds(embeds_file, min(limits) if limits else None, denoiser)
-    if prompts_file is not None:
+    if prompts_file is not None or prompt_list is not None:
+        given = f"prompts_file={prompts_file}" if prompts_file is not None else "prompts"
         if components.text_encoder is None:
-            raise UserError(f"model.conditioning.prompts_file={prompts_file} needs a text_encoder/ + tokenizer/ in "
-                             "the model folder")
+            raise UserError(f"model.conditioning.{given} needs a text_encoder/ + tokenizer/ in the model folder")
         limits = [int(v) for v in (max_prompts, limit) if v is not None]
-        prompts = read_prompts(prompts_file, min(limits) if limits else None)
+        if prompts_file is not None:
+            prompts = read_prompts(prompts_file, min(limits) if limits else None)
+        else:
+            prompts = _prompt_list(prompt_list, min(limits) if limits else None)
+            prompts_file = "model.conditioning.prompts"
         if denoiser is None:  # no denoiser to build a pipeline around: CLIP's last hidden states (SD 1.x / 2.x)
             embeds = encode_prompts(components.text_encoder, components.tokenizer, prompts)
             uncond = encode_prompts(components.text_encoder, components.tokenizer, [""])  # CFG's empty prompt
@@ -204,7 +218,7 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
         return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file), encoding=encoding)
     if components.text_encoder is not None:
         raise UserError("this model has a text encoder: set model.conditioning.prompts_file (one prompt a line, "
-                         "or a COCO captions JSON)")
+                         "or a COCO captions JSON) or model.conditioning.prompts (a list)")
     if num_classes is None:
         return ModelConditioning()
     num_classes = int(num_classes)

@@ -306,3 +306,20 @@ def test_encoding_leaves_the_parts_configs_as_loaded(tmp_path):
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", steps_offset=0)
     build_pipeline("StableDiffusionPipeline", {"scheduler": scheduler, "unet": make_tiny_text_unet()})
     assert scheduler.config.steps_offset == 0
+
+
+def test_prompts_given_as_a_list_are_the_file_s_prompts(sd15_folders):
+    from tests.zoo.real_layouts import PROMPTS
+
+    from_file = load_model(sd15_cfg(sd15_folders["sharded"])).conditioning
+    cfg = sd15_cfg(sd15_folders["sharded"])
+    cfg.conditioning = {"prompts": list(PROMPTS)}
+    listed = load_model(cfg).conditioning
+    assert listed.prompts == PROMPTS and torch.equal(listed.prompt_embeds, from_file.prompt_embeds)
+    assert listed.record()["prompts_file"] == "model.conditioning.prompts"
+    cfg.conditioning = {"prompts": "a cat"}
+    with pytest.raises(ValueError, match=r"model.conditioning.prompts must be a non-empty list of prompts"):
+        load_model(cfg)
+    cfg.conditioning = {"prompts": ["a cat"], "prompts_file": str(sd15_folders["sharded"] / "prompts.txt")}
+    with pytest.raises(ValueError, match=r"model.conditioning sets prompts_file and prompts; a model takes one of them"):
+        load_model(cfg)
