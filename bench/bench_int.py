@@ -2,15 +2,17 @@
 
     python bench/bench_int.py                                                  # CPU: embedded + ddpm_cifar10, batch 1/8/64
     python bench/bench_int.py --arch ddpm_cifar10 --batch 8 --bits w8a8,w4a4   # the issue's target row
-    python bench/bench_int.py --device cuda                                    # GPU: also FP16 and BF16
+    python bench/bench_int.py --device cuda                                    # GPU: FP16, BF16, compiled, CUDA graphs
     python bench/bench_int.py --arch ddpm_cifar10 --batch 8 --profile          # + where the integer forward's time goes
 
 Every variant of one architecture runs in this one process, alternating, after warm-ups: the ratios are
 measured side by side. Students are quantized with the project's policy (conv_in/conv_out and the softmax
 at 8 bits) and TPQ tables for one step, calibrated on random inputs; the integer model is built from the
 student's export (float parts in float32, the default). `embedded` is the shipped digits model; `ddpm_cifar10` and
-`small` have random weights (timing does not depend on them). Rows: ms per forward (median of --repeats)
-and the speed-up against FP32. Memory: on CUDA the peak allocated during one forward (torch.cuda); on the
+`small` have random weights (timing does not depend on them). The baselines are what a user of the device
+runs instead (`fp_baselines`: on the CPU FP32 and BF16 channels-last, eager and compiled with freezing; on
+a GPU FP16 and BF16, eager, compiled and with CUDA graphs). Rows: ms per forward (median of --repeats), the
+speed-up against the fastest of those baselines at that batch, and against FP32 eager. Memory: on CUDA the peak allocated during one forward (torch.cuda); on the
 CPU the bytes the model's weights take in memory (peak RSS is per process and cannot separate variants).
 """
 
@@ -112,21 +114,50 @@ def profile_ops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, top: i
     return [(name, value / total) for name, value in sorted(events, key=lambda e: -e[1])[:top]]
 
 
+def fp_baselines(fp: torch.nn.Module, arch: str, device: torch.device, compiled: bool) -> dict:
+    """{name: (model, input transform)} of the non-quantized variants a user of `device` would run: FP32
+    eager; on the CPU FP32 and BF16 channels-last, on a GPU FP16 and BF16; with `compiled`, the same under
+    torch.compile (Inductor, with freezing: weights folded as constants, as for deployment), and on a GPU
+    BF16 with CUDA graphs (mode reduce-overhead)."""
+    same = lambda x: x  # noqa: E731
+
+    def copy_of(dtype: torch.dtype, channels_last: bool = False) -> torch.nn.Module:
+        model = build_fp(arch).eval()
+        model.load_state_dict(fp.state_dict())
+        model = model.to(device, dtype)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    def cast(dtype: torch.dtype, channels_last: bool):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return lambda x: x.to(dtype).contiguous(memory_format=fmt)
+
+    variants = {"fp32": (fp.to(device), same)}
+    settings = ((("fp32 channels-last", torch.float32), ("bf16 channels-last", torch.bfloat16)) if device.type == "cpu"
+                else (("fp16", torch.float16), ("bf16", torch.bfloat16)))
+    for name, dtype in settings:
+        channels_last = device.type == "cpu"
+        variants[name] = (copy_of(dtype, channels_last), cast(dtype, channels_last))
+    if compiled:
+        torch._inductor.config.freezing = True  # inference: parameters become constants Inductor can fold
+        for name, dtype in settings:
+            channels_last = device.type == "cpu"
+            model = copy_of(dtype, channels_last)
+            model.compile()
+            variants[f"compiled {name}"] = (model, cast(dtype, channels_last))
+        if device.type == "cuda":
+            model = copy_of(torch.bfloat16)
+            model.compile(mode="reduce-overhead")
+            variants["compiled bf16 CUDA graphs"] = (model, cast(torch.bfloat16, False))
+    return variants
+
+
 def bench_arch(arch: str, args, device: torch.device, folder: Path) -> list[dict]:
     torch.manual_seed(0)
     fp = build_fp(arch).eval()
     calib = random_inputs(fp, 8, torch.Generator().manual_seed(0))["x_t"]
     same = lambda x: x  # noqa: E731
-    variants = {"fp32": (fp.to(device), same)}
-    if device.type == "cpu":
-        fp_cl = build_fp(arch).eval().to(memory_format=torch.channels_last)
-        fp_cl.load_state_dict(fp.state_dict())
-        variants["fp32 channels-last"] = (fp_cl, lambda x: x.contiguous(memory_format=torch.channels_last))
-    else:
-        for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-            half = build_fp(arch).eval()
-            half.load_state_dict(fp.state_dict())
-            variants[name] = (half.to(device, dtype), lambda x, dtype=dtype: x.to(dtype))
+    variants = fp_baselines(fp, arch, device, args.compiled)
+    baselines = list(variants)
     sizes = {}
     for name in args.bits.split(","):
         student, integer, size = student_and_int(fp.cpu(), BITS[name], calib, device, folder)
@@ -139,10 +170,12 @@ def bench_arch(arch: str, args, device: torch.device, folder: Path) -> list[dict
         x = random_inputs(fp, batch, torch.Generator().manual_seed(1))["x_t"].to(device)
         t = torch.full((batch,), 500, device=device)
         ms = time_variants(variants, x, t, args.repeats, device)
+        best = min(baselines, key=lambda name: ms[name])  # the fastest non-quantized variant
         for name, value in ms.items():
             model, inputs = variants[name]
             rows.append({"arch": arch, "batch": batch, "variant": name, "ms": round(value, 2),
-                         "speedup_vs_fp32": round(ms["fp32"] / value, 2),
+                         "speedup_vs_fp32": round(ms["fp32"] / value, 2), "best_baseline": best,
+                         "speedup_vs_best_baseline": round(ms[best] / value, 2),
                          "weight_mb": round(weight_bytes(model) / 2**20, 2),
                          "peak_forward_mb": peak_memory_mb(model, inputs, x, t)})
             if name.startswith("integer"):
@@ -161,6 +194,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--bits", default="w8a8,w4a4", help=f"comma list of {sorted(BITS)}")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--no-compile", dest="compiled", action="store_false",
+                        help="skip the torch.compile baselines (their compilation takes minutes on a small CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where an integer forward spends its time (largest batch, top ops)")
     args = parser.parse_args(argv)
@@ -174,7 +209,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for row in arch_rows:
                 memory = f"{row['peak_forward_mb']:.1f} MB peak" if row["peak_forward_mb"] is not None else ""
                 export = f", export {row['export_mb']:.3f} MB" if "export_mb" in row else ""
-                print(f"bench_int: {row['arch']:12s} batch {row['batch']:3d} {row['variant']:20s} {row['ms']:9.2f} ms "
+                print(f"bench_int: {row['arch']:12s} batch {row['batch']:3d} {row['variant']:28s} {row['ms']:9.2f} ms "
+                      f"{row['speedup_vs_best_baseline']:5.2f}x vs {row['best_baseline']} (fastest non-quantized), "
                       f"{row['speedup_vs_fp32']:5.2f}x vs fp32, weights {row['weight_mb']:.2f} MB{export} {memory}")
                 for op, share in row.get("top_ops", []):
                     print(f"bench_int:     {share * 100:5.1f}% {op}")

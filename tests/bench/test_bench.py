@@ -2,6 +2,7 @@
 LDM architectures they time are the ones the converter builds."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -46,14 +47,30 @@ def test_bench_forward_runs(capsys):
     assert "student/FP =" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_bench_int_compiled_baselines_run(capsys):
+    rows = bench_int.main(["--arch", "small", "--batch", "1", "--bits", "w4a4", "--repeats", "1"])
+    variants = {row["variant"] for row in rows}
+    assert {"compiled fp32 channels-last", "compiled bf16 channels-last"} <= variants
+    assert all(row["ms"] > 0 for row in rows)
+
+
 def test_bench_int_prints_every_variant_and_a_profile(tmp_path, capsys):
     out = tmp_path / "int.json"
     rows = bench_int.main(["--arch", "small", "--batch", "1,2", "--bits", "w4a4", "--repeats", "1", "--profile",
-                           "--json", str(out)])
+                           "--no-compile", "--json", str(out)])
     printed = capsys.readouterr().out
     variants = {row["variant"] for row in rows}
-    assert variants == {"fp32", "fp32 channels-last", "fake-quant w4a4", "integer w4a4"}
-    assert len(rows) == 8 and json.loads(out.read_text()) == rows
+    assert variants == {"fp32", "fp32 channels-last", "bf16 channels-last", "fake-quant w4a4", "integer w4a4"}
+    assert len(rows) == 10 and json.loads(out.read_text()) == rows
+    for row in rows:  # every ratio is against the fastest non-quantized variant of its batch
+        baseline = next(r for r in rows if r["batch"] == row["batch"] and r["variant"] == row["best_baseline"])
+        assert row["best_baseline"] in {"fp32", "fp32 channels-last", "bf16 channels-last"}
+        assert baseline["ms"] == min(r["ms"] for r in rows if r["batch"] == row["batch"] and "quant" not in r["variant"]
+                                     and "integer" not in r["variant"])
+    assert "(fastest non-quantized)" in printed
     integer = [row for row in rows if row["variant"] == "integer w4a4"]
     assert all(row["ms"] > 0 and row["export_mb"] > 0 for row in integer)
     assert integer[0]["weight_mb"] < rows[0]["weight_mb"] / 3  # int8 weights against float32
