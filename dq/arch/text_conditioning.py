@@ -38,7 +38,7 @@ def pack_text_conditioning(prompt_embeds: torch.Tensor, *extras: torch.Tensor) -
         raise UserError(f"the conditioning's extra fields ({used} features) are wider than the embeddings ({width})")
     row = prompt_embeds.new_zeros(prompt_embeds.shape[0], 1, width)
     if extras:
-        row[:, 0, :used] = torch.cat([e.to(prompt_embeds.dtype) for e in extras], dim=1)
+        row[:, 0, :used] = torch.cat([e.to(device=row.device, dtype=row.dtype) for e in extras], dim=1)
     return torch.cat([prompt_embeds, row], dim=1)
 
 

@@ -107,7 +107,7 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
         return _export_target(cfg, device or torch.device("cpu"))
     limit = int(cfg.eval.num_samples)  # sample k uses prompt k % P: the first N prompts suffice
     if cfg.run is None:
-        model = load_model(cfg.model, prompt_limit=limit)
+        model = load_model(cfg.model, prompt_limit=limit, encode_device=device)
         return Target(model.unet, None, dict(model.scheduler.config), eval_sampler(cfg, model.sampler), cfg.model,
                       None, None, {}, model.components, model.conditioning)
     run_dir = Path(str(cfg.run)).expanduser()
@@ -117,7 +117,8 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
     run_config = OmegaConf.load(run_dir / "config.yaml")
     if "model" not in run_config:
         raise UserError(f"{run_dir / 'config.yaml'} has no `model` section")
-    loaded = load_model(run_config.model, prompt_limit=limit)  # the model and sampler the student was trained for
+    # the model and sampler the student was trained for
+    loaded = load_model(run_config.model, prompt_limit=limit, encode_device=device)
     policy = str(cfg.get("tpq_policy", "exact"))
     # a quantized copy (the FP unet is kept), keyed by timestep with the policy
     student = load_quant_state(loaded.unet, run_dir / "student.safetensors", describe(loaded.unet), tpq_policy=policy)

@@ -217,7 +217,7 @@ def prepare(cfg: DictConfig, start: float) -> Job:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # encode only the prompts calibration trajectories and fidelity samples use (k % P is then the same)
     limit = max(int(cfg.data.num_trajectories or cfg.data.num_samples), int(cfg.fidelity.num_samples))
-    model = load_model(cfg.model, prompt_limit=limit)
+    model = load_model(cfg.model, prompt_limit=limit, encode_device=job_device(trainer))
     timesteps = planned_timesteps(model.scheduler.config, model.sampler)
     quant_config = build_quant_config(cfg, len(timesteps))
     distill = distill_config(cfg)

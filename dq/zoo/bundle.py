@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
@@ -38,17 +39,19 @@ class ModelBundle:
     conditioning: ModelConditioning
 
 
-def load_model(model_cfg: Mapping[str, Any], *, prompt_limit: int | None = None) -> ModelBundle:
+def load_model(model_cfg: Mapping[str, Any], *, prompt_limit: int | None = None,
+               encode_device: torch.device | str | None = None) -> ModelBundle:
     """Everything of a model config (source, path / repo_id, variant, dtype, sampler, conditioning,
     latent_scale), from one resolution of its folder; a model.sampler setting left null is the folder's own
     pipeline's (`dq.zoo.families`). prompt_limit: encode only the first prompts of a text model (sample k
-    uses prompt k % P, so P = the number of samples gives the same tensors)."""
+    uses prompt k % P, so P = the number of samples gives the same tensors). encode_device: where the text
+    encoders encode the prompts (the job's device; None: the CPU)."""
     folder = model_folder(model_cfg)
     unet, scheduler = load_model_folder(folder, variant=model_cfg.get("variant"), dtype=model_cfg.get("dtype"),
                                          sample_size=model_cfg.get("sample_size"))
     components = load_components(model_cfg, folder)
     conditioning = model_conditioning(model_cfg, components, limit=prompt_limit, denoiser=unet, scheduler=scheduler,
-                                      folder=folder)
+                                      folder=folder, device=encode_device)
     # the text encoders are needed for encoding only: release them (T5-XXL alone is 19 GB in float32)
     components = components._replace(text_encoder=None, tokenizer=None, text_parts=None)
     defaults, reason = family_sampler(read_layout(folder).pipeline_class, scheduler,

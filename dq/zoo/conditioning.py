@@ -167,14 +167,14 @@ def encode_prompts(text_encoder: nn.Module, tokenizer: Any, prompts: list[str], 
 
 
 def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents, limit: int | None = None,
-                       denoiser: nn.Module | None = None, scheduler: Any = None, folder: Path | None = None
-                       ) -> ModelConditioning:
+                       denoiser: nn.Module | None = None, scheduler: Any = None, folder: Path | None = None,
+                       device: torch.device | str | None = None) -> ModelConditioning:
     """The conditioning of `model_cfg.conditioning` with the model's FP components; `limit`: encode only
     the first prompts (sample k uses prompt k % P, so P = the number of samples gives the same tensors).
     Text prompts are encoded by the folder's pipeline around `denoiser` and `scheduler` (`dq.zoo.prompts`),
     packed as the denoiser's call takes them (dq.arch.text_conditioning), and cached under
     model.conditioning.cache_dir (keyed by `dq.zoo.prompts.encoding_key`; the text parts' files are read in
-    `folder`)."""
+    `folder`); the text encoders run on `device` (None: where they were loaded, the CPU)."""
     settings = dict(model_cfg.get("conditioning") or {})
     unknown = sorted(set(settings) - set(CONDITIONING_KEYS))
     if unknown:
@@ -214,7 +214,7 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
         key = encoding_key(pipeline_class, prompts, {**options, "index": components.index}, part_dirs)
         cache_dir = settings.get("cache_dir") if folder is not None else None
         embeds, uncond, encoding = cached_encoding(cache_dir, key, lambda: encode_with_pipeline(
-            pipeline_class, parts, denoiser, prompts, index=components.index, **options))
+            pipeline_class, parts, denoiser, prompts, index=components.index, device=device, **options))
         return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file), encoding=encoding)
     if components.text_encoder is not None:
         raise UserError("this model has a text encoder: set model.conditioning.prompts_file (one prompt a line, "

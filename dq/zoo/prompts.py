@@ -88,16 +88,22 @@ def build_pipeline(pipeline_class: str, parts: Mapping[str, Any], index: Mapping
 def encode_with_pipeline(pipeline_class: str, parts: Mapping[str, Any], denoiser: nn.Module, prompts: Sequence[str],
                          *, guidance: bool, max_sequence_length: int | None = None,
                          distilled_guidance: float | None = None, index: Mapping[str, Any] | None = None,
-                         batch_size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+                         batch_size: int = BATCH, device: torch.device | str | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """(cond float32 [P, L(+1), D], uncond float32 [1, L(+1), D] or None without guidance, the record of the
-    encoding) for `prompts`, by `pipeline_class`'s own encode_prompt on `parts` (the folder's text encoders,
-    tokenizers, VAE, scheduler) with `denoiser` (the FP one: some pipelines read its config)."""
+    encoding) on the CPU for `prompts`, by `pipeline_class`'s own encode_prompt on `parts` (the folder's
+    text encoders, tokenizers, VAE, scheduler) with `denoiser` (the FP one: some pipelines read its config).
+    device: where the text encoders run (they are moved there; None: where they are)."""
     if pipeline_class not in ENCODED_PIPELINES:
         raise UnsupportedError(f"dq encodes prompts with the pipelines {list(ENCODED_PIPELINES)}; this folder's "
                                f"is {pipeline_class}: give model.conditioning.prompt_embeds_file")
     if not prompts:
         raise UserError("no prompts to encode")
     denoiser_key = "unet" if pipeline_class.startswith("StableDiffusion") and "3" not in pipeline_class else "transformer"
+    if device is not None:
+        for name, part in parts.items():
+            if name.startswith("text_encoder") and isinstance(part, nn.Module):
+                part.to(device)
     pipe = build_pipeline(pipeline_class, {**parts, denoiser_key: denoiser}, index)
     if max_sequence_length is None:
         max_sequence_length = call_default(pipeline_class, "max_sequence_length")
@@ -123,7 +129,12 @@ Encoded = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 def _device(pipe: Any) -> torch.device:
-    return pipe._execution_device
+    """Where the text encoders are (the pipeline's own guess reads whichever part comes first)."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(pipe, name, None)
+        if isinstance(encoder, nn.Module):
+            return next(encoder.parameters()).device
+    return torch.device("cpu")
 
 
 def _sd(pipe: Any, prompts: list[str], cfg: bool, _msl: int | None, _g: float | None) -> Encoded:
