@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole user path on one device, small budgets: train.py (trainer=auto) with dilatequant and ptq_minmax on
-# the embedded UNet and the embedded DiT, evaluate.py run=, python -m dq.export run=, evaluate.py export=.
+# the embedded UNet and the embedded DiT, evaluate.py run=, python -m dq.export run=, evaluate.py export=;
+# then a tiny FLUX.1-dev folder in the hub layout (text prompts encoded on the device), trained and exported.
 # Fails when any phase recorded in a results.json / metrics.json ran on another device than the requested one
 # (or a step fails); prints each phase's device, time and peak memory. On a GPU it also checks, with
 # torch.cuda.set_sync_debug_mode("error"), that the fake-quant and integer forwards never wait on the device.
@@ -71,6 +72,23 @@ for model in embedded embedded_dit; do
   step "evaluate.py export= ($model)"
   "$py" evaluate.py export="$run/student_int.safetensors" "${eval_common[@]}" hydra.run.dir="$out/$model/eval_export"
 done
+
+# a text-to-image family as a user downloads it: a tiny random FLUX.1-dev pipeline saved in the hub repo's
+# layout (sharded transformer and T5, CLIP + T5 tokenizers), its prompts encoded by FluxPipeline on the
+# job's device, BKD, fidelity and the integer export (the folder writer lives in the tests)
+if "$py" -c "import pytest, sentencepiece" 2>/dev/null; then
+  step "train.py model=flux_dev on a tiny FLUX.1-dev folder in the hub layout"
+  "$py" -c "import sys; from pathlib import Path; from tests.zoo.real_layouts import write_flux_dev; write_flux_dev(Path(sys.argv[1]))" \
+    "$out/flux_dev_folder"
+  "$py" train.py model=flux_dev model.path="$out/flux_dev_folder" model.conditioning.prompts_file="$out/flux_dev_folder/prompts.txt" \
+    model.conditioning.max_sequence_length=8 model.sample_size=8 "${common[@]}" "${training[@]}" \
+    hydra.run.dir="$out/flux_dev/dilatequant"
+  step "python -m dq.export run= (flux_dev)"
+  "$py" -m dq.export run="$out/flux_dev/dilatequant" verify=$verify device=$export_device | tee "$out/flux_dev/export.txt"
+  grep -q "^dq: the check ran on $expect" "$out/flux_dev/export.txt" || { echo "gpu_smoke: the export's check did not run on $expect"; exit 1; }
+else
+  step "skipped the FLUX.1-dev folder: its writer needs pytest and sentencepiece (pip install -r requirements-dev.txt)"
+fi
 
 if [ "$mode" = gpu ]; then
   step "no host syncs in the fake-quant and integer forwards (torch.cuda.set_sync_debug_mode error)"
