@@ -62,19 +62,17 @@ def build_scheduler(scheduler_config: Mapping[str, Any], sampler: SamplerConfig)
         )
         scheduler.set_timesteps(sampler.num_steps)
     elif sampler.name == "dpm_solver":
+        scheduler = DPMSolverMultistepScheduler.from_config(config)
         if sampler.spacing == "scheduler":  # the config's own timestep_spacing, as the pipeline sets it
-            probe = DPMSolverMultistepScheduler.from_config(config)
-            probe.set_timesteps(sampler.num_steps)
-            timesteps = probe.timesteps.to(torch.int64)
+            scheduler.set_timesteps(sampler.num_steps)
         else:
             timesteps = sampling_timesteps(sampler.spacing, sampler.num_steps, num_train, offset)
-        if bool((timesteps[1:] >= timesteps[:-1]).any()):
-            raise UserError(
-                f"dpm_solver needs distinct timesteps; {sampler.spacing} spacing with {sampler.num_steps} steps "
-                f"repeats some: {timesteps.tolist()}"
-            )
-        scheduler = DPMSolverMultistepScheduler.from_config(config)
-        scheduler.set_timesteps(timesteps=timesteps.tolist())
+            if bool((timesteps[1:] >= timesteps[:-1]).any()):
+                raise UserError(
+                    f"dpm_solver needs distinct timesteps; {sampler.spacing} spacing with {sampler.num_steps} "
+                    f"steps repeats some: {timesteps.tolist()}"
+                )
+            scheduler.set_timesteps(timesteps=timesteps.tolist())
     elif sampler.name == "flow_euler":
         scheduler = FlowEulerScheduler(config, sampler.num_steps, sampler.shift, sampler.spacing)
     else:  # SamplerConfig already rejects other names

@@ -49,11 +49,9 @@ def load_model(model_cfg: Mapping[str, Any], *, prompt_limit: int | None = None,
     folder = model_folder(model_cfg)
     unet, scheduler = load_model_folder(folder, variant=model_cfg.get("variant"), dtype=model_cfg.get("dtype"),
                                          sample_size=model_cfg.get("sample_size"))
-    components = load_components(model_cfg, folder)
+    components = load_components(model_cfg, folder, text=False)  # the text encoders: only on a cache miss
     conditioning = model_conditioning(model_cfg, components, limit=prompt_limit, denoiser=unet, scheduler=scheduler,
                                       folder=folder, device=encode_device)
-    # the text encoders are needed for encoding only: release them (T5-XXL alone is 19 GB in float32)
-    components = components._replace(text_encoder=None, tokenizer=None, text_parts=None)
     defaults, reason = family_sampler(read_layout(folder).pipeline_class, scheduler,
                                       text_conditional=conditioning.prompt_embeds is not None
                                       and conditioning.num_classes is None, denoiser_config=unet.config)

@@ -47,9 +47,10 @@ class ModelComponents(NamedTuple):
     text_encoder: nn.Module | None = None  # the first FP text encoder (eval mode), None without one
     tokenizer: Any = None  # its tokenizer
     class_embeddings: torch.Tensor | None = None  # float32 [num_classes + 1, D]: label -> cross-attention context
-    text_parts: Mapping[str, Any] | None = None  # every text encoder and tokenizer, by folder name
+    text_parts: Mapping[str, Any] | None = None  # every text encoder and tokenizer, by folder name (None: not loaded)
     pipeline_class: str | None = None  # model_index.json's pipeline class: whose encode_prompt encodes prompts
     index: Mapping[str, Any] | None = None  # model_index.json (its pipeline settings, e.g. force_zeros_for_empty_prompt)
+    text_names: tuple[str, ...] = ()  # the text encoders and tokenizers the folder holds, loaded or not
 
     @property
     def is_latent(self) -> bool:
@@ -139,16 +140,18 @@ def load_text_parts(folder: str | Path, layout: FolderLayout, *, variant: str | 
             for name in TEXT_PARTS if layout.has_component(name)}
 
 
-def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None) -> ModelComponents:
+def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None, *, text: bool = True
+                    ) -> ModelComponents:
     """The optional FP components of the folder a model config points at (`folder`, when the caller has
     resolved it already): those its model_index.json lists (or, without one, whose folders exist), with
     model.variant and model.dtype. `model.latent_scale` (if set) overrides the VAE config's scaling_factor:
     diffusers' VQModel config defaults it to SD's 0.18215, while the CompVis VQ LDMs were trained on
-    unscaled latents (scale 1.0)."""
+    unscaled latents (scale 1.0). text=False: the text encoders and tokenizers are named (text_names) but not
+    loaded."""
     folder = model_folder(model_cfg) if folder is None else folder
     layout = read_layout(folder)
     options = {"variant": model_cfg.get("variant"), "dtype": model_cfg.get("dtype")}
-    vae = latent_scale = text_encoder = tokenizer = class_embeddings = None
+    vae = latent_scale = class_embeddings = None
     if layout.has_component("vae"):
         vae = load_vae(folder, **options)
         configured = model_cfg.get("latent_scale")
@@ -157,18 +160,20 @@ def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None) ->
             raise UserError(f"model.latent_scale must be > 0, got {latent_scale}")
     elif model_cfg.get("latent_scale") is not None:
         raise UserError(f"model.latent_scale is set but {folder} has no vae/ (a pixel-space model)")
-    # prompt embeddings made elsewhere (SD3, Flux, PixArt so far) need no text encoder: it is not loaded
+    # prompt embeddings made elsewhere need no text encoder: it is not loaded
     embeds_file = (model_cfg.get("conditioning") or {}).get("prompt_embeds_file")
-    text_parts = load_text_parts(folder, layout, **options) if embeds_file is None else {}
-    text_encoder = next((text_parts[n] for n in TEXT_PARTS if n.startswith("text_encoder") and n in text_parts), None)
-    tokenizer = text_parts.get("tokenizer")
+    text_names = () if embeds_file is not None else tuple(n for n in TEXT_PARTS if layout.has_component(n))
+    # text=False leaves them on disk: dq.zoo.conditioning loads them only to encode prompts not in its cache
+    text_parts = load_text_parts(folder, layout, **options) if text and text_names else None
+    text_encoder = next((text_parts[n] for n in text_names if n.startswith("text_encoder")), None) if text_parts else None
+    tokenizer = text_parts.get("tokenizer") if text_parts else None
     if (folder / CLASS_EMBEDDINGS_FILE).is_file():
         tensors = load_file(str(folder / CLASS_EMBEDDINGS_FILE))
         if "weight" not in tensors or tensors["weight"].ndim != 2:
             raise UserError(f"{folder / CLASS_EMBEDDINGS_FILE} must hold `weight` [num_classes + 1, D]")
         class_embeddings = tensors["weight"].float()
     return ModelComponents(vae, latent_scale, text_encoder, tokenizer, class_embeddings, text_parts,
-                           layout.pipeline_class, layout.index)
+                           layout.pipeline_class, layout.index, text_names)
 
 
 @torch.no_grad()

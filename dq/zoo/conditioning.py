@@ -26,7 +26,8 @@ from torch import nn
 from dq.arch.text_conditioning import pack_text_conditioning, text_fields
 from dq.calibration import trajectory_conditioning
 from dq.errors import CorruptFileError, MissingFileError, UserError
-from dq.zoo.components import ModelComponents
+from dq.zoo.components import ModelComponents, load_text_parts
+from dq.zoo.loading import read_layout
 from dq.zoo.prompts import cached_encoding, encode_with_pipeline, encoding_key
 
 CONDITIONING_KEYS = ("num_classes", "uncond_class", "prompts_file", "prompt_embeds_file", "max_prompts",
@@ -193,7 +194,7 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
         return read_prompt_embeds(embeds_file, min(limits) if limits else None, denoiser)
     if prompts_file is not None or prompt_list is not None:
         given = f"prompts_file={prompts_file}" if prompts_file is not None else "prompts"
-        if components.text_encoder is None:
+        if not components.text_names:
             raise UserError(f"model.conditioning.{given} needs a text_encoder/ + tokenizer/ in the model folder")
         limits = [int(v) for v in (max_prompts, limit) if v is not None]
         if prompts_file is not None:
@@ -206,17 +207,26 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
             uncond = encode_prompts(components.text_encoder, components.tokenizer, [""])  # CFG's empty prompt
             return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file))
         pipeline_class = components.pipeline_class or "StableDiffusionPipeline"  # an SD folder saved part by part
-        parts = {**(components.text_parts or {}), "vae": components.vae, "scheduler": scheduler}
         options = {"guidance": pipeline_class != "FluxPipeline",
                    "max_sequence_length": settings.get("max_sequence_length"),
                    "distilled_guidance": settings.get("distilled_guidance")}
-        part_dirs = [folder / name for name in (components.text_parts or {})] if folder is not None else []
+        part_dirs = [folder / name for name in components.text_names] if folder is not None else []
         key = encoding_key(pipeline_class, prompts, {**options, "index": components.index}, part_dirs)
         cache_dir = settings.get("cache_dir") if folder is not None else None
-        embeds, uncond, encoding = cached_encoding(cache_dir, key, lambda: encode_with_pipeline(
-            pipeline_class, parts, denoiser, prompts, index=components.index, device=device, **options))
+
+        def encode() -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+            # the text encoders are read from disk only here, on a cache miss, and dropped after it
+            text = components.text_parts
+            if text is None:
+                text = load_text_parts(folder, read_layout(folder), variant=model_cfg.get("variant"),
+                                       dtype=model_cfg.get("dtype"))
+            parts = {**text, "vae": components.vae, "scheduler": scheduler}
+            return encode_with_pipeline(pipeline_class, parts, denoiser, prompts, index=components.index,
+                                        device=device, **options)
+
+        embeds, uncond, encoding = cached_encoding(cache_dir, key, encode)
         return ModelConditioning(None, None, embeds, uncond, tuple(prompts), str(prompts_file), encoding=encoding)
-    if components.text_encoder is not None:
+    if components.text_names:
         raise UserError("this model has a text encoder: set model.conditioning.prompts_file (one prompt a line, "
                          "or a COCO captions JSON) or model.conditioning.prompts (a list)")
     if num_classes is None:

@@ -47,7 +47,6 @@ log = logging.getLogger("dq.zoo")
 
 ENCODED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
                      "FluxPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline")
-FLUX_DEV_GUIDANCE = 3.5  # FluxPipeline.__call__'s guidance_scale, the distilled guidance FLUX.1-dev runs with
 BATCH = 16
 
 
@@ -216,20 +215,22 @@ def cached_encoding(cache_dir: str | Path | None, key: str,
                     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """encode()'s (cond, uncond, record), read from `cache_dir/<key>.safetensors` when an earlier job wrote
     it, else computed and written there (atomically); no cache_dir: computed each time."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
 
     if cache_dir is None:
         return encode()
     path = Path(cache_dir).expanduser() / f"{key}.safetensors"
     if path.is_file():
         try:
-            tensors = load_file(str(path))
-            with open(path, "rb") as handle:  # the record is in the file's metadata
-                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-            record = json.loads(header["__metadata__"]["record"])
+            with safe_open(str(path), framework="pt") as handle:  # the record is in the file's metadata
+                record = json.loads((handle.metadata() or {})["record"])
+                names = set(handle.keys())
+                cond = handle.get_tensor("cond")
+                uncond = handle.get_tensor("uncond") if "uncond" in names else None
             log.info("dq: prompt embeddings from the cache: %s", path)
-            return tensors["cond"], tensors.get("uncond"), record
-        except (OSError, KeyError, ValueError) as err:  # a damaged entry is recomputed
+            return cond, uncond, record
+        except (OSError, KeyError, ValueError, SafetensorError) as err:  # a damaged entry is recomputed
             log.warning("dq: prompt embeddings cache entry %s is unreadable (%s): encoding again", path, err)
     start = time.perf_counter()
     cond, uncond, record = encode()
