@@ -32,5 +32,9 @@ class UnsupportedError(UserError, NotImplementedError):
     """A model, checkpoint or option dq does not handle (yet); the message says which part."""
 
 
+class MissingPackageError(UserError, ImportError):
+    """A package a model's folder needs is not installed; the message says what to pip install."""
+
+
 class OutputExistsError(UserError, FileExistsError):
     """An output path that exists and would be overwritten without the overwrite switch."""

@@ -27,7 +27,7 @@ from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 from safetensors.torch import load_file
 from torch import nn
 
-from dq.errors import MissingFileError, UnsupportedError, UserError
+from dq.errors import MissingFileError, MissingPackageError, UnsupportedError, UserError
 from dq.io import read_json_object
 from dq.zoo.loading import FolderLayout, model_folder, read_layout, torch_dtype, weights_variant
 
@@ -86,7 +86,7 @@ def _transformers_class(name: str, allowed: tuple[str, ...], where: Path) -> Any
     try:  # lazy: only text-to-image models need transformers
         import transformers
     except ImportError as err:
-        raise ImportError(f"{where} is a text model's part: install transformers to load it "
+        raise MissingPackageError(f"{where} is a text model's part: install transformers to load it "
                           f"(pip install {TRANSFORMERS_REQUIREMENT})") from err
     return getattr(transformers, name)
 
@@ -128,7 +128,7 @@ def load_text_part(folder: str | Path, name: str, *, index: Mapping[str, Any] | 
     cls = _transformers_class(class_name, TOKENIZER_CLASSES, where)
     has_json = (where / "tokenizer.json").is_file()
     if not has_json and (where / "spiece.model").is_file() and importlib.util.find_spec("sentencepiece") is None:
-        raise ImportError(f"{where} ships spiece.model without tokenizer.json: reading it needs sentencepiece "
+        raise MissingPackageError(f"{where} ships spiece.model without tokenizer.json: reading it needs sentencepiece "
                           "(pip install sentencepiece)")
     return cls.from_pretrained(where, local_files_only=True)
 
