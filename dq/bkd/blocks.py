@@ -199,12 +199,18 @@ def capture_block(
     _run_until_stopped(model, batch, handles)
     if "inputs" not in captured:
         raise RuntimeError(f"block {block_name!r} did not run in the forward pass")
-    with_paths, spec = pytree.tree_flatten_with_path(captured["inputs"])
+    return block_io(model, captured["inputs"], captured.get("output"))
+
+
+def block_io(model: nn.Module, inputs: tuple[tuple, dict], output: list[torch.Tensor] | None) -> BlockIO:
+    """The BlockIO of a block call of `model` with (args, kwargs) `inputs`: the keyword inputs the model's
+    description names shared (no batch dimension) are marked so."""
+    with_paths, spec = pytree.tree_flatten_with_path(inputs)
     shared_names = set(describe(model).shared_inputs)
     shared = frozenset(i for i, (path, leaf) in enumerate(with_paths) if isinstance(leaf, torch.Tensor)
                        and any(isinstance(k, pytree.MappingKey) and k.key in shared_names for k in path))
     leaves = [leaf for _, leaf in with_paths]
-    return BlockIO(leaves, spec, captured.get("output"), shared, memory_layouts(leaves))
+    return BlockIO(leaves, spec, output, shared, memory_layouts(leaves))
 
 
 def memory_layouts(leaves: list[Any]) -> dict[int, tuple[int, ...]]:
@@ -279,13 +285,22 @@ def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO
             # crashes on channels-last inputs taken from such a cache (seen with torch 2.13)
             leaves.append(torch.cat([p.leaves[i].detach().to(device) for p in parts]).contiguous())
         else:
-            if any(p.leaves[i] != leaf for p in parts):
+            # an int that is each chunk's row count (PixArt's adaLN-single batch_size, which BlockIO.run sets to
+            # the rows it runs) may differ in a short last chunk; any other constant must not change
+            if any(p.leaves[i] != leaf and not (isinstance(leaf, int) and p.leaves[i] == _rows_of(p)
+                                                and leaf == _rows_of(first)) for p in parts):
                 raise UserError(f"a non-tensor input of the block changes between batches: {leaf!r}")
             leaves.append(leaf)
     output = None if first.output is None else [
         torch.cat([p.output[i].detach().to(device) for p in parts]).contiguous() for i in range(len(first.output))
     ]
     return BlockIO(leaves, first.spec, output, first.shared, first.layouts)
+
+
+def _rows_of(io: BlockIO) -> int | None:
+    """The row count of a capture: the leading size of its first batched tensor input."""
+    return next((int(x.shape[0]) for i, x in enumerate(io.leaves) if isinstance(x, torch.Tensor) and i not in io.shared
+                 and x.dim() > 0), None)
 
 
 def block_readers(model: nn.Module, names: list[str], example: dict[str, torch.Tensor]) -> dict[str, frozenset[int]]:

@@ -43,6 +43,7 @@ from dq.calibration import CalibrationDataModule, calibration_cache_key
 from dq.cli import CONF_DIR, discard_if_untouched, reported_errors, run_hydra_entry
 from dq.config_values import config_bool, config_choice, config_int, config_str, known_fields
 from dq.io import atomic_write, check_writable_dir, place_file, write_json
+from dq.jobs.plan import cond_of_bundle, plan_enabled, plan_job, plan_only
 from dq.metrics import fidelity_figures, kernel_distance, to_uint8
 from dq.metrics.backends import build_backend
 from dq.metrics.kernel import KID_PROTOCOL
@@ -189,6 +190,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # teacher and student stay in eval mode on purpose (no dropout; BKD trains weights and quantizers only)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
+    if plan_enabled(cfg):
+        plan = plan_only(cfg)
+        return {"plan": plan.to_dict()}
     job = prepare(cfg, start)
     checkpoint = check_resume(job)
     check_writable_dir(cfg.data.cache_dir, "data.cache_dir")  # after the checks: a refused run creates nothing
@@ -221,6 +225,8 @@ def prepare(cfg: DictConfig, start: float) -> Job:
     timesteps = planned_timesteps(model.scheduler.config, model.sampler)
     quant_config = build_quant_config(cfg, len(timesteps))
     distill = distill_config(cfg)
+    # the run's plan (plan.json), and a run that cannot fit refused here, before calibration and training
+    plan_job(cfg, model.unet, len(timesteps), model.sampler.uses_guidance, cond_of_bundle(model), out_dir)
     datamodule = calibration_data(cfg, model)
     distiller = BlockDistiller(model.unet, quant_config, distill, datamodule, seed=cfg.seed)
     return Job(cfg, out_dir, start, model, timesteps, quant_config, distill, datamodule, distiller, trainer)

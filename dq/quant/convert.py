@@ -163,7 +163,7 @@ def set_step(model: nn.Module, step: int | torch.Tensor | None) -> None:
             raise UserError(f"per-sample step indices must be an int64 tensor [B], got {step.dtype} {tuple(step.shape)}")
         else:
             step = step.long().to(quantizers[0].step_to_group.device)
-            if step.numel() == 0 or int(step.min()) < 0 or int(step.max()) >= num_steps:
+            if not step.is_meta and (step.numel() == 0 or int(step.min()) < 0 or int(step.max()) >= num_steps):
                 raise UserError(
                     f"step indices must lie in [0, {num_steps}) for TPQ tables built for {num_steps} sampling "
                     f"steps, got range [{int(step.min()) if step.numel() else '-'}, "

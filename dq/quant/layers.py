@@ -66,14 +66,18 @@ class _QuantLayerMixin:
         self.register_buffer("wd_scale", torch.ones(in_channels, dtype=self.weight.dtype, device=self.weight.device))
         # A grouped convolution keeps s = 1: in a depthwise one (Sana's GLU feed-forward) every weight row reads a
         # single input channel, which then holds its own row's max and min, so eq. 11 gives s = 1 anyway.
-        if config.weight_dilation and groups == 1:
+        # on the meta device (dq.plan builds students from configs alone) there are no values to read: the
+        # layer gets its shapes, and WD and the weight quantizer's initialisation are left out
+        meta = self.weight.is_meta
+        if config.weight_dilation and groups == 1 and not meta:
             with torch.no_grad():
                 s = dilation_scale(self.weight, config.dilation_max_scale)
                 self.weight.copy_(apply_dilation(self.weight, s))
                 self.wd_scale.copy_(s)
         self.weight_quantizer = WeightQuantizer(self.weight.shape[0], weight_bits, config.lsq_grad_scale)
         self.weight_quantizer.to(self.weight.device)
-        self.weight_quantizer.init_from(self.weight, config.weight_init)
+        if not meta:
+            self.weight_quantizer.init_from(self.weight, config.weight_init)
         self.act_quantizer = new_act_quantizer(act_bits, config).to(self.weight.device)
         self.skip_act_quantizer = new_act_quantizer(act_bits, config).to(self.weight.device) if split_at else None
 
