@@ -171,7 +171,8 @@ def _remove_hydra_leftovers(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     entries = list(run_dir.iterdir())
-    if not all(e.name in HYDRA_FILES or (e.is_file() and e.suffix == ".log") for e in entries):
+    # plan.json: every run writes its plan before it starts (dq.jobs.plan); a refused run's goes with it
+    if not all(e.name in (*HYDRA_FILES, "plan.json") or (e.is_file() and e.suffix == ".log") for e in entries):
         return
     for entry in entries:
         if entry.is_dir():

@@ -69,6 +69,7 @@ class PlanSpec:
     device: str = "cpu"  # "cuda" | "cpu": where the phases run
     gpu_bytes: int | None = None  # the GPU memory the run may use (None: no GPU)
     host_bytes: int | None = None  # the host memory it may use (None: unchecked)
+    disk_bytes: int | None = None  # free disk space under the block caches' folder (None: unchecked)
     tflops: float = ASSUMED_TFLOPS["cpu"]
     tflops_source: str = "assumed"
 
@@ -82,6 +83,7 @@ class BlockPlan:
     target_bytes: int  # the teacher's fp32 targets over all rows
     cache_device: str
     trainable: int  # parameters the block trains (weights and quantizer tables)
+    step_bytes: int = 0  # a training step's own peak (activations, temporaries, gradients) beyond the models
     gpu: dict[str, int] = field(default_factory=dict)  # phase -> peak bytes
     host: int = 0  # peak host bytes while the block is prepared and trained
     flops: dict[str, float] = field(default_factory=dict)  # work -> FLOPs
@@ -101,8 +103,10 @@ class Plan:
     blocks: list[BlockPlan]
     gpu: dict[str, int]  # phase -> peak bytes over the run (the device's memory when it is the CPU: host)
     host: dict[str, int]  # phase -> peak host bytes
+    disk: int  # the largest disk-tier cache (memory-mapped files under method.distill.cache_dir)
     calibration_file_bytes: int
     seconds: dict[str, float]
+    end_to_end_recompute: bool = False
 
     def peak(self, where: str) -> tuple[str, int]:
         """(phase, bytes) of the largest peak on "gpu" or "host"."""
@@ -116,6 +120,7 @@ class Plan:
             "model": self.model, "parameters": self.parameters, "spec": spec,
             "gpu_peak_bytes": self.gpu if self.spec.device == "cuda" else {},
             "host_peak_bytes": self.host,
+            "disk_peak_bytes": self.disk,
             "calibration_file_bytes": self.calibration_file_bytes,
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
             "constants": {"tflops": self.spec.tflops, "tflops_source": self.spec.tflops_source},
@@ -156,6 +161,8 @@ class Plan:
             parts.append(f"peak GPU {_gib(gpu)}{limit} ({gpu_phase})")
         limit = f" of {_gib(self.spec.host_bytes)}" if self.spec.host_bytes else ""
         parts.append(f"peak host {_gib(host)}{limit} ({host_phase})")
+        if self.disk:
+            parts.append(f"block caches on disk up to {_gib(self.disk)}")
         parts.append(f"calibration file {_gib(self.calibration_file_bytes)}")
         parts.append(f"estimated time {_duration(self.seconds['total'])} at {self.spec.tflops:g} TFLOP/s")
         return "dq: plan: " + ", ".join(parts)
@@ -166,6 +173,9 @@ class Plan:
         checks = [("host", self.host, self.spec.host_bytes, "host memory")]
         if self.spec.device == "cuda":
             checks.insert(0, ("gpu", self.gpu, self.spec.gpu_bytes, "GPU memory"))
+        if self.spec.disk_bytes is not None and self.disk > self.spec.disk_bytes:
+            raise UserError(f"this run does not fit: its block caches on disk need {_gib(self.disk)}, "
+                            f"{_gib(self.spec.disk_bytes)} is free under method.distill.cache_dir")
         for _where, phases, limit, words in checks:
             if not limit:
                 continue
@@ -173,8 +183,12 @@ class Plan:
             if over:
                 phase = max(over, key=over.get)
                 block = self._worst_block(phase, "gpu" if words == "GPU memory" else "host")
+                hint = ""
+                if phase == "end_to_end" and not self.end_to_end_recompute:
+                    hint = "; method.distill.end_to_end_recompute=true holds one block's activations at a time"
                 raise UserError(f"this run does not fit: its {phase} phase{block} needs {_gib(over[phase])} of "
-                                f"{words}, {_gib(limit)} is available (budget.*; plan=true prints the whole plan)")
+                                f"{words}, {_gib(limit)} is available (budget.*; plan=true prints the whole plan"
+                                f"{hint})")
 
     def _worst_block(self, phase: str, where: str) -> str:
         if phase not in ("capture", "init", "train"):
@@ -313,7 +327,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     own computation (traced operation by operation: seconds to minutes), keeping the resident models, the
     caches and the host terms: what a CPU run checks before it starts."""
     from dq.arch import sample_shape
-    from dq.bkd.blocks import WHOLE_MODEL, block_io, output_tensors, run_model
+    from dq.bkd.blocks import WHOLE_MODEL, block_io, output_tensors, recomputed_blocks, run_model
     from dq.bkd.distiller import training_blocks
     from dq.quant import act_quantizers, set_quant_enabled
 
@@ -429,12 +443,15 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
             args, kwargs = inputs[rows][name]
             return batch, lambda: output_tensors(module(*args, **kwargs))
 
+        recompute = name == WHOLE_MODEL and distill.end_to_end_recompute
+
         def train_trace(rows: int) -> int:
             batch, run = call(rows)
 
             def step():
-                with _step(student, batch):
-                    sum(t.float().pow(2).mean() for t in run()).backward()
+                with _step(student, batch), recomputed_blocks(student, names if recompute else []):
+                    loss = sum(t.float().pow(2).mean() for t in run())
+                loss.backward()  # outside the step context, as BlockDistiller.training_step
                 for p in module.parameters():
                     p.grad = None
 
@@ -467,45 +484,70 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     target_budget, replay_budget = distill.target_cache_mb * MIB, distill.replay_cache_mb * MIB
     if distill.target_cache_mb == 0:
         target_budget = -1  # one block a pass
-    gpu_total = spec.gpu_bytes if spec.device == "cuda" else None
     sizes = {name: cache_bytes(name) for name in blocks}
     # the teacher pass of a block captures the targets of the blocks after it that fit with it in
-    # target_cache_mb (BlockDistiller.target_group): held, with their chunks while they are joined
-    group_of: dict[str, int] = {}
+    # target_cache_mb (BlockDistiller.target_group), allocated whole when the pass starts
+    groups: list[list[str]] = []
     start = 0
     while start < len(names):
         total, end = sizes[names[start]][1], start + 1
         while end < len(names) and total + sizes[names[end]][1] <= target_budget:
             total, end = total + sizes[names[end]][1], end + 1
-        for b in names[start:end]:
-            group_of[b] = total
+        groups.append(names[start:end])
         start = end
-    replayed = 0  # trained blocks' outputs kept for the later prefix passes, at most replay_cache_mb
+    group_of = {b: g for g in groups for b in g}
+
+    # each block's phases, then its cache's tier: "auto" puts a cache on the GPU when the block's GPU phases
+    # with it stay within cache_gpu_fraction of the GPU, else on the host when the host can hold it beside
+    # everything else, else on disk
+    phases: dict[str, tuple[int, int, int, int]] = {}
     for name in blocks:
-        inputs_b, targets_b = sizes[name]
-        cache = inputs_b + targets_b
-        device = _cache_device(distill, cache, spec.device, gpu_total, resident)
         module = student if name == WHOLE_MODEL else student.get_submodule(name)
         trainable = _trainable(module, distill.train_weights)
         train_peak, init_peak = block_train(name)
-        iters = distill.end_to_end_iters if name == WHOLE_MODEL and names else distill.iters_per_block
         if name == WHOLE_MODEL:
             optimizer_state = 2 * 4 * _trainable(student, distill.train_weights)
         else:
             optimizer_state += 2 * 4 * trainable
-        on_gpu = cache if device != "cpu" else 0
-        plan = BlockPlan(name, inputs_b, targets_b, device, trainable)
+        phases[name] = (trainable, train_peak, init_peak, optimizer_state)
+    # a CPU run's device is the host: the models and the phases' computation share it with the caches
+    computing = max([capture, *(max(o + t, i) for _, t, i, o in phases.values())]) if spec.device == "cpu" else 0
+    host_models = resident if spec.device == "cpu" else 0
+    tiers: dict[str, str] = {}
+    host_of: dict[str, int] = {}
+    replayed = 0  # trained blocks' outputs kept for the later prefix passes, at most replay_cache_mb
+    for name in blocks:
+        inputs_b, targets_b = sizes[name]
+        _, train_peak, init_peak, optimizer_state = phases[name]
+        # host beside the cache: the tuples, one capture chunk, the replay cache (and on a CPU run the models
+        # and the computation); the targets captured ahead with this block's come on top
+        chunk = math.ceil(inputs_b * min(cb, n) / n)
+        host_of[name] = tuples_host + chunk + replayed
+        if name != WHOLE_MODEL:
+            replayed = min(int(replay_budget), replayed + targets_b)
+        others = sum(sizes[b][1] for b in group_of.get(name, [name]) if b != name)
+        tiers[name] = _cache_tier(distill, inputs_b + targets_b, spec,
+                                  resident + max(optimizer_state + train_peak, init_peak),
+                                  host_of[name] + others + host_models + computing)
+
+    for name in blocks:
+        inputs_b, targets_b = sizes[name]
+        trainable, train_peak, init_peak, optimizer_state = phases[name]
+        tier = tiers[name]
+        iters = distill.end_to_end_iters if name == WHOLE_MODEL and names else distill.iters_per_block
+        on_gpu = inputs_b + targets_b if tier == "cuda" else 0
+        plan = BlockPlan(name, inputs_b, targets_b, tier, trainable, train_peak)
         plan.gpu = {"capture": resident + capture, "init": resident + on_gpu + init_peak,
                     "train": resident + on_gpu + optimizer_state + train_peak}
-        # host: the chunks and their join (build_cache keeps both until it returns), the targets captured
-        # for this block and those ahead of it within target_cache_mb (and their chunks), the replay cache
-        ahead = group_of.get(name, targets_b) if targets_b else 0
-        plan.host = tuples_host + 2 * inputs_b + 2 * ahead + replayed + (cache if device == "cpu" else 0)
-        if name != WHOLE_MODEL:
-            replayed = min(int(replay_budget), replayed + sizes[name][1])
+        # targets of the block's teacher pass held on the host (a disk block's go to disk; a GPU block's
+        # pass through the host on their way)
+        ahead = sum(sizes[b][1] for b in group_of.get(name, [name]) if tiers.get(b) != "disk")
+        held = {"cpu": inputs_b + targets_b, "cuda": targets_b, "disk": 0}[tier]
+        plan.host = host_of[name] + held + (ahead - (targets_b if tier != "disk" else 0))
         prefix = model_flops if name == WHOLE_MODEL else sum(block_flops[b] for b in names[: names.index(name)])
+        passes = 4 if name == WHOLE_MODEL and distill.end_to_end_recompute else 3  # forward, backward (2x), rerun
         plan.flops = {"capture": n * (prefix + model_flops), "init": n * block_flops[name],
-                      "train": iters * bs * 3 * block_flops[name]}
+                      "train": iters * bs * passes * block_flops[name]}
         plans.append(plan)
 
     gpu = {"load": weights, "calibration": weights + generation}
@@ -518,9 +560,9 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     gpu["fidelity"] = resident + sampling
     host = {"load": 2 * weights, "calibration": tuples_host + 2 * calibration_file,
             "bkd": max((b.host for b in plans), default=0), "fidelity": tuples_host + resident}
-    if spec.device == "cpu":  # the device is the host: the phases' computation adds to what it holds
+    if spec.device == "cpu":  # the device is the host: the models and the phases' computation add to it
         host["calibration"] += weights + generation
-        host["bkd"] += resident + max(gpu["train"], gpu["capture"]) - resident
+        host["bkd"] += host_models + computing
         host["fidelity"] += sampling
     steps_total = spec.num_trajectories * spec.num_steps * (2 if spec.guidance else 1)
     seconds = {
@@ -532,18 +574,23 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     }
     seconds = {k: v / (spec.tflops * 1e12) for k, v in seconds.items()}
     seconds["total"] = sum(seconds.values())
-    return Plan(spec, model_name or type(teacher).__name__, params, plans, gpu, host, calibration_file, seconds)
+    disk = max((b.cache_bytes for b in plans if b.cache_device == "disk"), default=0)
+    return Plan(spec, model_name or type(teacher).__name__, params, plans, gpu, host, disk, calibration_file, seconds,
+                distill.end_to_end_recompute)
 
 
-def _cache_device(distill, cache: int, device: str, gpu_total: int | None, resident: int) -> str:
-    """Where build_cache puts a cache of `cache` bytes (BlockDistiller.cache_device_for): "auto" takes the
-    GPU when the cache is at most cache_gpu_fraction of the memory left beside the resident models."""
+def _cache_tier(distill, cache: int, spec: PlanSpec, gpu_phases: int, host_beside: int) -> str:
+    """The tier of a cache of `cache` bytes: cache_device's, or under "auto" the GPU when the block's GPU
+    phases (`gpu_phases` without the cache) stay within cache_gpu_fraction of the GPU with it, else the host
+    when the host can hold it beside `host_beside`, else disk."""
     setting = distill.cache_device
     if setting != "auto":
-        return "cuda" if setting.startswith("cuda") else "cpu"
-    if device != "cuda" or gpu_total is None:
+        return "cuda" if setting.startswith("cuda") else setting
+    if spec.device == "cuda" and spec.gpu_bytes and gpu_phases + cache <= distill.cache_gpu_fraction * spec.gpu_bytes:
+        return "cuda"
+    if spec.host_bytes is None or host_beside + cache <= spec.host_bytes:
         return "cpu"
-    return "cuda" if cache <= distill.cache_gpu_fraction * max(0, gpu_total - resident) else "cpu"
+    return "disk"
 
 
 # ---------------------------------------------------------------------------------------- budgets

@@ -149,7 +149,7 @@ class BlockIO:
 
     @property
     def device(self) -> torch.device:
-        """Where the captured tensors live (all on one device, as `to` and `concat_block_io` leave them)."""
+        """Where the captured tensors live (all on one device, as `to` and dq.bkd.store leave them)."""
         tensors = self.tensors()
         return tensors[0].device if tensors else torch.device("cpu")
 
@@ -271,38 +271,6 @@ def same_block_io(a: BlockIO, b: BlockIO) -> bool:
     return True
 
 
-def concat_block_io(parts: list[BlockIO], device: torch.device | str) -> BlockIO:
-    """Join the BlockIO of consecutive calibration chunks along the batch dimension, on `device`."""
-    first = parts[0]
-    leaves = []
-    for i, leaf in enumerate(first.leaves):
-        if i in first.shared:  # no batch dimension: the same tensor in every chunk
-            if any(not torch.equal(p.leaves[i].cpu(), leaf.cpu()) for p in parts):
-                raise UserError(f"a shared (unbatched) input of the block changes between batches: leaf {i}")
-            leaves.append(leaf.detach().to(device))
-        elif isinstance(leaf, torch.Tensor):
-            # contiguous: attention outputs come back channels-last, and PyTorch's CPU GroupNorm backward
-            # crashes on channels-last inputs taken from such a cache (seen with torch 2.13)
-            leaves.append(torch.cat([p.leaves[i].detach().to(device) for p in parts]).contiguous())
-        else:
-            # an int that is each chunk's row count (PixArt's adaLN-single batch_size, which BlockIO.run sets to
-            # the rows it runs) may differ in a short last chunk; any other constant must not change
-            if any(p.leaves[i] != leaf and not (isinstance(leaf, int) and p.leaves[i] == _rows_of(p)
-                                                and leaf == _rows_of(first)) for p in parts):
-                raise UserError(f"a non-tensor input of the block changes between batches: {leaf!r}")
-            leaves.append(leaf)
-    output = None if first.output is None else [
-        torch.cat([p.output[i].detach().to(device) for p in parts]).contiguous() for i in range(len(first.output))
-    ]
-    return BlockIO(leaves, first.spec, output, first.shared, first.layouts)
-
-
-def _rows_of(io: BlockIO) -> int | None:
-    """The row count of a capture: the leading size of its first batched tensor input."""
-    return next((int(x.shape[0]) for i, x in enumerate(io.leaves) if isinstance(x, torch.Tensor) and i not in io.shared
-                 and x.dim() > 0), None)
-
-
 def block_readers(model: nn.Module, names: list[str], example: dict[str, torch.Tensor]) -> dict[str, frozenset[int]]:
     """For each block of `names` (in execution order), the positions in `names` of the blocks whose inputs the
     code between blocks computes from its output (blocks no other block reads are left out).
@@ -361,6 +329,56 @@ def block_readers(model: nn.Module, names: list[str], example: dict[str, torch.T
     with torch.enable_grad():
         _run_until_stopped(model, example, handles)
     return {names[j]: frozenset(r) for j, r in readers.items()}
+
+
+@contextlib.contextmanager
+def recomputed_blocks(model: nn.Module, names: Iterable[str]):
+    """Within: each block of `model` in `names` runs under activation checkpointing: a forward keeps only the
+    block's inputs for backward, and backward reruns the block (with the TPQ steps its forward had) to get
+    what it needs. The end-to-end stage then holds one block's activations at a time, not the whole
+    model's. Values and gradients are those of the plain forward (the same operations run again); a block
+    whose quantizers draw random masks (activation drop) must not be recomputed: its masks would differ."""
+    from torch.utils.checkpoint import checkpoint
+
+    from dq.quant import step_indexed
+
+    def restoring(quantizers: list, steps: list):
+        @contextlib.contextmanager
+        def restore():
+            saved = [q.step for q in quantizers]
+            for q, step in zip(quantizers, steps):
+                q.step = step
+            try:
+                yield
+            finally:
+                for q, step in zip(quantizers, saved):
+                    q.step = step
+
+        return restore
+
+    def wrapped(module: nn.Module):
+        forward, quantizers = module.forward, step_indexed(module)
+
+        def run(*args, **kwargs):
+            restore = restoring(quantizers, [q.step for q in quantizers])
+            return checkpoint(forward, *args, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), restore()), **kwargs)
+
+        return run
+
+    patched: list[tuple[nn.Module, Any]] = []
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = wrapped(module)
+        yield
+    finally:
+        for module, own in reversed(patched):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
 
 
 _CONSTANT = (type(None), bool, int, float, str)

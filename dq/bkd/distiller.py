@@ -44,12 +44,13 @@ from dq.bkd.blocks import (
     capture_block,
     capture_outputs,
     check_block_order,
-    concat_block_io,
     nbytes_of,
+    recomputed_blocks,
     same_block_io,
 )
 from dq.bkd.guidance import with_guidance_rows
 from dq.bkd.schedule import TimestepGroupSchedule, check_group_schedule
+from dq.bkd.store import BlockIOFiller, tier_allocator
 from dq.config_values import check_field_types
 from dq.errors import UserError
 from dq.placement import enter as enter_phase
@@ -72,7 +73,7 @@ log = logging.getLogger(__name__)
 
 TEACHER_PRECISIONS = ("fp32", "bf16")
 DEFAULT_END_TO_END_ITERS = 300  # the stage's length in the recipe (W4A4 +0.9 dB over BKD alone: docs/results)
-_CACHE_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+_CACHE_DEVICE = re.compile(r"cpu|auto|disk|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,11 @@ class DistillConfig:
     lr_zero_point: float = 1e-1  # Adam on zero points, in grid codes per step
     train_weights: bool = True
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio
-    cache_device: str = "auto"  # "cpu" | "cuda" | "cuda:N" | "auto"
+    cache_device: str = "auto"  # "cpu" | "cuda" | "cuda:N" | "disk" | "auto"
     capture_batch_size: int = 256
     whole_model: bool = False  # end-to-end QAT: the whole student is one block, distilled on the model output
     cache_gpu_fraction: float = 0.5  # "auto": the largest share of the free GPU memory a cache may take
+    cache_dir: str | None = None  # disk-tier caches: memory-mapped files here (None: $DQ_CACHE_DIR/blocks)
     teacher_precision: str = "fp32"  # "fp32" | "bf16" (autocast of the teacher's target forwards)
     compile: bool = False  # torch.compile the current block for its training steps
     compile_mode: str | None = None  # torch.compile(mode=...): None, "reduce-overhead", "max-autotune", ...
@@ -129,6 +131,10 @@ class DistillConfig:
     end_to_end_lr_weights: float = 3e-5
     end_to_end_lr_quant: float = 3e-4
     end_to_end_lr_zero_point: float = 3e-3
+    # the end-to-end stage with every block's activations recomputed in backward (activation checkpointing):
+    # the stage's memory is one block's activations instead of the whole model's, for about one more forward
+    # a step; the same values and gradients (refused with act_drop, whose masks a rerun would redraw)
+    end_to_end_recompute: bool = False
     group_schedule: str = "uniform"  # the TPQ timestep-group schedule of the batches (dq.bkd.schedule)
     # the share of calibration rows (per sampling step) that carry the unconditional input of classifier-free
     # guidance instead of their condition, for models calibrated with guidance (dq.bkd.guidance): 0.5 is the
@@ -154,7 +160,7 @@ class DistillConfig:
             raise UserError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if not isinstance(self.cache_device, str) or not _CACHE_DEVICE.fullmatch(self.cache_device):
             raise UserError(
-                f"cache_device must be 'cpu', 'auto', 'cuda' or 'cuda:N', got {self.cache_device!r}"
+                f"cache_device must be 'cpu', 'auto', 'disk', 'cuda' or 'cuda:N', got {self.cache_device!r}"
             )
         if not 0.0 < self.cache_gpu_fraction <= 1.0:
             raise UserError(f"cache_gpu_fraction must lie in (0, 1], got {self.cache_gpu_fraction}")
@@ -175,6 +181,9 @@ class DistillConfig:
                             "iters_per_block > 0 and whole_model false (set it to 0 for PTQ and end-to-end QAT)")
         if not 0.0 <= self.act_drop < 1.0:
             raise UserError(f"act_drop must lie in [0, 1), got {self.act_drop}")
+        if self.end_to_end_recompute and self.act_drop > 0:
+            raise UserError("end_to_end_recompute reruns each block in backward, which would redraw act_drop's "
+                            "random masks: use one of them")
         if not 0.0 <= self.uncond_fraction <= 1.0:
             raise UserError(f"uncond_fraction must lie in [0, 1], got {self.uncond_fraction}")
         check_group_schedule(self.group_schedule)
@@ -295,6 +304,9 @@ class BlockDistiller(L.LightningModule):
         self._compiled: dict[str, nn.Module] = {}
         self._compiled_checked = False  # whether the compiled block's quantizers ran once eagerly
         self.cache_devices: dict[str, str] = {}  # where each block's cache was kept (block name -> device)
+        # block name -> "cuda" | "cpu" | "disk": where the run's plan puts each cache under cache_device "auto"
+        # (dq.plan; train.py sets it); a block it does not name goes to the host, then by its size
+        self.planned_tiers: dict[str, str] = {}
         # wall seconds of block preparation in this process: "cache" (teacher + student prefix passes over
         # all N tuples, build_cache) and "init" (the activation quantizers' initialisation pass)
         # and "replay" (recording each trained block's outputs for the later prefix passes)
@@ -338,27 +350,32 @@ class BlockDistiller(L.LightningModule):
         Each capture chunk is moved to the CPU as it is made (so the accelerator holds one chunk at a time,
         not the whole cache), the chunks are joined there, and the cache then goes where `cache_device`
         says; "auto" decides from its exact size."""
-        inputs = []
+        filler = None
         step = self.distill.capture_batch_size
         standins = self.replay_standins(self.state.block) if name != WHOLE_MODEL else set()
+        tier = self.cache_tier(name)
         for chunk, start in enumerate(range(0, self.num_samples, step)):
             batch = self.calibration_batch(slice(start, start + step))
-            inputs.append(self._capture_student_inputs(name, chunk, batch, standins))
+            part = self._capture_student_inputs(name, chunk, batch, standins)
             if chunk == 0 and standins:  # the first chunk again with every stand-in block running
                 check = self._capture_student_inputs(name, chunk, batch, set())
-                if not same_block_io(check, inputs[0]):
+                if not same_block_io(check, part):
                     log.warning("BKD block %s: its inputs depend on blocks the forward-pass trace did not see "
                                 "it read; preparing it with them running", name)
-                    standins, inputs[0] = set(), check
+                    standins, part = set(), check
+            if filler is None:  # the whole cache allocated in its tier, each chunk copied into its rows
+                filler = BlockIOFiller(part, self.num_samples, self.allocator(tier))
+            else:
+                filler.add(part)
         log.debug("BKD block %s: prefix pass with %d blocks replayed, %d stand-ins", name or "model",
                   len(self.replay.outputs), len(standins))
         for other in list(self.replay.outputs):  # values no block after this one reads
             if max(self._readers.get(other, frozenset()), default=-1) <= self.state.block:
                 self.replay.drop(other)
-        cache = concat_block_io(inputs, "cpu")
+        cache = filler.result()
         # initialisation needs only the student's inputs: PTQ (no iterations) never asks the teacher
         cache.output = self.teacher_targets(name) if self.block_iters(self.state.block) > 0 else None
-        device = self.cache_device_for(cache.nbytes)
+        device = self.cache_device_for(cache.nbytes) if tier == "cpu" else self.tier_device(tier)
         self.cache_devices[name] = str(device)
         # said aloud only when "auto" had to leave a GPU run's cache on the CPU (slower steps)
         spilled = self.distill.cache_device == "auto" and self.device.type == "cuda" and device.type == "cpu"
@@ -372,7 +389,7 @@ class BlockDistiller(L.LightningModule):
         targets captured ahead (target_cache_mb) or a new teacher pass that also captures the next blocks'."""
         if name not in self._targets:
             names = self.target_group(name)
-            parts: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}
+            targets: dict[str, list[torch.Tensor]] = {}
             step = self.distill.capture_batch_size
             for start in range(0, self.num_samples, step):
                 batch = self.calibration_batch(slice(start, start + step))
@@ -382,8 +399,12 @@ class BlockDistiller(L.LightningModule):
                     else:
                         outputs = capture_outputs(self.teacher, names, batch)
                 for n in names:  # fp32 targets whatever the teacher's precision: the loss is computed in fp32
-                    parts[n].append([t.float().cpu() for t in outputs[n]])
-            self._targets = {n: [torch.cat(chunks).contiguous() for chunks in zip(*p)] for n, p in parts.items()}
+                    if n not in targets:  # allocated whole (on disk for a disk-tier block), filled chunk by chunk
+                        allocate = self.allocator("disk" if self.cache_tier(n) == "disk" else "cpu")
+                        targets[n] = [allocate((self.num_samples, *t.shape[1:]), torch.float32) for t in outputs[n]]
+                    for full, t in zip(targets[n], outputs[n], strict=True):
+                        full[start : start + t.shape[0]].copy_(t.float())
+            self._targets = targets
         return self._targets.pop(name)
 
     def target_group(self, name: str) -> list[str]:
@@ -454,10 +475,28 @@ class BlockDistiller(L.LightningModule):
         with self.replay.replaying(self.student, chunk, batch["x_t"].device, standins):
             return capture_block(self.student, name, batch, want_output=False).to("cpu")
 
+    def cache_tier(self, name: str) -> str:
+        """The tier block `name`'s cache is allocated in: the planned one (`planned_tiers`, from the run's
+        plan) under cache_device "auto", "disk" or the given device's, else "cpu" (the host, from where
+        cache_device_for moves it by its exact size)."""
+        setting = self.distill.cache_device
+        if setting == "auto":
+            return self.planned_tiers.get(name, "cpu")
+        return "disk" if setting == "disk" else "cpu"
+
+    def tier_device(self, tier: str) -> torch.device:
+        """The device of a tier: the module's GPU for "cuda", the CPU for host memory and disk."""
+        return self.device if tier == "cuda" and self.device.type == "cuda" else torch.device("cpu")
+
+    def allocator(self, tier: str):
+        return tier_allocator(tier, self.tier_device(tier), self.distill.cache_dir)
+
     def cache_device_for(self, nbytes: int) -> torch.device:
         """The device of a block cache of `nbytes` bytes, from distill.cache_device ("auto": the module's
         CUDA device if the cache fits in cache_gpu_fraction of its free memory, else the CPU)."""
         setting = self.distill.cache_device
+        if setting == "disk":
+            return torch.device("cpu")
         if setting != "auto":
             return torch.device(setting)
         if self.device.type != "cuda":
@@ -697,7 +736,7 @@ class BlockDistiller(L.LightningModule):
         fault_point("train")
         name = self.blocks[self.state.block]
         rows, steps = self.shard(batch["index"]), self.shard(batch["step"])  # this rank's share, its TPQ steps
-        with step_context(self.student, steps.to(self.device)), self._activation_drop(name):
+        with step_context(self.student, steps.to(self.device)), self._activation_drop(name), self._recomputing(name):
             predictions = self._block_forward(name, self._device_rows(rows))
         targets = [t[self._device_rows(rows)].to(p.device) for p, t in zip(predictions, self.cache.output, strict=True)]
         losses = [F.mse_loss(p.float(), t.float()) for p, t in zip(predictions, targets)]  # eq. 15
@@ -719,6 +758,13 @@ class BlockDistiller(L.LightningModule):
         self.log("bkd/loss", reported, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         self.log("bkd/block", float(self.state.block), on_step=True, on_epoch=False)
         return loss
+
+    def _recomputing(self, name: str) -> contextlib.AbstractContextManager:
+        """The end-to-end stage with end_to_end_recompute: every block recomputed in backward
+        (blocks.recomputed_blocks), so the stage holds one block's activations at a time."""
+        if name != WHOLE_MODEL or not self.distill.end_to_end_recompute:
+            return contextlib.nullcontext()
+        return recomputed_blocks(self.student, [b for b in self.blocks if b != WHOLE_MODEL])
 
     def _activation_drop(self, name: str) -> contextlib.AbstractContextManager:
         """act_drop > 0: the block's activation quantizers pass a random share of elements unquantized, the

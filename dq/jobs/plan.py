@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,21 @@ def budget_spec(cfg: DictConfig, device: str, measure: bool = True) -> dict[str,
     else:
         rate, source = ASSUMED_TFLOPS["cpu"], "assumed: a 2-core CPU's fp32 matmul"
     return {"device": device, "gpu_bytes": gpu_bytes, "host_bytes": host_bytes, "tflops": round(rate, 3),
-            "tflops_source": source}
+            "tflops_source": source, "disk_bytes": free_disk_bytes(cfg.method.distill.get("cache_dir"))}
+
+
+def free_disk_bytes(cache_dir: str | None) -> int | None:
+    """Free bytes on the file system of the disk-tier caches' folder (its nearest existing parent)."""
+    from dq.bkd.store import default_directory
+
+    path = Path(cache_dir) if cache_dir else default_directory()
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def run_plan(cfg: DictConfig, teacher: torch.nn.Module, num_steps: int, guidance: bool,
@@ -218,6 +233,10 @@ def plan_job(cfg: DictConfig, unet: torch.nn.Module, num_steps: int, guidance: b
     plan.write(out_dir / "plan.json")
     log.info("%s", plan.summary())
     plan.check_fits()
+    tiers = {b.cache_device for b in plan.blocks}
+    if "disk" in tiers:
+        log.info("dq: the plan keeps some block caches on disk (memory-mapped under method.distill.cache_dir): the "
+                 "host cannot hold them beside the rest")
     return plan
 
 

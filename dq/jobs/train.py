@@ -226,9 +226,11 @@ def prepare(cfg: DictConfig, start: float) -> Job:
     quant_config = build_quant_config(cfg, len(timesteps))
     distill = distill_config(cfg)
     # the run's plan (plan.json), and a run that cannot fit refused here, before calibration and training
-    plan_job(cfg, model.unet, len(timesteps), model.sampler.uses_guidance, cond_of_bundle(model), out_dir)
+    plan = plan_job(cfg, model.unet, len(timesteps), model.sampler.uses_guidance, cond_of_bundle(model), out_dir)
     datamodule = calibration_data(cfg, model)
     distiller = BlockDistiller(model.unet, quant_config, distill, datamodule, seed=cfg.seed)
+    if plan is not None and distill.cache_device == "auto":  # each block's cache where the plan put it
+        distiller.planned_tiers = {block.name: block.cache_device for block in plan.blocks}
     return Job(cfg, out_dir, start, model, timesteps, quant_config, distill, datamodule, distiller, trainer)
 
 

@@ -41,7 +41,7 @@ def _prepare_block(distiller: BlockDistiller, k: int) -> None:
     [
         ({"teacher_precision": "fp16"}, "teacher_precision must be one of fp32, bf16"),
         ({"teacher_precision": "bfloat16"}, "teacher_precision"),
-        ({"cache_device": "gpu"}, "cache_device must be 'cpu', 'auto', 'cuda' or 'cuda:N'"),
+        ({"cache_device": "gpu"}, "cache_device must be 'cpu', 'auto', 'disk', 'cuda' or 'cuda:N'"),
         ({"cache_device": "cuda:"}, "cache_device"),
         ({"cache_device": "auto:0"}, "cache_device"),
         ({"cache_gpu_fraction": 0.0}, r"cache_gpu_fraction must lie in \(0, 1\]"),

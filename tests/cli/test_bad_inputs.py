@@ -38,11 +38,12 @@ TRAIN_CASES = [
     (["method.distill.iters_per_block=x"], "method.distill.iters_per_block must be int, got 'x'"),
     (["+method.distill.foo=1"], "unknown method.distill key(s) ['foo']"),
     (["method.distill.lr_quant=0"], "lr_quant > 0"),
-    (["method.distill.cache_device=tpu"], "cache_device must be 'cpu', 'auto', 'cuda' or 'cuda:N', got 'tpu'"),
+    (["method.distill.cache_device=tpu"], "cache_device must be 'cpu', 'auto', 'disk', 'cuda' or 'cuda:N', got 'tpu'"),
     (["model=local", "model.path=/nonexistent/model"], "model folder /nonexistent/model does not exist"),
     (["model.sampler.name=euler"], "sampler name must be one of"),
     (["model.sampler.num_steps=0"], "model.sampler.num_steps must be an int >= 1, got 0"),
     (["ckpt_path=/nonexistent.ckpt"], "ckpt_path /nonexistent.ckpt does not exist"),
+    (["budget.host_memory_gb=0.00001"], "this run does not fit: its"),
     (["ckpt_path=GARBAGE"], "is not a readable PyTorch checkpoint"),
     (["data.cache_dir=AFILE/cache"], "data.cache_dir AFILE/cache is not writable"),
 ]
