@@ -17,17 +17,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from dq.arch import describe, sample_shape
-from dq.bkd import DistillConfig
-from dq.bkd.blocks import capture_block, output_tensors
-from dq.jobs.plan import DENOISERS_DIR, conditioning_of, meta_denoiser
-from dq.plan import GIB, PlanSpec, _Peak, make_plan
-from dq.quant import QuantConfig, act_quantizers, quantize_model, step_context
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dq.arch import describe, sample_shape  # noqa: E402
+from dq.bkd import DistillConfig  # noqa: E402
+from dq.bkd.blocks import capture_block, output_tensors  # noqa: E402
+from dq.jobs.plan import DENOISERS_DIR, conditioning_of, meta_denoiser  # noqa: E402
+from dq.plan import GIB, PlanSpec, _Peak, make_plan  # noqa: E402
+from dq.quant import QuantConfig, act_quantizers, quantize_model, step_context  # noqa: E402
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "dq" / "zoo" / "embedded" / "unet" / "config.json"
 

@@ -128,7 +128,10 @@ class Plan:
         }
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        from dq.io import atomic_write  # every DDP rank writes the same plan: each write is whole
+
+        text = json.dumps(self.to_dict(), indent=1) + "\n"
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
     def table(self) -> str:
         """The per-block table, the phase peaks and one last line with the peaks and the time estimate."""

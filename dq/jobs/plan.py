@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DENOISERS_DIR = Path(__file__).resolve().parent.parent / "zoo" / "denoisers"
 CLIP_TOKENS = 77  # CLIP's token sequence (SD, SDXL, SD3's CLIP part)
 # the token sequence a family's pipeline encodes by default when model.conditioning.max_sequence_length is null
+TRACE_MIN_PARAMETERS = 100_000_000  # a real run traces its phases on meta from this size (SD 1.x: 860M)
 DEFAULT_SEQUENCE = {"PixArtTransformer2DModel": 300, "SD3Transformer2DModel": 256, "FluxTransformer2DModel": 512,
                     "SanaTransformer2DModel": 300}
 
@@ -226,10 +227,12 @@ def plan_job(cfg: DictConfig, unet: torch.nn.Module, num_steps: int, guidance: b
     config["_class_name"] = type(unet).__name__
     teacher = meta_denoiser(config, {"dtype": None})
     teacher.to(next(unet.parameters()).dtype)
-    # a GPU run's phases are traced (their peaks decide whether it fits); a CPU run checks its caches and host
-    # terms only: tracing every operation of every block on meta takes longer than a small run itself
-    cuda = plan_device(cfg) == "cuda"
-    plan = run_plan(cfg, teacher, num_steps, guidance, cond, _model_name(cfg), measure=False, trace=cuda)
+    # a GPU run of a large model has its phases traced (their peaks decide whether it fits); a CPU run, or a
+    # small model, checks its caches and host terms only: tracing every operation of every block on meta
+    # takes about 30 s for the embedded UNet, longer than a small run itself
+    params = sum(p.numel() for p in teacher.parameters())
+    trace = plan_device(cfg) == "cuda" and params >= TRACE_MIN_PARAMETERS
+    plan = run_plan(cfg, teacher, num_steps, guidance, cond, _model_name(cfg), measure=False, trace=trace)
     plan.write(out_dir / "plan.json")
     log.info("%s", plan.summary())
     plan.check_fits()

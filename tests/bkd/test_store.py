@@ -105,9 +105,8 @@ def test_planned_end_to_end_memory_falls_with_recompute():
     from dq.plan import GIB, PlanSpec, make_plan
 
     with torch.device("meta"):
-        model = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                            up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+        model = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32,), layers_per_block=1,
+                            down_block_types=("AttnDownBlock2D",), up_block_types=("AttnUpBlock2D",), norm_num_groups=8)
     spec = PlanSpec(num_samples=64, num_trajectories=16, generation_batch_size=8, num_steps=T, guidance=False,
                     cond_shape=None, device="cuda", gpu_bytes=GIB)
     quant = QuantConfig(num_steps=T, num_groups=T)
