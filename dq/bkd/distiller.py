@@ -84,9 +84,10 @@ class DistillConfig:
     change rounding (the compiler fuses and reorders operations); teacher_precision="bf16" rounds the
     teacher's targets.
 
-    - cache_device: where a block's cached inputs and targets live: "cpu", "cuda" / "cuda:N", or "auto":
-      the module's CUDA device when the cache takes at most cache_gpu_fraction of its free memory, else
-      the CPU (always the CPU when the module is not on a GPU).
+    - cache_device: where a block's cached inputs and targets live: "cpu", "cuda" / "cuda:N", "disk"
+      (memory-mapped files under cache_dir, dq.bkd.store), or "auto": the tier the run's plan picked
+      (`planned_tiers`), else the module's CUDA device when the cache takes at most cache_gpu_fraction of
+      its free memory, else the CPU (always the CPU when the module is not on a GPU).
     - teacher_precision: "fp32", or "bf16" to compute the teacher's block targets under bfloat16 autocast
       (stored as fp32; the student and the loss stay fp32).
     - compile: run the current block through torch.compile(mode=compile_mode, backend=compile_backend) in
@@ -115,7 +116,9 @@ class DistillConfig:
     cache_device: str = "auto"  # "cpu" | "cuda" | "cuda:N" | "disk" | "auto"
     capture_batch_size: int = 256
     whole_model: bool = False  # end-to-end QAT: the whole student is one block, distilled on the model output
-    cache_gpu_fraction: float = 0.5  # "auto": the largest share of the free GPU memory a cache may take
+    # "auto": with the run's plan, the share of the GPU a block's GPU phases with its cache may take; without
+    # one, the largest share of the free GPU memory a cache may take
+    cache_gpu_fraction: float = 0.5
     cache_dir: str | None = None  # disk-tier caches: memory-mapped files here (None: $DQ_CACHE_DIR/blocks)
     teacher_precision: str = "fp32"  # "fp32" | "bf16" (autocast of the teacher's target forwards)
     compile: bool = False  # torch.compile the current block for its training steps
@@ -347,9 +350,10 @@ class BlockDistiller(L.LightningModule):
     def build_cache(self, name: str) -> BlockIO:
         """fp targets B_k(fp_in_k) from the teacher and student inputs q_in_k, for every calibration row.
 
-        Each capture chunk is moved to the CPU as it is made (so the accelerator holds one chunk at a time,
-        not the whole cache), the chunks are joined there, and the cache then goes where `cache_device`
-        says; "auto" decides from its exact size."""
+        The cache is allocated whole in its tier (`cache_tier`: the GPU, the host or disk) and each capture
+        chunk, moved to the CPU as it is made (the accelerator holds one chunk at a time), is copied into its
+        rows. A host cache of a run without a plan then goes where `cache_device` says; "auto" decides from
+        its exact size."""
         filler = None
         step = self.distill.capture_batch_size
         standins = self.replay_standins(self.state.block) if name != WHOLE_MODEL else set()

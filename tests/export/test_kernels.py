@@ -158,12 +158,15 @@ def _run_capped(script: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA caps are x86 ISAs")
 def test_kernels_stay_exact_where_int16_pairs_saturate():
-    """oneDNN capped to AVX2 (no VNNI), as on an AVX2-only CPU: both backends' uint8 × int8 products add
-    pairs into a saturating int16 there (the probe sees it), and 8-bit codes × 8-bit weights still come out
-    exact, through the two weight planes."""
+    """oneDNN capped to AVX2 (no VNNI), as on an AVX2-only CPU: oneDNN's uint8 × int8 products add pairs into
+    a saturating int16 there (the probe sees it), and 8-bit codes × 8-bit weights still come out exact on
+    both backends, through two weight planes where the probe says the sums saturate. Whether torch._int_mm
+    (the gemm backend) saturates depends on the CPU, not on the cap: it did under the cap on AVX-512 EPYC
+    build machines, and did not on an AVX2-only AMD EPYC (2026-12-07), where it computes exactly as it is."""
     lines = _run_capped(_CAPPED_CHECK).stdout.split()
     results = {lines[i]: (lines[i + 1], lines[i + 2]) for i in range(0, len(lines), 3)}
-    assert "gemm" in results and all(r == ("True", "True") for r in results.values()), results
+    assert "gemm" in results and all(exact == "True" for _, exact in results.values()), results
+    assert results.get("onednn", ("True", "True"))[0] == "True", results
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA caps are x86 ISAs")
