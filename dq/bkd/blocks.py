@@ -366,12 +366,20 @@ def recomputed_blocks(model: nn.Module, names: Iterable[str]):
 
         return run
 
+    with patched_forwards(model, {name: wrapped(model.get_submodule(name)) for name in names}):
+        yield
+
+
+@contextlib.contextmanager
+def patched_forwards(model: nn.Module, forwards: dict[str, Any]):
+    """Within: each submodule of `model` named in `forwards` runs that function as its forward; restored on
+    exit (a module's own instance attribute put back, else the class's forward)."""
     patched: list[tuple[nn.Module, Any]] = []
     try:
-        for name in names:
+        for name, forward in forwards.items():
             module = model.get_submodule(name)
             patched.append((module, module.__dict__.get("forward")))
-            module.forward = wrapped(module)
+            module.forward = forward
         yield
     finally:
         for module, own in reversed(patched):
@@ -460,16 +468,5 @@ class BlockReplay:
 
         replacements = {name: returning(chunks[chunk], copy) for name, chunks in self.outputs.items()}
         replacements.update({name: returning(self.shapes[name][chunk], zeros) for name in standins})
-        patched: list[tuple[nn.Module, Any]] = []
-        try:
-            for name, forward in replacements.items():
-                module = model.get_submodule(name)
-                patched.append((module, module.__dict__.get("forward")))
-                module.forward = forward
+        with patched_forwards(model, replacements):
             yield
-        finally:
-            for module, own in reversed(patched):
-                if own is None:
-                    del module.forward
-                else:
-                    module.forward = own
