@@ -26,6 +26,21 @@ def _dq_images(unet, loaded, sampler: SamplerConfig, num: int) -> torch.Tensor:
     return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # the pipeline's "np" output: [B, H, W, C] in [0, 1]
 
 
+def _record_rows(unet) -> list:
+    """The TPQ row each forward call of `unet` uses (an int step, or a blend's (start, end, weight)), as the
+    calls go."""
+    quantizer = dq.quant.step_indexed(unet)[0]
+    rows = []
+
+    def hook(module, args, kwargs):
+        step = quantizer.step
+        rows.append((step.start.tolist(), step.end.tolist(), step.weight.tolist())
+                    if hasattr(step, "weight") else torch.as_tensor(step).tolist())
+
+    unet.register_forward_pre_hook(hook, with_kwargs=True)
+    return rows
+
+
 def test_ddim_pipeline_gives_dq_sampler_images(embedded_folder):
     loaded, folder, timesteps = embedded_folder
     pipe = _pipeline(folder)
@@ -51,11 +66,17 @@ def test_exact_policy_refuses_another_schedule(embedded_folder):
 def test_off_schedule_policies_run_a_20_step_pipeline(embedded_folder, policy):
     loaded, folder, _ = embedded_folder
     pipe = _pipeline(folder, policy)
+    theirs_rows = _record_rows(pipe.unet)
     out = pipe(batch_size=2, generator=_generators(2), num_inference_steps=20, eta=0.0, output_type="np")
-    ours = _dq_images(dq.load_student(folder, tpq_policy=policy), loaded,
-                      SamplerConfig(name="ddim", num_steps=20, spacing="uniform"), 2)
+    student = dq.load_student(folder, tpq_policy=policy)
+    our_rows = _record_rows(student)
+    ours = _dq_images(student, loaded, SamplerConfig(name="ddim", num_steps=20, spacing="uniform"), 2)
     theirs = torch.from_numpy(out.images)
     assert torch.isfinite(theirs).all()
-    assert (theirs - ours).abs().max() < 1e-4  # dq's sampler keys the rows the same way off schedule
+    # dq's sampler keys the rows the same way off schedule: the same TPQ row (or blend) at every call
+    assert len(our_rows) == len(theirs_rows) == 20 and our_rows == theirs_rows
+    # and the images agree; not to 1e-4 as on schedule: over 20 steps the two DDIM updates' float32 rounding
+    # can move a 4-bit activation across a rounding boundary (it does with one thread), and that moves a region
+    assert (theirs - ours).abs().mean() < 1e-2
     with pytest.raises(ValueError, match="not in the schedule"):  # and refuses it under exact, before sampling
         _dq_images(dq.load_student(folder), loaded, SamplerConfig(name="ddim", num_steps=20, spacing="uniform"), 2)
