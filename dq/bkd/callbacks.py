@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from dq.bkd.distiller import BlockDistiller
 from dq.errors import UserError
-from dq.quant import TemporalActQuantizer
+from dq.quant import TemporalActQuantizer, TokenActQuantizer
 
 
 class TPQRangeLogger(L.Callback):
@@ -29,7 +29,10 @@ class TPQRangeLogger(L.Callback):
             return
         block = pl_module.block_module(pl_module.blocks[k])
         for name, module in block.named_modules():
-            if isinstance(module, TemporalActQuantizer):
+            if isinstance(module, TokenActQuantizer):  # its table holds clip ratios, its ranges are per token
+                pl_module.log(f"tpq/{pl_module.blocks[k] or 'model'}.{name}/clip_ratio_mean",
+                              float(module.scale.detach().mean()), on_epoch=True)
+            elif isinstance(module, TemporalActQuantizer):
                 lo, hi = group_ranges(module)
                 prefix = f"tpq/{pl_module.blocks[k] or 'model'}.{name}"
                 pl_module.log(f"{prefix}/range_min_mean", float(lo.mean()), on_epoch=True)

@@ -692,7 +692,8 @@ class BlockDistiller(L.LightningModule):
         for name, module in self.student.named_modules():
             if isinstance(module, (TemporalActQuantizer, WeightQuantizer)):
                 groups.append({"params": [module.scale], "lr": 0.0, "base_lr": 0.0, "quantizer": name})
-                zero_points.append(module.zero_point)
+                if isinstance(module.zero_point, nn.Parameter):  # a per-token quantizer's is a fixed buffer
+                    zero_points.append(module.zero_point)
         quant_ids = {id(g["params"][0]) for g in groups} | {id(z) for z in zero_points}
         weights = [p for p in self.student.parameters() if id(p) not in quant_ids]
         groups.append({"params": zero_points, "lr": self.distill.lr_zero_point, "base_lr": self.distill.lr_zero_point,

@@ -185,6 +185,11 @@ def export_tensors(student: nn.Module, float_dtype: str = "float32") -> tuple[di
         raise ExportError(f"only a quantized student can be exported: {err}") from err
     if float_dtype not in FLOAT_DTYPES:
         raise ExportError(f"float_dtype must be one of {sorted(FLOAT_DTYPES)}, got {float_dtype!r}")
+    if config.act_granularity != "tensor" or config.attn_granularity != "tensor" or config.rotation:
+        raise ExportError("the integer runtime takes per-tensor activations without input rotation; this student "
+                          f"was trained with act_granularity={config.act_granularity!r}, attn_granularity="
+                          f"{config.attn_granularity!r}, rotation={config.rotation}: evaluate it as a "
+                          "fake-quantized student (evaluate.py) instead")
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     attention: dict[str, Any] = {}

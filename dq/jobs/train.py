@@ -51,7 +51,7 @@ from dq.placement import PhaseRecorder, job_device, module_device, recording, tr
 from dq.placement import enter as enter_phase
 from dq.placement import finish as finish_phase
 from dq.pretrained import STATE_FILE, save_student
-from dq.quant import QuantConfig, TemporalActQuantizer, key_by_timestep
+from dq.quant import QuantConfig, TemporalActQuantizer, TokenActQuantizer, key_by_timestep
 from dq.resume import check_checkpoint, phase, resolve_checkpoint, run_identity
 from dq.sampling import planned_timesteps, sample
 from dq.sampling.grid import image_grid, write_png
@@ -361,10 +361,13 @@ def fidelity_protocol(job: Job) -> dict[str, Any]:
 
 
 def tpq_ranges(student: torch.nn.Module) -> dict[str, dict[str, list[float]]]:
-    """Per activation quantizer, the real-valued range [lo, hi] of each TPQ group."""
+    """Per activation quantizer, the real-valued range [lo, hi] of each TPQ group; for a per-token quantizer
+    (whose ranges are each token's), each group's clip ratio."""
     out = {}
     for name, module in student.named_modules():
-        if isinstance(module, TemporalActQuantizer):
+        if isinstance(module, TokenActQuantizer):
+            out[name] = {"clip_ratio": [round(v, 6) for v in module.scale.detach().tolist()]}
+        elif isinstance(module, TemporalActQuantizer):
             lo, hi = group_ranges(module)
             out[name] = {"lo": [round(v, 6) for v in lo.tolist()], "hi": [round(v, 6) for v in hi.tolist()]}
     return out

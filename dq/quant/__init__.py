@@ -37,7 +37,14 @@ from dq.quant.ops import (
     round_ste,
     step_groups,
 )
-from dq.quant.quantizers import MIN_STEP_SIZE, StepBlend, StepIndexed, TemporalActQuantizer, WeightQuantizer
+from dq.quant.quantizers import (
+    MIN_STEP_SIZE,
+    StepBlend,
+    StepIndexed,
+    TemporalActQuantizer,
+    TokenActQuantizer,
+    WeightQuantizer,
+)
 from dq.quant.state import load_quant_state, read_quant_state, save_quant_state
 from dq.quant.timesteps import POLICIES as TPQ_POLICIES
 from dq.quant.timesteps import TimestepKeying, key_by_timestep, timestep_keying
@@ -56,6 +63,7 @@ __all__ = [
     "TPQ_POLICIES",
     "TimestepKeying",
     "TemporalActQuantizer",
+    "TokenActQuantizer",
     "WeightQuantizer",
     "act_quantizers",
     "activation_drop",

@@ -105,7 +105,8 @@ def quantize_attention(module: nn.Module, config: QuantConfig) -> None:
 class QuantAttnProcessor(nn.Module):
     """Attention processor for diffusers `Attention` with quantized matmul inputs.
 
-    q, k, v are quantized at `qkv_bits` (per tensor, TPQ tables) and the softmax output at `softmax_bits`;
+    q, k, v are quantized at `qkv_bits` (per tensor, TPQ tables; q and k per token under
+    config.attn_granularity "token") and the softmax output at `softmax_bits`;
     the projections to_q/to_k/to_v/to_out are QuantLinear layers set by the converter. Being an nn.Module
     assigned to `attn.processor`, its quantizers live in the model's state_dict. chunk_mb: the byte budget of
     one query chunk's fp32 scores (`attend`; None: untiled), a memory setting, not part of the student's recipe
@@ -116,8 +117,9 @@ class QuantAttnProcessor(nn.Module):
 
     def __init__(self, qkv_bits: int, softmax_bits: int, config: QuantConfig) -> None:
         super().__init__()
-        self.q_quantizer = new_act_quantizer(qkv_bits, config)
-        self.k_quantizer = new_act_quantizer(qkv_bits, config)
+        per_token = config.attn_granularity == "token"  # q kᵀ keeps its integer form: per-row scales factor out
+        self.q_quantizer = new_act_quantizer(qkv_bits, config, per_token)
+        self.k_quantizer = new_act_quantizer(qkv_bits, config, per_token)
         self.v_quantizer = new_act_quantizer(qkv_bits, config)
         self.probs_quantizer = new_act_quantizer(softmax_bits, config)
 

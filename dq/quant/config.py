@@ -12,6 +12,7 @@ from dq.errors import UserError
 
 ACT_INIT_METHODS = ("minmax", "percentile", "mse")
 WEIGHT_INIT_METHODS = ("minmax", "mse")
+ACT_GRANULARITIES = ("tensor", "token")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,17 @@ class QuantConfig:
     act_init, act_percentile, weight_init: how (Δ, z) are initialised from data (MSE activations and
       min-max weights: the choice of bench/defaults_sweep.py).
     lsq_grad_scale: scale the gradients of Δ and z as LSQ does.
+    act_granularity: "tensor" (one (Δ, z) per TPQ group, the paper) or "token": every Linear input is
+      quantized per token at run time, each token's grid from its own range shrunk by a learned clip ratio,
+      one per TPQ group (`dq.quant.TokenActQuantizer`); convolutions and attention matmuls stay per tensor.
+    attn_granularity: "tensor" or "token": the attention's q and k quantized per token (per token and head in
+      SD3/Flux joint attention) with learned clip ratios, as Linear inputs under act_granularity "token"
+      (their per-row scales factor out of q kᵀ); v and the softmax output stay per tensor.
+    promote_layers, promote_bits: fnmatch patterns of layers whose input activations take promote_bits
+      (weights keep their bits): mixed precision by sensitivity, the layers `bench/sensitivity.py` ranks first.
+    rotation, rotation_block: rotate the inputs of the token-wise Linear layers (every Linear but the
+      first, last and modulation layers) by a signed block-Hadamard matrix of at most `rotation_block`
+      channels, folded into the weights (`dq.quant.rotation`).
     """
 
     # The defaults are the recipe `python train.py` runs (conf/quant/w4a4.yaml + conf/method/dilatequant.yaml;
@@ -58,14 +70,21 @@ class QuantConfig:
     act_percentile: float = 99.99
     weight_init: str = "minmax"
     lsq_grad_scale: bool = False
+    act_granularity: str = "tensor"
+    attn_granularity: str = "tensor"
+    promote_layers: tuple[str, ...] = ()
+    promote_bits: int = 8
+    rotation: bool = False
+    rotation_block: int = 128
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # tuples keep the config hashable and comparable after a JSON round trip (which gives lists)
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "promote_layers", tuple(self.promote_layers))
         for name in ("weight_bits", "act_bits", "softmax_bits", "first_layer_bits", "last_layer_bits",
-                     "modulation_bits", "attn_bits"):
+                     "modulation_bits", "attn_bits", "promote_bits"):
             value = getattr(self, name)
             if value is None and name not in ("weight_bits", "act_bits", "softmax_bits"):
                 continue
@@ -85,11 +104,17 @@ class QuantConfig:
             raise UserError(f"QuantConfig.weight_init must be one of {WEIGHT_INIT_METHODS}, got {self.weight_init!r}")
         if not 50.0 < self.act_percentile <= 100.0:
             raise UserError(f"QuantConfig.act_percentile must be in (50, 100], got {self.act_percentile!r}")
+        for name in ("act_granularity", "attn_granularity"):
+            if getattr(self, name) not in ACT_GRANULARITIES:
+                raise UserError(f"QuantConfig.{name} must be one of {ACT_GRANULARITIES}, got {getattr(self, name)!r}")
+        if (isinstance(self.rotation_block, bool) or not isinstance(self.rotation_block, int)
+                or self.rotation_block < 2 or self.rotation_block & (self.rotation_block - 1)):
+            raise UserError(f"QuantConfig.rotation_block must be a power of two >= 2, got {self.rotation_block!r}")
         if not self.include:
             raise UserError("QuantConfig.include must hold at least one pattern ('*' quantizes every layer)")
-        for pattern in (*self.include, *self.exclude):
+        for pattern in (*self.include, *self.exclude, *self.promote_layers):
             if not isinstance(pattern, str) or not pattern:
-                raise UserError(f"QuantConfig include/exclude patterns must be non-empty strings, got {pattern!r}")
+                raise UserError(f"QuantConfig include, exclude and promote_layers patterns must be non-empty strings, got {pattern!r}")
 
     @property
     def qkv_bits(self) -> int:
@@ -98,6 +123,7 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        out["promote_layers"] = list(self.promote_layers)
         return out
 
     @classmethod

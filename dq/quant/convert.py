@@ -111,15 +111,19 @@ def _computes_as_its_base(module: nn.Module) -> bool:
 def _replace_layer(student: nn.Module, name: str, module: nn.Module, config: QuantConfig, arch: ModelLayout) -> None:
     """Put the quantized version of layer `name` in its place, with its bits by the precision policy."""
     weight_bits, act_bits = config.weight_bits, config.act_bits
+    special = (*arch.first_layers, *arch.last_layers, *arch.modulation_layers)
+    rotate_input = config.rotation and isinstance(module, nn.Linear) and name not in special
     if name in arch.first_layers and config.first_layer_bits is not None:
         weight_bits = act_bits = config.first_layer_bits
     if name in arch.last_layers and config.last_layer_bits is not None:
         weight_bits = act_bits = config.last_layer_bits
     if name in arch.modulation_layers and config.modulation_bits is not None:
         weight_bits = act_bits = config.modulation_bits
+    if any(fnmatch.fnmatchcase(name, p) for p in config.promote_layers):
+        act_bits = max(act_bits, config.promote_bits)
     split_at = arch.skip_splits.get(name) if config.split_skip else None
     quant_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-    quantized = quant_cls.from_float(module, weight_bits, act_bits, config, split_at)
+    quantized = quant_cls.from_float(module, weight_bits, act_bits, config, split_at, rotate_input)
     parent_name, _, short = name.rpartition(".")
     setattr(student.get_submodule(parent_name) if parent_name else student, short, quantized)
 

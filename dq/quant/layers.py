@@ -16,10 +16,14 @@ from dq.errors import UserError
 from dq.quant import ops
 from dq.quant.config import QuantConfig
 from dq.quant.dilation import apply_dilation, dilation_scale
-from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
+from dq.quant.quantizers import TemporalActQuantizer, TokenActQuantizer, WeightQuantizer
+from dq.quant.rotation import block_size, random_signs, rotate
 
 
-def new_act_quantizer(bits: int, config: QuantConfig) -> TemporalActQuantizer:
+def new_act_quantizer(bits: int, config: QuantConfig, per_token: bool = False) -> TemporalActQuantizer:
+    """A TPQ activation quantizer by the config: per tensor, or per token (`per_token`, Linear inputs only)."""
+    if per_token:
+        return TokenActQuantizer(bits, config.num_steps, config.num_groups, lsq_grad_scale=config.lsq_grad_scale)
     return TemporalActQuantizer(
         bits,
         config.num_steps,
@@ -39,10 +43,12 @@ class _QuantLayerMixin:
 
     @classmethod
     def from_float(
-        cls, layer: nn.Module, weight_bits: int, act_bits: int, config: QuantConfig, split_at: int | None = None
+        cls, layer: nn.Module, weight_bits: int, act_bits: int, config: QuantConfig, split_at: int | None = None,
+    rotate_input: bool = False,
     ):
         """The quantized twin of a float layer, sharing its Parameter objects (so in-place conversion keeps
-        optimizer references and tied weights); WD is applied to the weight when the config asks for it."""
+        optimizer references and tied weights); WD is applied to the weight when the config asks for it, and
+        the input rotation folded into it with `rotate_input` (a Linear under config.rotation)."""
         if not isinstance(layer, cls.float_type):  # a subclass only when it computes as its base (quantize_model)
             raise TypeError(f"{cls.__name__}.from_float expects a {cls.float_type.__name__}, got {type(layer).__name__}")
         quant = cls.__new__(cls)
@@ -52,10 +58,11 @@ class _QuantLayerMixin:
         quant._parameters = dict(layer._parameters)
         quant._buffers = dict(layer._buffers)
         quant._modules = dict(layer._modules)
-        quant._setup_quant(weight_bits, act_bits, config, split_at)
+        quant._setup_quant(weight_bits, act_bits, config, split_at, rotate_input)
         return quant
 
-    def _setup_quant(self, weight_bits: int, act_bits: int, config: QuantConfig, split_at: int | None) -> None:
+    def _setup_quant(self, weight_bits: int, act_bits: int, config: QuantConfig, split_at: int | None,
+                     rotate_input: bool = False) -> None:
         groups = getattr(self, "groups", 1)
         in_channels = self.weight.shape[1] * groups
         if split_at is not None and not 0 < split_at < in_channels:
@@ -74,15 +81,25 @@ class _QuantLayerMixin:
                 s = dilation_scale(self.weight, config.dilation_max_scale)
                 self.weight.copy_(apply_dilation(self.weight, s))
                 self.wd_scale.copy_(s)
+        # the input rotation (dq.quant.rotation) after WD: y = (x/s · R)(s·W · R)ᵀ; the rotated weight is stored
+        self.rotation_block = block_size(in_channels, config.rotation_block) if rotate_input else 1
+        signs = random_signs(in_channels).to(self.weight) if self.rotation_block > 1 else None
+        self.register_buffer("rotation_signs", signs)
+        if signs is not None and not meta:
+            with torch.no_grad():
+                self.weight.copy_(rotate(self.weight, self.rotation_signs, self.rotation_block))
         self.weight_quantizer = WeightQuantizer(self.weight.shape[0], weight_bits, config.lsq_grad_scale)
         self.weight_quantizer.to(self.weight.device)
         if not meta:
             self.weight_quantizer.init_from(self.weight, config.weight_init)
-        self.act_quantizer = new_act_quantizer(act_bits, config).to(self.weight.device)
+        per_token = config.act_granularity == "token" and self.channel_axis == -1
+        self.act_quantizer = new_act_quantizer(act_bits, config, per_token).to(self.weight.device)
         self.skip_act_quantizer = new_act_quantizer(act_bits, config).to(self.weight.device) if split_at else None
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x / ops.channel_view(self.wd_scale, x.ndim, self.channel_axis % x.ndim)
+        if self.rotation_signs is not None:  # a Linear's input: channels last
+            x = rotate(x, self.rotation_signs, self.rotation_block)
         if self.skip_act_quantizer is None:
             return self.act_quantizer(x)
         head, skip = torch.split(x, [self.split_at, x.shape[self.channel_axis] - self.split_at], self.channel_axis)

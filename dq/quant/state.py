@@ -27,7 +27,7 @@ from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying, t
 
 FORMAT_NAME = "dq-quant-state"
 FORMAT_VERSION = 1
-_QUANT_SUFFIXES = (".wd_scale",)
+_QUANT_SUFFIXES = (".wd_scale", ".rotation_signs")
 
 
 def _is_quant_entry(name: str, model: nn.Module) -> bool:

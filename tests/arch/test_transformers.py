@@ -66,10 +66,23 @@ def test_description_is_the_forward_order_and_holds_every_layer_once(kind):
     assert arch.first_layers == ("pos_embed.proj",) and len(arch.attention) == (2 if kind == "dit" else 4)
 
 
+# the transformer activation options (per-token Linear inputs, rotated inputs) beside the paper's per-tensor TPQ
+OPTIONS = {"tensor": {}, "token+rotation": {"act_granularity": "token", "attn_granularity": "token", "rotation": True,
+                                            "rotation_block": 8}}
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_student_with_quantizers_off_is_the_fp_model(kind):
+def test_student_with_quantizers_off_is_the_fp_model(kind, options):
     model = MODELS[kind]()
-    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T), describe(model))
+    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T, **OPTIONS[options]),
+                             describe(model))
+    if options != "tensor":  # the options are in place: rotated weights, per-token quantizers on the Linears
+        assert any(getattr(m, "rotation_signs", None) is not None for m in student.modules())
+        processors = [m for m in student.modules() if hasattr(m, "q_quantizer")]
+        assert processors and all(type(p.q_quantizer).__name__ == type(p.k_quantizer).__name__ == "TokenActQuantizer"
+                                  and type(p.v_quantizer).__name__ == "TemporalActQuantizer" for p in processors)
+        assert type(student.get_submodule("transformer_blocks.0.ff.net.2").act_quantizer).__name__ == "TokenActQuantizer"
     set_quant_enabled(student, weights=False, activations=False)
     batch = _example(kind, model)
     with torch.no_grad(), step_context(student, batch["step"]):
@@ -79,15 +92,15 @@ def test_student_with_quantizers_off_is_the_fp_model(kind):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # WD kept: X/s · sW equals X · W
 
 
-@pytest.mark.parametrize("kind", sorted(MODELS))
-def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path, caplog):
+@pytest.mark.parametrize(("kind", "options"), [("dit", "tensor"), ("pixart", "tensor"), ("dit", "token+rotation")])
+def test_calibration_bkd_sampling_and_saved_state(kind, options, tmp_path, caplog):
     model = MODELS[kind]()
     conditioning = ({"num_classes": 10} if kind == "dit"
                     else {"prompt_embeds": torch.randn(5, 3, 12, generator=torch.Generator().manual_seed(2))})
     data = CalibrationDataModule(model, SCHEDULER, SAMPLER, num_samples=32, num_trajectories=8,
                                  cache_dir=tmp_path / "cache", progress=False, **conditioning)
     distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, end_to_end_iters=0)
-    config = QuantConfig(weight_bits=4, act_bits=8, num_steps=T, num_groups=T)
+    config = QuantConfig(weight_bits=4, act_bits=8, num_steps=T, num_groups=T, **OPTIONS[options])
     distiller = BlockDistiller(model, config, distill, data, seed=0)
     trainer = L.Trainer(accelerator="cpu", max_epochs=len(candidate_blocks(distiller.student)), logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

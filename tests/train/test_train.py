@@ -120,6 +120,24 @@ def test_baselines_run(method, tiny_model_dir, tmp_path):
     assert {p["device"] for p in results["phases"].values()} == {results["device"]} == {"cpu"}
 
 
+def test_transformer_activation_options_train_and_record(tiny_model_dir, tmp_path):
+    """quant.act_granularity / attn_granularity / rotation / promote_layers from the command line: the run
+    trains with them, records them in its student, and writes each per-token quantizer's clip ratios."""
+    overrides = ["quant.act_granularity=token", "quant.attn_granularity=token", "quant.rotation=true",
+                 "quant.rotation_block=16", "quant.promote_layers=[time_embedding.linear_2]"]
+    cfg = compose_config([*fast_overrides(tiny_model_dir, tmp_path / "run", tmp_path / "cache", 2, end_to_end=None),
+                          *overrides])
+    results = train(cfg)
+    recorded = results["quant_config"]
+    assert (recorded["act_granularity"], recorded["attn_granularity"], recorded["rotation"]) == ("token", "token", True)
+    assert recorded["promote_layers"] == ["time_embedding.linear_2"]
+    ranges = json.loads((tmp_path / "run" / "tpq_ranges.json").read_text())
+    ratios = ranges["time_embedding.linear_1.act_quantizer"]["clip_ratio"]
+    assert len(ratios) == results["num_groups"] and all(0 < r <= 1.5 for r in ratios)
+    student = dq.load_student(tmp_path / "run" / "student")
+    assert student.time_embedding.linear_2.act_quantizer.bits == 8 and student.time_embedding.linear_1.rotation_block == 16
+
+
 def _run_script(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
