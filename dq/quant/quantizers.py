@@ -319,9 +319,10 @@ class TemporalActQuantizer(StepIndexed):
         return f"bits={self.bits}, groups={self.num_groups}, steps={self.num_steps}"
 
 
-# values per group a per-token quantizer keeps during calibration for its clip-ratio search (whole tokens: 2,730 of
-# the embedded DiT's 96 channels, 85 of Flux's 3,072; 1 MiB a group)
-MAX_OBSERVED_TOKEN_VALUES = 1 << 18
+# tokens per group a per-token quantizer keeps during calibration for its clip-ratio search: 4,096, and at most
+# 8 MiB of values (Flux's 3,072 channels: 682 tokens)
+MAX_OBSERVED_TOKENS = 4096
+MAX_OBSERVED_TOKEN_VALUES = 1 << 21
 # clip ratios the calibration search tries, from 1 (the token's min-max range) down to this
 MIN_CLIP_RATIO = 0.5
 
@@ -360,7 +361,7 @@ class TokenActQuantizer(TemporalActQuantizer):
             self._observer.update(g, tokens)
             kept = self._tokens[g]
             pool = tokens if kept is None else torch.cat([kept, tokens])
-            limit = max(1, MAX_OBSERVED_TOKEN_VALUES // x.shape[-1])
+            limit = max(1, min(MAX_OBSERVED_TOKENS, MAX_OBSERVED_TOKEN_VALUES // x.shape[-1]))
             if pool.shape[0] > limit:  # a random subset of the kept and the new (seeded)
                 pool = pool[self._observer._pick(pool.shape[0], limit)]
             self._tokens[g] = pool
