@@ -187,7 +187,8 @@ def run_plan(cfg: DictConfig, teacher: torch.nn.Module, num_steps: int, guidance
                     guidance=guidance, cond_shape=cond[0], cond_dtype=cond[1],
                     fidelity_samples=int(cfg.fidelity.num_samples), fidelity_batch_size=int(cfg.fidelity.batch_size),
                     **budget_spec(cfg, device, measure))
-    return make_plan(teacher, build_quant_config(cfg, num_steps), distill_config(cfg), spec, name, trace=trace)
+    return make_plan(teacher, build_quant_config(cfg, num_steps, teacher), distill_config(cfg), spec, name,
+                     trace=trace)
 
 
 def plan_only(cfg: DictConfig) -> Plan:

@@ -106,7 +106,10 @@ class QuantConfig:
             raise UserError(f"QuantConfig.act_percentile must be in (50, 100], got {self.act_percentile!r}")
         for name in ("act_granularity", "attn_granularity"):
             if getattr(self, name) not in ACT_GRANULARITIES:
-                raise UserError(f"QuantConfig.{name} must be one of {ACT_GRANULARITIES}, got {getattr(self, name)!r}")
+                raise UserError(f"QuantConfig.{name} must be one of {ACT_GRANULARITIES} (train.py's 'auto' is resolved "
+                                f"by the denoiser before this), got {getattr(self, name)!r}")
+        if not isinstance(self.rotation, bool):
+            raise UserError(f"QuantConfig.rotation must be true or false, got {self.rotation!r}")
         if (isinstance(self.rotation_block, bool) or not isinstance(self.rotation_block, int)
                 or self.rotation_block < 2 or self.rotation_block & (self.rotation_block - 1)):
             raise UserError(f"QuantConfig.rotation_block must be a power of two >= 2, got {self.rotation_block!r}")

@@ -170,6 +170,8 @@ def test_bad_options_are_refused():
         QuantConfig(act_granularity="channel")
     with pytest.raises(UserError, match="attn_granularity"):
         QuantConfig(attn_granularity="head")
+    with pytest.raises(UserError, match="rotation must be true or false"):
+        QuantConfig(rotation="auto")
     for block in (0, 48, True):
         with pytest.raises(UserError, match="rotation_block"):
             QuantConfig(rotation_block=block)
