@@ -17,6 +17,12 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would retry for ~30 s before failing
 # the configs' caches (calibration tuples, encoded prompts) default under DQ_CACHE_DIR: never the checkout's
 os.environ.setdefault("DQ_CACHE_DIR", tempfile.mkdtemp(prefix="dq-test-cache-"))
+# under pytest-xdist (pyproject's addopts: one worker per core) each worker and the scripts it starts get their
+# share of the cores: two workers of two threads each on two cores would oversubscribe them many times over
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb")
 

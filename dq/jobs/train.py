@@ -63,8 +63,7 @@ log = logging.getLogger("dq.train")
 
 
 # what quant.act_granularity / quant.rotation "auto" give: per-token, rotated Linear inputs for a transformer
-# (embedded DiT, W4A4: +3.1 dB PSNR vs FP at no extra job time; docs/transformers.md), the paper's per-tensor
-# inputs for a UNet
+# (docs/transformers.md: the embedded DiT's W4A4 table), the paper's per-tensor inputs for a UNet
 AUTO_OPTIONS = {True: {"act_granularity": "token", "rotation": True},
                 False: {"act_granularity": "tensor", "rotation": False}}
 
