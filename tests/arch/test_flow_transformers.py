@@ -100,10 +100,20 @@ def test_description_is_the_forward_order_and_holds_every_layer_once(kind):
     assert len(arch.attention) == {"sd3": 2, "flux": 3, "sana": 2}[kind]  # Sana: attn2; its linear attn1 stays float
 
 
+# the transformer activation options (per-token Linear inputs and q / k, rotated inputs) beside the paper's
+OPTIONS = {"tensor": {}, "token+rotation": {"act_granularity": "token", "attn_granularity": "token", "rotation": True,
+                                            "rotation_block": 8}}
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_student_with_quantizers_off_is_the_fp_model(kind):
+def test_student_with_quantizers_off_is_the_fp_model(kind, options):
     model = MODELS[kind]()
-    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T), describe(model))
+    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, num_steps=T, num_groups=T, **OPTIONS[options]),
+                             describe(model))
+    if options != "tensor":
+        assert any(getattr(m, "rotation_block", 1) == 8 for m in student.modules())
+        assert any(type(m).__name__ == "TokenActQuantizer" for m in student.modules())
     processors = {type(student.get_submodule(name).processor) for name in describe(model).attention}
     assert processors == {QuantAttnProcessor if kind == "sana" else QuantJointAttnProcessor}
     set_quant_enabled(student, weights=False, activations=False)
@@ -139,13 +149,13 @@ def test_flux_rotary_embedding_is_cached_once_not_sliced_per_sample():
         torch.testing.assert_close(g, full[rows], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", sorted(MODELS))
-def test_calibration_bkd_sampling_and_saved_state(kind, tmp_path, caplog):
+@pytest.mark.parametrize(("kind", "options"), [(k, "tensor") for k in sorted(MODELS)] + [("flux", "token+rotation")])
+def test_calibration_bkd_sampling_and_saved_state(kind, options, tmp_path, caplog):
     model = MODELS[kind]()
     data = CalibrationDataModule(model, SCHEDULER, SAMPLER, num_samples=32, num_trajectories=8,
                                  cache_dir=tmp_path / "cache", progress=False, prompt_embeds=_cond(kind, 5, seed=2))
     distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, end_to_end_iters=0)
-    config = QuantConfig(weight_bits=4, act_bits=8, num_steps=T, num_groups=T)
+    config = QuantConfig(weight_bits=4, act_bits=8, num_steps=T, num_groups=T, **OPTIONS[options])
     distiller = BlockDistiller(model, config, distill, data, seed=0)
     trainer = L.Trainer(accelerator="cpu", max_epochs=len(candidate_blocks(distiller.student)), logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
