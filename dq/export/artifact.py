@@ -34,7 +34,7 @@ from dq.arch import attention_heads
 from dq.errors import UserError
 from dq.export.packing import pack_codes, packed_numel, unpack_codes
 from dq.io import atomic_write
-from dq.quant import QuantAttnProcessor, QuantConfig, quant_config
+from dq.quant import QuantAttnProcessor, QuantConfig, TokenActQuantizer, quant_config
 from dq.quant.layers import QuantConv2d, QuantLinear
 
 FORMAT_NAME = "dq-int-export"
@@ -61,7 +61,10 @@ class IntLayerSpec:
     weight_scale: torch.Tensor
     wd_scale: torch.Tensor | None
     bias: torch.Tensor | None
-    act_tables: list[tuple[torch.Tensor, torch.Tensor]]  # per part: (Δx [G], z_x [G])
+    act_tables: list[tuple[torch.Tensor, torch.Tensor]]  # per part: (Δx [G], z_x [G]); per token: (α [G], zeros)
+    act_granularity: str = "tensor"  # "token": the input quantized per token, the table its clip ratios
+    rotation_signs: torch.Tensor | None = None  # the input rotation's signs [C_in] (dq.quant.rotation), if any
+    rotation_block: int = 1
 
 
 @dataclass
@@ -95,9 +98,11 @@ class Export:
         tables = [(t[f"{name}.act.{i}.scale"].float(), t[f"{name}.act.{i}.zero_point"].to(torch.int32))
                   for i in range(len(info["splits"]))]
         bias = t.get(f"{name}.bias")
+        block = int(info.get("rotation_block", 1))  # files before the activation options: none
         return IntLayerSpec(name, info["kind"], info["weight_bits"], info["act_bits"], shape, list(info["splits"]),
                             weight_int, t[f"{name}.weight_scale"].float(), t.get(f"{name}.wd_scale"),
-                            None if bias is None else bias.float(), tables)
+                            None if bias is None else bias.float(), tables, info.get("act_granularity", "tensor"),
+                            t[f"{name}.rotation_signs"].float() if block > 1 else None, block)
 
     def attention_tables(self, processor: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {q: (self.tensors[f"{processor}.{q}.scale"].float(), self.tensors[f"{processor}.{q}.zero_point"].to(torch.int32))
@@ -173,6 +178,11 @@ def layer_export(name: str, module: QuantConv2d | QuantLinear, float_dtype: str 
         "weight_shape": list(module.weight.shape),
         "splits": [in_channels] if module.split_at is None else [module.split_at, in_channels - module.split_at],
     }
+    if isinstance(module.act_quantizer, TokenActQuantizer):
+        info["act_granularity"] = "token"
+    if getattr(module, "rotation_signs", None) is not None:  # the weight codes are of the rotated weight already
+        info["rotation_block"] = module.rotation_block
+        tensors[f"{name}.rotation_signs"] = module.rotation_signs.detach().float().contiguous()
     return tensors, info
 
 
@@ -185,11 +195,10 @@ def export_tensors(student: nn.Module, float_dtype: str = "float32") -> tuple[di
         raise ExportError(f"only a quantized student can be exported: {err}") from err
     if float_dtype not in FLOAT_DTYPES:
         raise ExportError(f"float_dtype must be one of {sorted(FLOAT_DTYPES)}, got {float_dtype!r}")
-    if config.act_granularity != "tensor" or config.attn_granularity != "tensor" or config.rotation:
-        raise ExportError("the integer runtime takes per-tensor activations without input rotation; this student "
-                          f"was trained with act_granularity={config.act_granularity!r}, attn_granularity="
-                          f"{config.attn_granularity!r}, rotation={config.rotation}: evaluate it as a "
-                          "fake-quantized student (evaluate.py) instead")
+    if config.attn_granularity != "tensor":
+        raise ExportError("the integer runtime quantizes the attention's q and k per tensor; this student was trained "
+                          "with attn_granularity='token': evaluate it as a fake-quantized student (evaluate.py) "
+                          "instead, or train it with quant.attn_granularity=tensor")
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     attention: dict[str, Any] = {}
@@ -332,6 +341,15 @@ def _validate(export: Export) -> None:
         for i in range(len(info["splits"])):
             _require(export, f"{name}.act.{i}.scale", (groups,))
             _require(export, f"{name}.act.{i}.zero_point", (groups,))
+        if info.get("act_granularity", "tensor") not in ("tensor", "token") or (
+                info.get("act_granularity") == "token" and (info["kind"] != "linear" or len(info["splits"]) != 1)):
+            raise ExportError(f"{export.path}: {name} has activation granularity {info.get('act_granularity')!r}, "
+                              f"which the runtime does not take for a {info['kind']}")
+        if int(info.get("rotation_block", 1)) > 1:
+            if info["kind"] != "linear" or shape[1] % int(info["rotation_block"]):
+                raise ExportError(f"{export.path}: {name} has a rotation of blocks of {info['rotation_block']} that "
+                                  f"its {info['kind']} {shape} cannot take")
+            _require(export, f"{name}.rotation_signs", (shape[1],))
     for name in export.metadata["attention"]:
         for short in ATTN_QUANTIZERS:
             _require(export, f"{name}.{short}.scale", (groups,))
@@ -339,8 +357,8 @@ def _validate(export: Export) -> None:
 
 
 def size_breakdown(path: str | os.PathLike) -> dict[str, int]:
-    """Bytes of an export file by what they hold (weight codes, weight qparams, TPQ tables, WD scales, float
-    parts, the step map, and the header with its metadata)."""
+    """Bytes of an export file by what they hold (weight codes, weight qparams, TPQ tables, WD scales and input
+    rotation signs, float parts, the step map, and the header with its metadata)."""
     path = Path(path)
     parts = {"weight codes": 0, "weight scales/zeros": 0, "TPQ tables": 0, "WD scales": 0, "float parts": 0,
              "step map": 0}
@@ -354,7 +372,7 @@ def size_breakdown(path: str | os.PathLike) -> dict[str, int]:
                 parts["weight codes"] += size
             elif key.endswith((".weight_scale", ".weight_zero_point")):
                 parts["weight scales/zeros"] += size
-            elif key.endswith(".wd_scale"):
+            elif key.endswith((".wd_scale", ".rotation_signs")):
                 parts["WD scales"] += size
             elif key == "step_to_group":
                 parts["step map"] += size

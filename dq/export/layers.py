@@ -15,7 +15,8 @@ from torch import nn
 from dq.errors import UserError
 from dq.export.kernels import IntConvKernel, IntLinearKernel, shift_to_int8
 from dq.quant import ops
-from dq.quant.quantizers import StepBlend, StepIndexed
+from dq.quant.quantizers import MIN_STEP_SIZE, StepBlend, StepIndexed
+from dq.quant.rotation import rotate
 
 
 class IntActQuantizer(StepIndexed):
@@ -77,6 +78,50 @@ class IntActQuantizer(StepIndexed):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.scale.numel()}, steps={self.num_steps}"
+
+
+class IntTokenActQuantizer(StepIndexed):
+    """Per-token activation quantizer for inference (`dq.quant.TokenActQuantizer`): each token's grid from its
+    own min and max and the current step's clip ratio, computed as the trainable quantizer computes it, so both
+    give the same codes."""
+
+    def __init__(self, bits: int, ratio: torch.Tensor, step_to_group: torch.Tensor) -> None:
+        super().__init__(step_to_group.numel(), ratio.numel())
+        if not torch.equal(step_to_group.long(), self.step_to_group):
+            self.step_to_group.copy_(step_to_group.long())
+        if bits > 8:
+            raise UserError(f"integer execution takes activations of at most 8 bits, got {bits}")
+        self.bits = bits
+        self.register_buffer("scale", ratio.float().reshape(-1).clone())
+
+    def ratio(self) -> torch.Tensor:
+        """The current call's clip ratio [1]: one step (or one interpolated step) for the whole batch."""
+        if isinstance(self.step, StepBlend):
+            if self.step.weight.numel() != 1:
+                raise UserError("the integer model runs one sampling step per call; got per-sample interpolated steps")
+            return self.blended_rows(self.scale)
+        rows = self.group_rows()
+        if rows.numel() > 1 and not bool((rows == rows[:1]).all()):
+            raise UserError("the integer model runs one sampling step per call; got per-sample step indices of "
+                            f"several TPQ groups {sorted(set(rows.tolist()))}")
+        return self.scale.index_select(0, rows[:1])
+
+    def codes(self, x: torch.Tensor, wd: torch.Tensor | None, channel_axis: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes uint8 like x, Δx [..., 1], z_x int32 [..., 1]) per token of x [..., C]; wd: WD's s [C] or None."""
+        if wd is not None:
+            x = x / ops.channel_view(wd, x.ndim, channel_axis % x.ndim)
+        top = ops.qmax(self.bits)
+        lo = x.amin(dim=-1, keepdim=True).clamp_max(0)
+        hi = x.amax(dim=-1, keepdim=True).clamp_min(0)
+        span = (hi - lo).clamp_min(MIN_STEP_SIZE)
+        zero_point = torch.round(-lo * top / span)
+        scale = (self.ratio() * span / top).clamp_min(MIN_STEP_SIZE)
+        q = (x / scale).round_().add_(zero_point).clamp_(0, top)
+        return q.to(torch.uint8), scale, zero_point.to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per token, groups={self.scale.numel()}, steps={self.num_steps}"
 
 
 class _IntLayer(nn.Module):
@@ -150,16 +195,27 @@ class IntLinear(_IntLayer):
     channel_axis = -1
 
     def __init__(self, w_int: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 wd_scale: torch.Tensor | None, quantizer: IntActQuantizer, weight_bits: int, backend: str) -> None:
+                 wd_scale: torch.Tensor | None, quantizer: IntActQuantizer | IntTokenActQuantizer, weight_bits: int,
+                 backend: str, rotation_signs: torch.Tensor | None = None, rotation_block: int = 1) -> None:
         super().__init__()
         self._init_common([quantizer], [w_int.shape[1]], wd_scale, bias, weight_bits)
         self.out_features, self.in_features = w_int.shape
+        if isinstance(quantizer, IntTokenActQuantizer):
+            backend = "gemm"  # per-token scales are a column of the product: oneDNN's kernels take one scale
         self.backend = backend
+        self.register_buffer("rotation_signs", None if rotation_signs is None else rotation_signs.float().clone())
+        self.rotation_block = rotation_block
         w8, shift = shift_to_int8(w_int)
         self.kernels = [IntLinearKernel(w8, shift, weight_scale, backend, quantizer.bits)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes, scale, zero_point = self.act_quantizers[0].codes(x, self.wd_scale, self.channel_axis)
+        wd = self.wd_scale
+        if self.rotation_signs is not None:  # x/s, then the rotation, as the trainable layer computes them
+            x = rotate(x if wd is None else x / wd, self.rotation_signs, self.rotation_block)
+            wd = None
+        codes, scale, zero_point = self.act_quantizers[0].codes(x, wd, self.channel_axis)
+        if scale.ndim:  # per token: one row of the flattened product each
+            scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
         return self.kernels[0](codes, scale, zero_point, self.bias)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ from dq.export.artifact import (
     read_export,
 )
 from dq.export.kernels import resolve_backend
-from dq.export.layers import IntActQuantizer, IntConv2d, IntLinear
+from dq.export.layers import IntActQuantizer, IntConv2d, IntLinear, IntTokenActQuantizer
 from dq.quant.attention import QuantAttnProcessor, QuantJointAttnProcessor
 from dq.quant.convert import CONFIG_ATTR
 from dq.quant.layers import QuantConv2d, QuantLinear
@@ -114,9 +114,13 @@ def int_layer(spec: IntLayerSpec, module: nn.Module, step_to_group: torch.Tensor
                           f"{type(module).__name__} {tuple(module.weight.shape)} in its UNet config")
     if (module.bias is None) != (spec.bias is None):
         raise ExportError(f"{source}: {spec.name} bias presence differs from its UNet config")
-    quantizers = [IntActQuantizer(spec.act_bits, scale, zp, step_to_group) for scale, zp in spec.act_tables]
+    if spec.act_granularity == "token":
+        quantizers = [IntTokenActQuantizer(spec.act_bits, spec.act_tables[0][0], step_to_group)]
+    else:
+        quantizers = [IntActQuantizer(spec.act_bits, scale, zp, step_to_group) for scale, zp in spec.act_tables]
     if spec.kind == "linear":
-        return IntLinear(spec.weight_int, spec.weight_scale, spec.bias, spec.wd_scale, quantizers[0], spec.weight_bits, backend)
+        return IntLinear(spec.weight_int, spec.weight_scale, spec.bias, spec.wd_scale, quantizers[0], spec.weight_bits,
+                         backend, spec.rotation_signs, spec.rotation_block)
     if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
         raise ExportError(f"{source}: {spec.name} is not a plain zero-padded, ungrouped Conv2d")
     return IntConv2d(spec.weight_int, spec.weight_scale, spec.bias, spec.wd_scale, quantizers, spec.splits,

@@ -22,6 +22,7 @@ from tests.export.conftest import TINY_STEPS, TINY_TIMESTEPS, calibrated_student
 from tests.quant.conftest import tiny_unet2d_condition
 
 REPO = Path(__file__).resolve().parents[2]
+TOKEN_ROTATION = {"act_granularity": "token", "rotation": True, "rotation_block": 8}
 BACKENDS = ["gemm"] + (["onednn"] if onednn_available() else [])
 EMBEDDED_FP32_BYTES = 4_469_660  # dq/zoo/embedded/unet/diffusion_pytorch_model.safetensors
 
@@ -172,16 +173,23 @@ def test_conditional_unets_export_and_run(kind, tmp_path):
 
 
 
-@pytest.mark.parametrize("kind", ["dit", "pixart", "sd3", "flux"])
-def test_transformer_students_export_and_run(kind, tmp_path):
-    """Diffusion transformers: DiT (class labels), PixArt (text), SD3 and Flux (packed text + pooled)."""
+@pytest.mark.parametrize(("kind", "options"), [("dit", {}), ("pixart", {}), ("sd3", {}), ("flux", {}),
+                                               ("dit", TOKEN_ROTATION), ("flux", TOKEN_ROTATION)])
+def test_transformer_students_export_and_run(kind, options, tmp_path):
+    """Diffusion transformers: DiT (class labels), PixArt (text), SD3 and Flux (packed text + pooled); with
+    per-token, rotated Linear inputs too (the integer layers compute the same per-token codes)."""
     models = {"dit": basic.tiny_dit, "pixart": basic.tiny_pixart, "sd3": flow.tiny_sd3, "flux": flow.tiny_flux}
     model = models[kind]()
     example = (basic._example if kind in ("dit", "pixart") else flow._example)(kind, model, n=2)
     x, cond = example["x_t"], example["cond"]
-    config = QuantConfig(weight_bits=8, act_bits=8, num_steps=2, num_groups=2)
+    config = QuantConfig(weight_bits=8, act_bits=8, num_steps=2, num_groups=2, **options)
     student = calibrated_student(model, config, {0: x, 1: x}, [700, 300], cond)
     integer_model = load_int_model(export_student(student, tmp_path / f"{kind}.safetensors", [700, 300]))
+    if options:
+        layers = [m for m in integer_model.modules() if type(m).__name__ == "IntLinear"]
+        assert any(m.rotation_signs is not None for m in layers) and all(m.backend == "gemm" for m in layers
+                                                                         if m.rotation_signs is not None)
+        assert any(type(m.act_quantizers[0]).__name__ == "IntTokenActQuantizer" for m in layers)
     with torch.no_grad(), step_context(student, 1), step_context(integer_model, 1):
         t = torch.full((2,), 300)
         fake, fp = unet_forward(student, x, t, cond), unet_forward(model, x, t, cond)

@@ -142,7 +142,7 @@ def test_calibration_copies_the_nearest_seen_group():
     assert scale[1] in (scale[0], scale[2])
 
 
-def test_saved_state_round_trip_and_export_refusal(tmp_path):
+def test_saved_state_round_trip_and_per_token_qk_export_refusal(tmp_path):
     config = QuantConfig(num_steps=T, num_groups=T, act_granularity="token", rotation=True, rotation_block=16)
     x = _tokens()
     student = _calibrated(config, x)
@@ -161,8 +161,9 @@ def test_saved_state_round_trip_and_export_refusal(tmp_path):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         else:  # the rotation is rebuilt from the float weights: the same rotated weights up to float rounding
             assert torch.equal(loaded[0].rotation_signs, student[0].rotation_signs)
-    with pytest.raises(ExportError, match="per-tensor activations without input rotation"):
-        export_student(student, tmp_path / "int.safetensors", timesteps=[900, 500, 100])
+    per_token_qk = quantize_model(_mlp(), QuantConfig(num_steps=T, num_groups=T, attn_granularity="token"), Layout())
+    with pytest.raises(ExportError, match="quantizes the attention's q and k per tensor"):
+        export_student(per_token_qk, tmp_path / "int.safetensors", timesteps=[900, 500, 100])
 
 
 def test_bad_options_are_refused():
@@ -175,3 +176,28 @@ def test_bad_options_are_refused():
     for block in (0, 48, True):
         with pytest.raises(UserError, match="rotation_block"):
             QuantConfig(rotation_block=block)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_integer_layer_computes_the_same_per_token_codes(bits):
+    """A per-token, rotated QuantLinear and its integer twin: the same codes, so the same output up to the
+    float order of the products (a wrong scale, zero point or rotation moves every element by a grid step)."""
+    from dq.export.runtime import int_twin
+
+    config = QuantConfig(weight_bits=bits, act_bits=bits, num_steps=T, num_groups=T, act_granularity="token",
+                         rotation=True, rotation_block=16)
+    x = _tokens()
+    student = _calibrated(config, x)
+    layer = student[0]
+    twin = int_twin(layer)
+    assert type(twin.act_quantizers[0]).__name__ == "IntTokenActQuantizer" and twin.rotation_block == 16
+    with torch.no_grad():
+        for step in range(T):
+            layer.act_quantizer.step = twin.act_quantizers[0].step = step
+            fake, integer = layer(x), twin(x)
+            grid = layer.weight_quantizer.scale.max() * x.abs().max()  # one weight step times the largest input
+            assert (integer - fake).abs().max() < 1e-3 * grid
+            set_quant_enabled(student, weights=True, activations=False)
+            unquantized = layer(x)
+            set_quant_enabled(student, weights=True, activations=True)
+            assert (fake - unquantized).abs().max() > 100 * (integer - fake).abs().max()
