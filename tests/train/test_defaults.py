@@ -32,13 +32,14 @@ def test_ptq_and_whole_model_get_no_end_to_end_stage_by_default():
 
 
 def test_auto_activation_options_follow_the_denoiser():
-    """quant.act_granularity / rotation "auto": per-token, rotated Linear inputs for a transformer, the paper's
-    per-tensor ones for a UNet; the shipped configs keep the paper's (the integer export takes those only)."""
+    """quant.act_granularity / rotation "auto" (the shipped quant configs): per-token, rotated Linear inputs
+    for a transformer, the paper's per-tensor ones for a UNet; an explicit value wins."""
     from tests.arch.test_transformers import tiny_dit
     from tests.quant.conftest import tiny_unet2d
 
-    shipped = build_quant_config(compose_config([]), 25, tiny_dit())
-    assert (shipped.act_granularity, shipped.rotation) == ("tensor", False)
-    cfg = compose_config(["quant.act_granularity=auto", "quant.rotation=auto"])
+    cfg = compose_config([])
+    assert (cfg.quant.act_granularity, cfg.quant.rotation) == ("auto", "auto")
     dit, unet = build_quant_config(cfg, 25, tiny_dit()), build_quant_config(cfg, 25, tiny_unet2d())
     assert (dit.act_granularity, dit.rotation, unet.act_granularity, unet.rotation) == ("token", True, "tensor", False)
+    explicit = build_quant_config(compose_config(["quant.act_granularity=tensor", "quant.rotation=false"]), 25, tiny_dit())
+    assert (explicit.act_granularity, explicit.rotation) == ("tensor", False)
