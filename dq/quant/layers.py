@@ -44,7 +44,7 @@ class _QuantLayerMixin:
     @classmethod
     def from_float(
         cls, layer: nn.Module, weight_bits: int, act_bits: int, config: QuantConfig, split_at: int | None = None,
-    rotate_input: bool = False,
+        rotate_input: bool = False,
     ):
         """The quantized twin of a float layer, sharing its Parameter objects (so in-place conversion keeps
         optimizer references and tied weights); WD is applied to the weight when the config asks for it, and
@@ -87,7 +87,8 @@ class _QuantLayerMixin:
         self.register_buffer("rotation_signs", signs)
         if signs is not None and not meta:
             with torch.no_grad():
-                self.weight.copy_(rotate(self.weight, self.rotation_signs, self.rotation_block))
+                # in float32 for half-precision weights: a bf16 matmul would add its rounding to every weight
+                self.weight.copy_(rotate(self.weight.float(), signs.float(), self.rotation_block))
         self.weight_quantizer = WeightQuantizer(self.weight.shape[0], weight_bits, config.lsq_grad_scale)
         self.weight_quantizer.to(self.weight.device)
         if not meta:
