@@ -20,7 +20,8 @@ os.environ.setdefault("DQ_CACHE_DIR", tempfile.mkdtemp(prefix="dq-test-cache-"))
 # under pytest-xdist (pyproject's addopts: one worker per core) each worker and the scripts it starts get their
 # share of the cores: two workers of two threads each on two cores would oversubscribe them many times over
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS: none
+    _threads = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parents[1]
