@@ -43,6 +43,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from dq.arch import describe
 from dq.errors import UserError
+from dq.io import atomic_write
 
 GIB = 2**30
 MIB = 2**20
@@ -128,8 +129,7 @@ class Plan:
         }
 
     def write(self, path: str | Path) -> None:
-        from dq.io import atomic_write  # every DDP rank writes the same plan: each write is whole
-
+        # every DDP rank writes the same plan: each write is whole
         text = json.dumps(self.to_dict(), indent=1) + "\n"
         atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 

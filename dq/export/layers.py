@@ -15,7 +15,7 @@ from torch import nn
 from dq.errors import UserError
 from dq.export.kernels import IntConvKernel, IntLinearKernel, shift_to_int8
 from dq.quant import ops
-from dq.quant.quantizers import MIN_STEP_SIZE, StepBlend, StepIndexed
+from dq.quant.quantizers import StepBlend, StepIndexed
 from dq.quant.rotation import rotate
 
 
@@ -111,13 +111,8 @@ class IntTokenActQuantizer(StepIndexed):
         """(codes uint8 like x, Δx [..., 1], z_x int32 [..., 1]) per token of x [..., C]; wd: WD's s [C] or None."""
         if wd is not None:
             x = x / ops.channel_view(wd, x.ndim, channel_axis % x.ndim)
-        top = ops.qmax(self.bits)
-        lo = x.amin(dim=-1, keepdim=True).clamp_max(0)
-        hi = x.amax(dim=-1, keepdim=True).clamp_min(0)
-        span = (hi - lo).clamp_min(MIN_STEP_SIZE)
-        zero_point = torch.round(-lo * top / span)
-        scale = (self.ratio() * span / top).clamp_min(MIN_STEP_SIZE)
-        q = (x / scale).round_().add_(zero_point).clamp_(0, top)
+        scale, zero_point = ops.token_qparams(x, self.ratio(), self.bits)  # the trainable quantizer's own
+        q = (x / scale).round_().add_(zero_point).clamp_(0, ops.qmax(self.bits))
         return q.to(torch.uint8), scale, zero_point.to(torch.int32)
 
     def extra_repr(self) -> str:

@@ -55,6 +55,17 @@ def fake_quantize(
     return (codes - z) * scale
 
 
+def token_qparams(x: torch.Tensor, ratio: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (Δ, z) [..., 1] of x [..., C]: each row's range [min(x, 0), max(x, 0)] mapped onto the grid
+    0..2^b−1 (z rounded), Δ then shrunk by the clip ratio (broadcasting against x's leading axes). Statistics
+    of x: no gradient flows through the min and max, only through `ratio`."""
+    top = qmax(bits)
+    lo, hi = torch.aminmax(x.detach(), dim=-1, keepdim=True)
+    span = (hi.clamp_min(0) - lo.clamp_max(0)).clamp_min(_EPS)
+    zero_point = torch.round(-lo.clamp_max(0) * top / span)
+    return (ratio * span / top).clamp_min(_EPS), zero_point
+
+
 def channel_view(param: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     """Reshape a per-channel vector [C] so it broadcasts along `axis` of an ndim-dim tensor."""
     shape = [1] * ndim

@@ -343,11 +343,10 @@ class TokenActQuantizer(TemporalActQuantizer):
         del self.zero_point
         self.register_buffer("zero_point", torch.zeros(num_groups))
         self._tokens: list[torch.Tensor | None] | None = None
-        self._seen: list[int] = []
 
     def start_observing(self, seed: int = 0) -> None:
-        self._observer = _RangeObserver(self.num_groups, False, seed)
-        self._tokens, self._seen = [None] * self.num_groups, [0] * self.num_groups
+        self._observer = _RangeObserver(self.num_groups, False, seed)  # its seeded subsampling only
+        self._tokens = [None] * self.num_groups
 
     def cancel_observing(self) -> None:
         super().cancel_observing()
@@ -358,7 +357,6 @@ class TokenActQuantizer(TemporalActQuantizer):
         per_row = rows.expand(x.shape[0]) if rows.numel() == 1 else rows.repeat_interleave(x.shape[0] // rows.numel())
         for g in per_row.unique().tolist():
             tokens = x[per_row == g].detach().float().reshape(-1, x.shape[-1]).cpu()
-            self._observer.update(g, tokens)
             kept = self._tokens[g]
             pool = tokens if kept is None else torch.cat([kept, tokens])
             limit = max(1, min(MAX_OBSERVED_TOKENS, MAX_OBSERVED_TOKEN_VALUES // x.shape[-1]))
@@ -391,19 +389,14 @@ class TokenActQuantizer(TemporalActQuantizer):
 
     def _quantize(self, x: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
         """x fake-quantized per token, ratio broadcasting against x's leading axes ([1] or [B·k, 1, …])."""
-        top = ops.qmax(self.bits)
-        lo = x.detach().amin(dim=-1, keepdim=True).clamp_max(0)
-        hi = x.detach().amax(dim=-1, keepdim=True).clamp_min(0)
-        span = (hi - lo).clamp_min(MIN_STEP_SIZE)
-        zero_point = torch.round(-lo * top / span)
-        scale = (ratio * span / top).clamp_min(MIN_STEP_SIZE)
-        return ops.fake_quantize(x, scale, zero_point, self.bits)
+        return ops.fake_quantize(x, *ops.token_qparams(x, ratio, self.bits), self.bits)
 
     def fake_quantize_step(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
                            ) -> torch.Tensor:
         if isinstance(self.step, StepBlend):
             ratio = self.blended_rows(scale)
-            ratio = ratio if ratio.numel() == 1 else ops.gather_per_sample(ratio, torch.arange(ratio.numel()), x)
+            if ratio.numel() > 1:
+                ratio = ops.gather_per_sample(ratio, torch.arange(ratio.numel(), device=ratio.device), x)
         else:
             rows = self.group_rows()
             ratio = scale.index_select(0, rows) if rows.numel() == 1 else ops.gather_per_sample(scale, rows, x)

@@ -28,19 +28,21 @@ def block_size(width: int, max_block: int) -> int:
     return math.gcd(width, max_block)
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard_cpu(size: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < size:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(size)
+@functools.lru_cache(maxsize=64)
+def _hadamard(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable later in autograd whatever asked
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < size:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return (h / math.sqrt(size)).to(device=device, dtype=dtype)
 
 
 def hadamard(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The orthonormal Sylvester–Hadamard matrix [size, size] (size a power of two)."""
+    """The orthonormal Sylvester–Hadamard matrix [size, size] (size a power of two), made once per size, device
+    and dtype (every rotated layer's forward asks for it: no copy to the device each time)."""
     if size < 1 or size & (size - 1):
         raise UserError(f"a Hadamard matrix needs a power-of-two size, got {size}")
-    return _hadamard_cpu(size).to(device=device, dtype=dtype)
+    return _hadamard(size, torch.device(device), dtype)
 
 
 def random_signs(width: int) -> torch.Tensor:
