@@ -61,7 +61,9 @@ from dq.quant import (
     WeightQuantizer,
     activation_drop,
     calibrate_activations,
+    drop_lowrank,
     quantize_model,
+    set_lowrank_scale,
     step_context,
     step_groups,
     tpq_num_steps,
@@ -144,6 +146,9 @@ class DistillConfig:
     # sampler's own proportion (measured on the embedded DiT: +0.16 ± 0.13 dB over conditional-only, 3
     # seeds); 0 = every row conditional (the paper). Initialisation, BKD and the end-to-end stage all see it.
     uncond_fraction: float = 0.5
+    # quant.lowrank_mode "decay": the low-rank branches' weight λ falls from 1 to 0 (cosine) over this share of
+    # their block's iterations; the block's remaining iterations train the quantized layers without it
+    lowrank_decay_end: float = 0.75
 
     def __post_init__(self) -> None:
         check_field_types(self, "method.distill.")
@@ -189,6 +194,8 @@ class DistillConfig:
                             "random masks: use one of them")
         if not 0.0 <= self.uncond_fraction <= 1.0:
             raise UserError(f"uncond_fraction must lie in [0, 1], got {self.uncond_fraction}")
+        if not 0.0 < self.lowrank_decay_end <= 1.0:
+            raise UserError(f"lowrank_decay_end must lie in (0, 1], got {self.lowrank_decay_end}")
         check_group_schedule(self.group_schedule)
         if self.teacher_precision not in TEACHER_PRECISIONS:
             allowed = ", ".join(TEACHER_PRECISIONS)
@@ -536,6 +543,15 @@ class BlockDistiller(L.LightningModule):
         """Whether block k is the end-to-end stage after BKD (the whole student, already initialised)."""
         return self.blocks[k] == WHOLE_MODEL and not self.distill.whole_model
 
+    @property
+    def decaying_lowrank(self) -> bool:
+        """Whether the student's low-rank branches decay while their block trains (quant.lowrank_mode "decay")."""
+        return self.quant_config.lowrank_rank > 0 and self.quant_config.lowrank_mode == "decay"
+
+    def lowrank_weight(self, iteration: int) -> float:
+        """λ of the current block's decaying low-rank branches at its `iteration` (`lowrank_weight`)."""
+        return lowrank_weight(iteration, self.block_iters(self.state.block), self.distill.lowrank_decay_end)
+
     def learning_rate_factor(self, iteration: int) -> float:
         """Cosine decay over the current block's iterations, from 1 to min_lr_ratio."""
         total, floor = max(1, self.block_iters(self.state.block)), self.distill.min_lr_ratio
@@ -625,6 +641,8 @@ class BlockDistiller(L.LightningModule):
             tail = self._losses[-20:]
             self.state.final_losses[name or "model"] = sum(tail) / len(tail)
         self.block_module(name).requires_grad_(False)
+        if self.decaying_lowrank:  # λ has reached 0: the branches add nothing and leave the student
+            drop_lowrank(self.block_module(name))
         started = time.perf_counter()
         self.record_replay(self.state.block)
         self.prep_seconds["replay"] += time.perf_counter() - started
@@ -741,6 +759,8 @@ class BlockDistiller(L.LightningModule):
         fault_point("train")
         name = self.blocks[self.state.block]
         rows, steps = self.shard(batch["index"]), self.shard(batch["step"])  # this rank's share, its TPQ steps
+        if self.decaying_lowrank and not self.is_end_to_end_stage(self.state.block):
+            set_lowrank_scale(self.block_module(name), self.lowrank_weight(self.state.iteration))
         with step_context(self.student, steps.to(self.device)), self._activation_drop(name), self._recomputing(name):
             predictions = self._block_forward(name, self._device_rows(rows))
         targets = [t[self._device_rows(rows)].to(p.device) for p, t in zip(predictions, self.cache.output, strict=True)]
@@ -834,8 +854,19 @@ class BlockDistiller(L.LightningModule):
         return {k: v for k, v in state.items() if not k.startswith("teacher.")}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.decaying_lowrank:  # the blocks trained before the checkpoint dropped their decayed branches
+            drop_lowrank(self.student, [n.removeprefix("student.").removesuffix(".lowrank_down")
+                                        for n in super().state_dict() if n.endswith(".lowrank_down")
+                                        and n not in state_dict])
         missing_teacher = {k: v for k, v in self.teacher.state_dict(prefix="teacher.").items()}
         return super().load_state_dict({**missing_teacher, **state_dict}, strict=strict, assign=assign)
+
+
+def lowrank_weight(iteration: int, iterations: int, decay_end: float) -> float:
+    """λ of a decaying low-rank branch at `iteration` of its block's `iterations`: cosine from 1 to 0 over the
+    first `decay_end` share of them, 0 after."""
+    span = max(1.0, decay_end * iterations)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, iteration / span)))
 
 
 def _host_rows(rows: torch.Tensor | slice) -> torch.Tensor | slice:

@@ -65,6 +65,8 @@ class IntLayerSpec:
     act_granularity: str = "tensor"  # "token": the input quantized per token, the table its clip ratios
     rotation_signs: torch.Tensor | None = None  # the input rotation's signs [C_in] (dq.quant.rotation), if any
     rotation_block: int = 1
+    lowrank_down: torch.Tensor | None = None  # a kept low-rank branch's A [r, C_in] (float), if any
+    lowrank_up: torch.Tensor | None = None  # and its B [C_out, r], λ folded in
 
 
 @dataclass
@@ -99,10 +101,13 @@ class Export:
                   for i in range(len(info["splits"]))]
         bias = t.get(f"{name}.bias")
         block = int(info.get("rotation_block", 1))  # files before the activation options: none
+        lowrank = int(info.get("lowrank_rank", 0))
         return IntLayerSpec(name, info["kind"], info["weight_bits"], info["act_bits"], shape, list(info["splits"]),
                             weight_int, t[f"{name}.weight_scale"].float(), t.get(f"{name}.wd_scale"),
                             None if bias is None else bias.float(), tables, info.get("act_granularity", "tensor"),
-                            t[f"{name}.rotation_signs"].float() if block > 1 else None, block)
+                            t[f"{name}.rotation_signs"].float() if block > 1 else None, block,
+                            t[f"{name}.lowrank_down"].float() if lowrank else None,
+                            t[f"{name}.lowrank_up"].float() if lowrank else None)
 
     def attention_tables(self, processor: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {q: (self.tensors[f"{processor}.{q}.scale"].float(), self.tensors[f"{processor}.{q}.zero_point"].to(torch.int32))
@@ -183,6 +188,12 @@ def layer_export(name: str, module: QuantConv2d | QuantLinear, float_dtype: str 
     if getattr(module, "rotation_signs", None) is not None:  # the weight codes are of the rotated weight already
         info["rotation_block"] = module.rotation_block
         tensors[f"{name}.rotation_signs"] = module.rotation_signs.detach().float().contiguous()
+    if getattr(module, "lowrank_down", None) is not None:  # a kept branch (a decayed one was dropped): λ into B
+        dtype = FLOAT_DTYPES[float_dtype]
+        info["lowrank_rank"] = module.lowrank_down.shape[0]
+        tensors[f"{name}.lowrank_down"] = module.lowrank_down.detach().to(dtype).contiguous()
+        tensors[f"{name}.lowrank_up"] = (module.lowrank_up.detach().float() * module.lowrank_scale.float()
+                                         ).to(dtype).contiguous()
     return tensors, info
 
 
@@ -350,6 +361,12 @@ def _validate(export: Export) -> None:
                 raise ExportError(f"{export.path}: {name} has a rotation of blocks of {info['rotation_block']} that "
                                   f"its {info['kind']} {shape} cannot take")
             _require(export, f"{name}.rotation_signs", (shape[1],))
+        rank = int(info.get("lowrank_rank", 0))
+        if rank:
+            if info["kind"] != "linear" or len(info["splits"]) != 1:
+                raise ExportError(f"{export.path}: {name} has a low-rank branch, which the runtime takes on a Linear only")
+            _require(export, f"{name}.lowrank_down", (rank, shape[1]))
+            _require(export, f"{name}.lowrank_up", (shape[0], rank))
     for name in export.metadata["attention"]:
         for short in ATTN_QUANTIZERS:
             _require(export, f"{name}.{short}.scale", (groups,))
@@ -361,12 +378,14 @@ def size_breakdown(path: str | os.PathLike) -> dict[str, int]:
     rotation signs, float parts, the step map, and the header with its metadata)."""
     path = Path(path)
     parts = {"weight codes": 0, "weight scales/zeros": 0, "TPQ tables": 0, "WD scales": 0, "float parts": 0,
-             "step map": 0}
+             "low-rank branches": 0, "step map": 0}
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118
             tensor = handle.get_tensor(key)
             size = tensor.numel() * tensor.element_size()
-            if key.startswith("float.") or key.endswith(".bias"):
+            if key.endswith((".lowrank_down", ".lowrank_up")):
+                parts["low-rank branches"] += size
+            elif key.startswith("float.") or key.endswith(".bias"):
                 parts["float parts"] += size
             elif key.endswith(".weight_codes"):
                 parts["weight codes"] += size

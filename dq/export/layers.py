@@ -10,6 +10,7 @@ shift, clamp, cast), in the fake quantizer's order so that both give the same co
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dq.errors import UserError
@@ -191,7 +192,8 @@ class IntLinear(_IntLayer):
 
     def __init__(self, w_int: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  wd_scale: torch.Tensor | None, quantizer: IntActQuantizer | IntTokenActQuantizer, weight_bits: int,
-                 backend: str, rotation_signs: torch.Tensor | None = None, rotation_block: int = 1) -> None:
+                 backend: str, rotation_signs: torch.Tensor | None = None, rotation_block: int = 1,
+                 lowrank_down: torch.Tensor | None = None, lowrank_up: torch.Tensor | None = None) -> None:
         super().__init__()
         self._init_common([quantizer], [w_int.shape[1]], wd_scale, bias, weight_bits)
         self.out_features, self.in_features = w_int.shape
@@ -200,18 +202,27 @@ class IntLinear(_IntLayer):
         self.backend = backend
         self.register_buffer("rotation_signs", None if rotation_signs is None else rotation_signs.float().clone())
         self.rotation_block = rotation_block
+        # a kept low-rank branch (QuantConfig.lowrank_mode "keep"): x' Aᵀ Bᵀ in float beside the integer product
+        self.register_buffer("lowrank_down", None if lowrank_down is None else lowrank_down.float().clone())
+        self.register_buffer("lowrank_up", None if lowrank_up is None else lowrank_up.float().clone())
         w8, shift = shift_to_int8(w_int)
         self.kernels = [IntLinearKernel(w8, shift, weight_scale, backend, quantizer.bits)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wd = self.wd_scale
-        if self.rotation_signs is not None:  # x/s, then the rotation, as the trainable layer computes them
-            x = rotate(x if wd is None else x / wd, self.rotation_signs, self.rotation_block)
+        if self.rotation_signs is not None or self.lowrank_down is not None:  # x' = x/s (rotated), as trained
+            x = x if wd is None else x / wd
+            if self.rotation_signs is not None:
+                x = rotate(x, self.rotation_signs, self.rotation_block)
             wd = None
         codes, scale, zero_point = self.act_quantizers[0].codes(x, wd, self.channel_axis)
         if scale.ndim:  # per token: one row of the flattened product each
             scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
-        return self.kernels[0](codes, scale, zero_point, self.bias)
+        y = self.kernels[0](codes, scale, zero_point, self.bias)
+        if self.lowrank_down is None:
+            return y
+        return y + F.linear(F.linear(x.to(self.lowrank_down.dtype), self.lowrank_down), self.lowrank_up).to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}, backend={self.backend}"
+        rank = "" if self.lowrank_down is None else f", low rank {self.lowrank_down.shape[0]}"
+        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}, backend={self.backend}{rank}"

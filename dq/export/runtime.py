@@ -120,7 +120,7 @@ def int_layer(spec: IntLayerSpec, module: nn.Module, step_to_group: torch.Tensor
         quantizers = [IntActQuantizer(spec.act_bits, scale, zp, step_to_group) for scale, zp in spec.act_tables]
     if spec.kind == "linear":
         return IntLinear(spec.weight_int, spec.weight_scale, spec.bias, spec.wd_scale, quantizers[0], spec.weight_bits,
-                         backend, spec.rotation_signs, spec.rotation_block)
+                         backend, spec.rotation_signs, spec.rotation_block, spec.lowrank_down, spec.lowrank_up)
     if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
         raise ExportError(f"{source}: {spec.name} is not a plain zero-padded, ungrouped Conv2d")
     return IntConv2d(spec.weight_int, spec.weight_scale, spec.bias, spec.wd_scale, quantizers, spec.splits,

@@ -13,6 +13,7 @@ from dq.errors import UserError
 ACT_INIT_METHODS = ("minmax", "percentile", "mse")
 WEIGHT_INIT_METHODS = ("minmax", "mse")
 ACT_GRANULARITIES = ("tensor", "token")
+LOWRANK_MODES = ("decay", "keep")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,13 @@ class QuantConfig:
     rotation, rotation_block: rotate the inputs of the token-wise Linear layers (every Linear but the
       first, last and modulation layers) by a signed block-Hadamard matrix of at most `rotation_block`
       channels, folded into the weights (`dq.quant.rotation`).
+    lowrank_rank, lowrank_mode: a full-precision low-rank branch of rank r beside the quantized product of the
+      same Linear layers (0 = none): y = q(x') q(W')ᵀ + λ · x' Aᵀ Bᵀ, fed the unquantized input x' (after WD and
+      the rotation). "keep": A, B start as the top-r singular part of W' and the quantized weight holds the
+      rest (SVDQuant's split); the branch stays at inference (r·(C_in + C_out) float weights per layer).
+      "decay": A, B start as the top-r singular part of the weight's quantization error, λ falls from 1 to 0
+      while the layer's block trains (method.distill.lowrank_decay_end), and the branch is dropped after
+      training: inference pays nothing (an auxiliary branch, as QVGen trains one).
     """
 
     # The defaults are the recipe `python train.py` runs (conf/quant/w4a4.yaml + conf/method/dilatequant.yaml;
@@ -76,6 +84,8 @@ class QuantConfig:
     promote_bits: int = 8
     rotation: bool = False
     rotation_block: int = 128
+    lowrank_rank: int = 0
+    lowrank_mode: str = "decay"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -113,6 +123,10 @@ class QuantConfig:
         if (isinstance(self.rotation_block, bool) or not isinstance(self.rotation_block, int)
                 or self.rotation_block < 2 or self.rotation_block & (self.rotation_block - 1)):
             raise UserError(f"QuantConfig.rotation_block must be a power of two >= 2, got {self.rotation_block!r}")
+        if isinstance(self.lowrank_rank, bool) or not isinstance(self.lowrank_rank, int) or self.lowrank_rank < 0:
+            raise UserError(f"QuantConfig.lowrank_rank must be an int >= 0 (0: no branch), got {self.lowrank_rank!r}")
+        if self.lowrank_mode not in LOWRANK_MODES:
+            raise UserError(f"QuantConfig.lowrank_mode must be one of {LOWRANK_MODES}, got {self.lowrank_mode!r}")
         if not self.include:
             raise UserError("QuantConfig.include must hold at least one pattern ('*' quantizes every layer)")
         for pattern in (*self.include, *self.exclude, *self.promote_layers):

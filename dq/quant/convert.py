@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 import torch
@@ -112,7 +112,7 @@ def _replace_layer(student: nn.Module, name: str, module: nn.Module, config: Qua
     """Put the quantized version of layer `name` in its place, with its bits by the precision policy."""
     weight_bits, act_bits = config.weight_bits, config.act_bits
     special = (*arch.first_layers, *arch.last_layers, *arch.modulation_layers)
-    rotate_input = config.rotation and isinstance(module, nn.Linear) and name not in special
+    token_wise = isinstance(module, nn.Linear) and name not in special  # rotation and low-rank branch candidates
     if name in arch.first_layers and config.first_layer_bits is not None:
         weight_bits = act_bits = config.first_layer_bits
     if name in arch.last_layers and config.last_layer_bits is not None:
@@ -123,7 +123,7 @@ def _replace_layer(student: nn.Module, name: str, module: nn.Module, config: Qua
         act_bits = max(act_bits, config.promote_bits)
     split_at = arch.skip_splits.get(name) if config.split_skip else None
     quant_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-    quantized = quant_cls.from_float(module, weight_bits, act_bits, config, split_at, rotate_input)
+    quantized = quant_cls.from_float(module, weight_bits, act_bits, config, split_at, token_wise)
     parent_name, _, short = name.rpartition(".")
     setattr(student.get_submodule(parent_name) if parent_name else student, short, quantized)
 
@@ -234,6 +234,28 @@ def activation_drop(model: nn.Module, prob: float, generator: torch.Generator | 
     finally:
         for quantizer in quantizers:
             quantizer.drop_prob, quantizer.drop_generator = 0.0, None
+
+
+def lowrank_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """The layers of `model` that carry a low-rank branch (QuantConfig.lowrank_rank), by name."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, QuantLinear) and getattr(m, "lowrank_down", None) is not None}
+
+
+@torch.no_grad()
+def set_lowrank_scale(model: nn.Module, value: float) -> None:
+    """Set λ, the weight of every low-rank branch in `model` (a decaying branch: 1 at first, 0 when done)."""
+    for layer in lowrank_layers(model).values():
+        layer.lowrank_scale.fill_(value)
+
+
+def drop_lowrank(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
+    """Remove the low-rank branches of the layers `names` of `model` (all of them by default); their names."""
+    layers = lowrank_layers(model)
+    chosen = list(layers) if names is None else [n for n in names if n in layers]
+    for name in chosen:
+        layers[name].drop_lowrank()
+    return chosen
 
 
 def set_quant_enabled(model: nn.Module, weights: bool = True, activations: bool = True) -> None:

@@ -21,13 +21,20 @@ from torch import nn
 from dq.errors import MissingFileError, UserError
 from dq.io import atomic_write
 from dq.quant.config import QuantConfig
-from dq.quant.convert import CONFIG_ATTR, ModelLayout, is_quantized, quant_config, quantize_model
+from dq.quant.convert import (
+    CONFIG_ATTR,
+    ModelLayout,
+    drop_lowrank,
+    is_quantized,
+    quant_config,
+    quantize_model,
+)
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
 from dq.quant.timesteps import check_policy, key_by_timestep, timestep_keying, timestep_values
 
 FORMAT_NAME = "dq-quant-state"
 FORMAT_VERSION = 1
-_QUANT_SUFFIXES = (".wd_scale", ".rotation_signs")
+_QUANT_SUFFIXES = (".wd_scale", ".rotation_signs", ".lowrank_down", ".lowrank_up", ".lowrank_scale")
 
 
 def _is_quant_entry(name: str, model: nn.Module) -> bool:
@@ -130,6 +137,9 @@ def load_quant_state(model: nn.Module, path: str | os.PathLike, arch: ModelLayou
                         "architecture description, load_quant_state(model, path, arch=dq.arch.describe(model))")
     else:
         student = quantize_model(model, config, arch, inplace=inplace)
+    if config.lowrank_mode == "decay":  # decayed branches were dropped after training: the file has none
+        drop_lowrank(student, [n.removesuffix(".lowrank_down") for n in quant_state_dict(student)
+                               if n.endswith(".lowrank_down") and n not in tensors])
     expected = quant_state_dict(student, include_weights=includes_weights)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

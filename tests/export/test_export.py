@@ -13,7 +13,7 @@ from dq.export import ExportError, export_student, load_int_model, read_export
 from dq.export.artifact import size_breakdown
 from dq.export.kernels import onednn_available
 from dq.metrics import psnr
-from dq.quant import QuantConfig, set_step, step_context
+from dq.quant import QuantConfig, lowrank_layers, set_step, step_context
 from dq.sampling import SamplerConfig, sample, unet_forward
 from tests.arch import test_flow_transformers as flow
 from tests.arch import test_transformers as basic
@@ -23,6 +23,7 @@ from tests.quant.conftest import tiny_unet2d_condition
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN_ROTATION = {"act_granularity": "token", "rotation": True, "rotation_block": 8}
+LOWRANK_KEEP = {**TOKEN_ROTATION, "lowrank_rank": 2, "lowrank_mode": "keep"}
 BACKENDS = ["gemm"] + (["onednn"] if onednn_available() else [])
 EMBEDDED_FP32_BYTES = 4_469_660  # dq/zoo/embedded/unet/diffusion_pytorch_model.safetensors
 
@@ -174,7 +175,8 @@ def test_conditional_unets_export_and_run(kind, tmp_path):
 
 
 @pytest.mark.parametrize(("kind", "options"), [("dit", {}), ("pixart", {}), ("sd3", {}), ("flux", {}),
-                                               ("dit", TOKEN_ROTATION), ("flux", TOKEN_ROTATION)])
+                                               ("dit", TOKEN_ROTATION), ("flux", TOKEN_ROTATION),
+                                               ("dit", LOWRANK_KEEP)])
 def test_transformer_students_export_and_run(kind, options, tmp_path):
     """Diffusion transformers: DiT (class labels), PixArt (text), SD3 and Flux (packed text + pooled); with
     per-token, rotated Linear inputs too (the integer layers compute the same per-token codes)."""
@@ -190,6 +192,9 @@ def test_transformer_students_export_and_run(kind, options, tmp_path):
         assert any(m.rotation_signs is not None for m in layers) and all(m.backend == "gemm" for m in layers
                                                                          if m.rotation_signs is not None)
         assert any(type(m.act_quantizers[0]).__name__ == "IntTokenActQuantizer" for m in layers)
+        # a kept low-rank branch goes with its layer (λ folded in); the others have none
+        assert ({n for n, m in integer_model.named_modules() if getattr(m, "lowrank_down", None) is not None}
+                == set(lowrank_layers(student) if options.get("lowrank_rank") else ()))
     with torch.no_grad(), step_context(student, 1), step_context(integer_model, 1):
         t = torch.full((2,), 300)
         fake, fp = unet_forward(student, x, t, cond), unet_forward(model, x, t, cond)
