@@ -11,7 +11,7 @@ AutoencoderDC, config.json + safetensors); `text_encoder/`, `text_encoder_2/`, `
 transformers class model_index.json names: CLIP, CLIP with projection, T5 or Gemma 2) with `tokenizer/`,
 `tokenizer_2/`, `tokenizer_3/` (CLIP, T5 or Gemma tokenizers; T5's spiece.model alone needs sentencepiece);
 weights sharded or as a fp16/bf16 variant as `dq.zoo.loading.weights_variant` reads them;
-`class_embedder/embeddings.safetensors` (key `weight`, [num_classes + 1, D]). Loading reads JSON,
+`class_embedder/embeddings.safetensors` (key `weight`, [num_classes + 1, D], or [num_classes + 1, L, D]: a caption a label). Loading reads JSON,
 tokenizer files and safetensors only, so it never executes code from the folder.
 """
 
@@ -46,7 +46,7 @@ class ModelComponents(NamedTuple):
     latent_scale: float | None = None  # latents = scale * encoder output; decode divides by it
     text_encoder: nn.Module | None = None  # the first FP text encoder (eval mode), None without one
     tokenizer: Any = None  # its tokenizer
-    class_embeddings: torch.Tensor | None = None  # float32 [num_classes + 1, D]: label -> cross-attention context
+    class_embeddings: torch.Tensor | None = None  # float32 [num_classes + 1, (L,) D]: label -> cross-attention context
     text_parts: Mapping[str, Any] | None = None  # every text encoder and tokenizer, by folder name (None: not loaded)
     pipeline_class: str | None = None  # model_index.json's pipeline class: whose encode_prompt encodes prompts
     index: Mapping[str, Any] | None = None  # model_index.json (its pipeline settings, e.g. force_zeros_for_empty_prompt)
@@ -169,8 +169,9 @@ def load_components(model_cfg: Mapping[str, Any], folder: Path | None = None, *,
     tokenizer = text_parts.get("tokenizer") if text_parts else None
     if (folder / CLASS_EMBEDDINGS_FILE).is_file():
         tensors = load_file(str(folder / CLASS_EMBEDDINGS_FILE))
-        if "weight" not in tensors or tensors["weight"].ndim != 2:
-            raise UserError(f"{folder / CLASS_EMBEDDINGS_FILE} must hold `weight` [num_classes + 1, D]")
+        if "weight" not in tensors or tensors["weight"].ndim not in (2, 3):
+            raise UserError(f"{folder / CLASS_EMBEDDINGS_FILE} must hold `weight` [num_classes + 1, D] (one "
+                            "token a label) or [num_classes + 1, L, D] (a caption of L tokens a label)")
         class_embeddings = tensors["weight"].float()
     return ModelComponents(vae, latent_scale, text_encoder, tokenizer, class_embeddings, text_parts,
                            layout.pipeline_class, layout.index, text_names)

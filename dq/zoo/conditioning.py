@@ -240,6 +240,13 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
     if len(table) < needed:
         raise UserError(f"class_embedder has {len(table)} rows; num_classes={num_classes}, uncond_class="
                          f"{uncond_class} need {needed}")
-    # LDM cin256: the label's embedding is the cross-attention context, one token: [K, 1, D]
-    uncond = None if uncond_class is None else table[uncond_class][None, None]
-    return ModelConditioning(num_classes, uncond_class, table[:num_classes, None, :].clone(), uncond)
+    # LDM cin256: the label's embedding is the cross-attention context, one token: [K, 1, D]; a table
+    # [K + 1, L, D] gives each label a caption of L tokens (dq's embedded PixArt)
+    rows = table if table.ndim == 3 else table[:, None, :]
+    embeds = rows[:num_classes].clone()
+    uncond = None if uncond_class is None else rows[uncond_class][None].clone()
+    if denoiser is not None and [name for name, _ in text_fields(denoiser)] == ["mask"]:  # every token attended
+        source = Path(folder or ".") / "class_embedder"
+        embeds = _with_mask(embeds, None, source)
+        uncond = None if uncond is None else _with_mask(uncond, None, source)
+    return ModelConditioning(num_classes, uncond_class, embeds, uncond)

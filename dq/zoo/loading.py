@@ -31,8 +31,10 @@ from dq.io import read_json_object
 from dq.sampling.config import SamplerConfig
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
-# the packaged models by model.embedded: the digits UNet (the default) and the class-conditional digits DiT
-EMBEDDED_MODELS = {"unet": EMBEDDED_MODEL_DIR, "dit": Path(__file__).resolve().parent / "embedded_dit"}
+# the packaged models by model.embedded: the digits UNet (the default), the class-conditional digits DiT, and a
+# PixArt-shaped digits transformer (cross-attention to a caption a label), held apart from the DiT's choices
+EMBEDDED_MODELS = {"unet": EMBEDDED_MODEL_DIR, "dit": Path(__file__).resolve().parent / "embedded_dit",
+                   "pixart": Path(__file__).resolve().parent / "embedded_pixart"}
 MODEL_SOURCES = ("embedded", "local", "hub")
 MODEL_INDEX = "model_index.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # the weights' file stem of diffusers models; transformers': "model"
