@@ -85,7 +85,7 @@ class QuantConfig:
     rotation: bool = False
     rotation_block: int = 128
     lowrank_rank: int = 0
-    lowrank_mode: str = "decay"
+    lowrank_mode: str = "keep"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
