@@ -62,6 +62,7 @@ from dq.quant import (
     activation_drop,
     calibrate_activations,
     drop_lowrank,
+    drop_lowrank_absent,
     quantize_model,
     set_lowrank_scale,
     step_context,
@@ -855,9 +856,7 @@ class BlockDistiller(L.LightningModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.decaying_lowrank:  # the blocks trained before the checkpoint dropped their decayed branches
-            drop_lowrank(self.student, [n.removeprefix("student.").removesuffix(".lowrank_down")
-                                        for n in super().state_dict() if n.endswith(".lowrank_down")
-                                        and n not in state_dict])
+            drop_lowrank_absent(self.student, state_dict, prefix="student.")
         missing_teacher = {k: v for k, v in self.teacher.state_dict(prefix="teacher.").items()}
         return super().load_state_dict({**missing_teacher, **state_dict}, strict=strict, assign=assign)
 

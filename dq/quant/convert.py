@@ -258,6 +258,13 @@ def drop_lowrank(model: nn.Module, names: Iterable[str] | None = None) -> list[s
     return chosen
 
 
+def drop_lowrank_absent(model: nn.Module, keys: Iterable[str], prefix: str = "") -> list[str]:
+    """Remove the branches of `model` that a saved state's `keys` (state_dict names under `prefix`) lack: those a
+    decaying student dropped when their blocks ended, so that the state loads into it."""
+    keys = set(keys)
+    return drop_lowrank(model, [n for n in lowrank_layers(model) if f"{prefix}{n}.lowrank_down" not in keys])
+
+
 def set_quant_enabled(model: nn.Module, weights: bool = True, activations: bool = True) -> None:
     """Switch fake quantization of weights and/or activations on or off (off = float path, WD kept)."""
     for quantizer in weight_quantizers(model):

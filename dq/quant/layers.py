@@ -96,7 +96,9 @@ class _QuantLayerMixin:
                 # in float32 for half-precision weights: a bf16 matmul would add its rounding to every weight
                 self.weight.copy_(rotate(self.weight.float(), signs.float(), self.rotation_block))
         lowrank = config.lowrank_rank if token_wise and self.channel_axis == -1 else 0
-        if lowrank and config.lowrank_mode == "keep":  # SVDQuant's split: the top-r part leaves the quantized weight
+        if not lowrank:
+            self.lowrank_down = self.lowrank_up = self.lowrank_scale = None
+        elif config.lowrank_mode == "keep":  # SVDQuant's split: the top-r part leaves the quantized weight
             self._setup_lowrank(lowrank, self.weight, meta)
         self.weight_quantizer = WeightQuantizer(self.weight.shape[0], weight_bits, config.lsq_grad_scale)
         self.weight_quantizer.to(self.weight.device)
@@ -106,9 +108,6 @@ class _QuantLayerMixin:
             with torch.no_grad():
                 error = None if meta else self.weight - self.weight_quantizer(self.weight)
             self._setup_lowrank(lowrank, error, meta)
-        elif not lowrank:
-            self.lowrank_down = self.lowrank_up = None
-            self.lowrank_scale = None
         per_token = config.act_granularity == "token" and self.channel_axis == -1
         self.act_quantizer = new_act_quantizer(act_bits, config, per_token).to(self.weight.device)
         self.skip_act_quantizer = new_act_quantizer(act_bits, config).to(self.weight.device) if split_at else None

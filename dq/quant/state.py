@@ -24,7 +24,7 @@ from dq.quant.config import QuantConfig
 from dq.quant.convert import (
     CONFIG_ATTR,
     ModelLayout,
-    drop_lowrank,
+    drop_lowrank_absent,
     is_quantized,
     quant_config,
     quantize_model,
@@ -138,8 +138,7 @@ def load_quant_state(model: nn.Module, path: str | os.PathLike, arch: ModelLayou
     else:
         student = quantize_model(model, config, arch, inplace=inplace)
     if config.lowrank_mode == "decay":  # decayed branches were dropped after training: the file has none
-        drop_lowrank(student, [n.removesuffix(".lowrank_down") for n in quant_state_dict(student)
-                               if n.endswith(".lowrank_down") and n not in tensors])
+        drop_lowrank_absent(student, tensors)
     expected = quant_state_dict(student, include_weights=includes_weights)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -126,8 +126,7 @@ def read_prompt_embeds(path: str | Path, limit: int | None = None, denoiser: nn.
     if uncond is not None and (uncond.shape[0] != 1 or uncond.shape[1:] != embeds.shape[1:]):
         raise UserError(f"{path}: uncond_embeds must be [1, L, D] like prompt_embeds' rows, got {tuple(uncond.shape)}")
     embeds = embeds[:limit] if limit is not None else embeds
-    fields = [] if denoiser is None else [name for name, _ in text_fields(denoiser)]
-    if fields == ["mask"]:
+    if _reads_mask(denoiser):
         embeds = _with_mask(embeds, tensors.get("prompt_attention_mask"), path)
         uncond = None if uncond is None else _with_mask(uncond, tensors.get("uncond_attention_mask"), path)
     record = {"file": str(path), "sha256": file_sha256(path), "num_prompts": int(embeds.shape[0])}
@@ -143,6 +142,11 @@ def _prompt_list(values: Any, limit: int | None) -> list[str]:
                         "'model.conditioning.prompts=[a red car,two dogs]'")
     prompts = [str(v).strip() for v in values]
     return prompts[:limit] if limit is not None else prompts
+
+
+def _reads_mask(denoiser: nn.Module | None) -> bool:
+    """Whether a denoiser's call reads an attention mask beside the embeddings, and nothing else (PixArt, Sana)."""
+    return denoiser is not None and [name for name, _ in text_fields(denoiser)] == ["mask"]
 
 
 def _with_mask(embeds: torch.Tensor, mask: torch.Tensor | None, path: Path) -> torch.Tensor:
@@ -245,8 +249,7 @@ def model_conditioning(model_cfg: Mapping[str, Any], components: ModelComponents
     rows = table if table.ndim == 3 else table[:, None, :]
     embeds = rows[:num_classes].clone()
     uncond = None if uncond_class is None else rows[uncond_class][None].clone()
-    if denoiser is not None and [name for name, _ in text_fields(denoiser)] == ["mask"]:  # every token attended
-        source = Path(folder or ".") / "class_embedder"
-        embeds = _with_mask(embeds, None, source)
-        uncond = None if uncond is None else _with_mask(uncond, None, source)
+    if _reads_mask(denoiser):  # every token of a caption attended
+        embeds = pack_text_conditioning(embeds, torch.ones(embeds.shape[:2]))
+        uncond = None if uncond is None else pack_text_conditioning(uncond, torch.ones(uncond.shape[:2]))
     return ModelConditioning(num_classes, uncond_class, embeds, uncond)
