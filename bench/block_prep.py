@@ -75,7 +75,7 @@ def prepare_every_block(overrides: list[str], replay_cache_mb: float) -> dict:
                 continue
             distiller.begin_block(k)
             hashes.append(cache_hash(distiller.cache))
-            peak = max(peak, distiller.replay.total_bytes)
+            peak = max(peak, distiller.replay.total_bytes + distiller.teacher_replay.total_bytes)
             distiller.end_block()
         total = time.perf_counter() - started
     finally:

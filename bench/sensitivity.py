@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dq.bkd.blocks import run_model  # noqa: E402
-from dq.calibration import CalibrationDataModule  # noqa: E402
+from dq.calibration import CalibrationDataModule, select_rows  # noqa: E402
 from dq.errors import UserError  # noqa: E402
 from dq.io import atomic_write  # noqa: E402
 from dq.pretrained import load_student  # noqa: E402
@@ -43,7 +43,7 @@ def output_error(student: torch.nn.Module, teacher: torch.nn.Module, tuples: dic
     total, count = 0.0, 0
     with torch.no_grad():
         for i, start in enumerate(range(0, tuples["x_t"].shape[0], batch)):
-            chunk = {k: v[start:start + batch] for k, v in tuples.items()}
+            chunk = select_rows(tuples, slice(start, start + batch))
             total += float((run_model(student, chunk).float() - targets[i]).pow(2).sum())
             count += targets[i].numel()
     return total / count
@@ -55,7 +55,7 @@ def rank_layers(student: torch.nn.Module, teacher: torch.nn.Module, tuples: dict
     quantizer(s) off, the share of the error that goes away), most sensitive first."""
     promote_bits = quant_config(student).promote_bits
     with torch.no_grad():
-        targets = [run_model(teacher, {k: v[s:s + batch] for k, v in tuples.items()}).float()
+        targets = [run_model(teacher, select_rows(tuples, slice(s, s + batch))).float()
                    for s in range(0, tuples["x_t"].shape[0], batch)]
     base = output_error(student, teacher, tuples, targets, batch)
     rows = []
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                                      **{**data_kwargs, "progress": False}, **loaded.conditioning.datamodule_kwargs())
         data.setup("fit")
         rows = torch.randperm(data.tuples["x_t"].shape[0], generator=torch.Generator().manual_seed(0))[:args.tuples]
-        tuples = {k: v[rows] for k, v in data.tuples.items() if k in ("x_t", "timestep", "step", "cond")}
+        tuples = {k: v for k, v in select_rows(data.tuples, rows).items() if k in ("x_t", "timestep", "step", "cond")}
     teacher = loaded.unet.eval()
     try:
         base, ranking = rank_layers(student, teacher, tuples)

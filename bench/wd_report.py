@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from dq.arch import describe  # noqa: E402
 from dq.bkd.blocks import run_model  # noqa: E402
-from dq.calibration import CalibrationDataModule  # noqa: E402
+from dq.calibration import CalibrationDataModule, select_rows  # noqa: E402
 from dq.io import atomic_write  # noqa: E402
 from dq.quant import QuantConfig, QuantConv2d, QuantLinear, quantize_model  # noqa: E402
 from dq.sampling import planned_timesteps  # noqa: E402
@@ -68,7 +68,7 @@ def input_ranges(teacher: torch.nn.Module, names: list[str], tuples: dict[str, t
     try:
         with torch.no_grad():
             for start in range(0, tuples["x_t"].shape[0], batch):
-                chunk = {k: v[start:start + batch] for k, v in tuples.items()}
+                chunk = select_rows(tuples, slice(start, start + batch))
                 current["step"] = chunk["step"]
                 run_model(teacher, chunk)
     finally:

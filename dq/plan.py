@@ -65,6 +65,9 @@ class PlanSpec:
     guidance: bool  # classifier-free guidance: uncond stored, doubled sampling batches
     cond_shape: tuple[int, ...] | None  # one row's conditioning without the batch dimension; () for a class label
     cond_dtype: torch.dtype = torch.float32
+    # distinct text conditions (prompts) of the calibration trajectories: text embeddings are stored once each
+    # (dq.calibration.tuples); None: as many as the trajectories
+    num_prompts: int | None = None
     fidelity_samples: int = 256
     fidelity_batch_size: int = 128
     device: str = "cpu"  # "cuda" | "cpu": where the phases run
@@ -87,6 +90,7 @@ class BlockPlan:
     step_bytes: int = 0  # a training step's own peak (activations, temporaries, gradients) beyond the models
     gpu: dict[str, int] = field(default_factory=dict)  # phase -> peak bytes
     host: int = 0  # peak host bytes while the block is prepared and trained
+    replay_bytes: int = 0  # outputs carried forward while the block is prepared (host and disk; replay_cache_mb)
     flops: dict[str, float] = field(default_factory=dict)  # work -> FLOPs
 
     @property
@@ -267,7 +271,9 @@ class _FusedSDPA(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.nn.functional.scaled_dot_product_attention:
-            query, key, value = args[:3]
+            kwargs = kwargs or {}
+            named = [kwargs[k] for k in ("query", "key", "value")[len(args[:3]):]]  # diffusers passes them by name
+            query, key, value = [*args[:3], *named]
             return _FusedAttention.apply(query, key, value)
         return func(*args, **(kwargs or {}))
 
@@ -330,7 +336,14 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     own computation (traced operation by operation: seconds to minutes), keeping the resident models, the
     caches and the host terms: what a CPU run checks before it starts."""
     from dq.arch import sample_shape
-    from dq.bkd.blocks import WHOLE_MODEL, block_io, output_tensors, recomputed_blocks, run_model
+    from dq.bkd.blocks import (
+        WHOLE_MODEL,
+        block_io,
+        block_readers,
+        output_tensors,
+        recomputed_blocks,
+        run_model,
+    )
     from dq.bkd.distiller import training_blocks
     from dq.quant import act_quantizers, set_quant_enabled
 
@@ -379,15 +392,21 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     one_in, one_out = captures(1)
     two_in, two_out = captures(2)
 
+    # the bytes a cache stores a value in: method.distill.cache_dtype for floating-point inputs and the targets
+    store_size = 2 if getattr(distill, "cache_dtype", "fp32") == "bf16" else 4
+
+    def stored(x: torch.Tensor) -> int:
+        return x.numel() * (min(store_size, x.element_size()) if x.is_floating_point() else x.element_size())
+
     def cache_bytes(name: str) -> tuple[int, int]:
         io1, io2 = block_io(student, one_in[name], None), block_io(student, two_in[name], None)
         leaves1 = [(i, x) for i, x in enumerate(io1.leaves) if isinstance(x, torch.Tensor)]
         shared_in = sum(_bytes([x]) for i, x in leaves1 if i in io1.shared)
-        b1 = sum(_bytes([x]) for i, x in leaves1 if i not in io1.shared)
-        b2 = sum(_bytes([x]) for i, x in enumerate(io2.leaves) if isinstance(x, torch.Tensor) and i not in io2.shared)
+        b1 = sum(stored(x) for i, x in leaves1 if i not in io1.shared)
+        b2 = sum(stored(x) for i, x in enumerate(io2.leaves) if isinstance(x, torch.Tensor) and i not in io2.shared)
         row_in, fixed_in = b2 - b1, 2 * b1 - b2
-        row_out = sum(t.numel() * 4 for t in two_out[name]) - sum(t.numel() * 4 for t in one_out[name])
-        fixed_out = sum(t.numel() * 4 for t in one_out[name]) - row_out
+        row_out = sum(t.numel() * store_size for t in two_out[name]) - sum(t.numel() * store_size for t in one_out[name])
+        fixed_out = sum(t.numel() * store_size for t in one_out[name]) - row_out
         inputs_total = n * row_in + len(chunks) * fixed_in + shared_in
         targets = n * row_out + len(chunks) * fixed_out if distill.iters_per_block > 0 else 0
         return inputs_total, targets
@@ -479,15 +498,27 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     # host: the calibration tuples and the guidance mix, held for the whole run
     x_row = math.prod(sample) * 4
     cond_row = 0 if spec.cond_shape is None else math.prod(spec.cond_shape) * torch.empty((), dtype=spec.cond_dtype).element_size()
-    calibration_file = n * (x_row + 16 + cond_row * (2 if spec.guidance else 1))
-    tuples_host = calibration_file + (n * cond_row if spec.guidance and distill.uncond_fraction > 0 else 0)
+    if spec.cond_shape:  # text embeddings: a table of one row per prompt (and the unconditional one), an index per tuple
+        prompts = min(spec.num_prompts or spec.num_trajectories, spec.num_trajectories)
+        cond_bytes = (prompts + spec.guidance) * cond_row + n * 8 * (2 if spec.guidance else 1)
+    else:  # a class label per tuple (and the null class)
+        cond_bytes = n * cond_row * (2 if spec.guidance else 1)
+    calibration_file = n * (x_row + 16) + cond_bytes
+    # the guidance mix: a new index (a table) or a new label tensor, beside the loaded tuples
+    mix = (n * 8 if spec.cond_shape else n * cond_row) if spec.guidance and distill.uncond_fraction > 0 else 0
+    tuples_host = calibration_file + mix
 
     plans: list[BlockPlan] = []
     optimizer_state = 0  # Adam's two moments of every block trained so far (one Adam over the student)
-    target_budget, replay_budget = distill.target_cache_mb * MIB, distill.replay_cache_mb * MIB
+    target_budget = distill.target_cache_mb * MIB
     if distill.target_cache_mb == 0:
         target_budget = -1  # one block a pass
     sizes = {name: cache_bytes(name) for name in blocks}
+    # each block's output over the N rows as it returns it (fp32), and which blocks read it: what the replay
+    # carries forward (dq.bkd.blocks.BlockReplay)
+    out_bytes = {b: n * (sum(t.numel() * 4 for t in two_out[b]) - sum(t.numel() * 4 for t in one_out[b])) for b in names}
+    carrying = distill.replay_cache_mb > 0 and getattr(distill, "replay_spill", True)
+    readers = block_readers(teacher, names, _meta_batch(2, sample, spec, spec.num_steps)) if carrying and names else {}
     # the teacher pass of a block captures the targets of the blocks after it that fit with it in
     # target_cache_mb (BlockDistiller.target_group), allocated whole when the pass starts
     groups: list[list[str]] = []
@@ -518,16 +549,14 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     host_models = resident if spec.device == "cpu" else 0
     tiers: dict[str, str] = {}
     host_of: dict[str, int] = {}
-    replayed = 0  # trained blocks' outputs kept for the later prefix passes, at most replay_cache_mb
+    replay_host, replay_disk = carried_forward(names, out_bytes, readers, distill)
     for name in blocks:
         inputs_b, targets_b = sizes[name]
         _, train_peak, init_peak, optimizer_state = phases[name]
         # host beside the cache: the tuples, one capture chunk, the replay cache (and on a CPU run the models
         # and the computation); the targets captured ahead with this block's come on top
         chunk = math.ceil(inputs_b * min(cb, n) / n)
-        host_of[name] = tuples_host + chunk + replayed
-        if name != WHOLE_MODEL:
-            replayed = min(int(replay_budget), replayed + targets_b)
+        host_of[name] = tuples_host + chunk + replay_host.get(name, 0)
         others = sum(sizes[b][1] for b in group_of.get(name, [name]) if b != name)
         tiers[name] = _cache_tier(distill, inputs_b + targets_b, spec,
                                   resident + max(optimizer_state + train_peak, init_peak),
@@ -540,6 +569,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         iters = distill.end_to_end_iters if name == WHOLE_MODEL and names else distill.iters_per_block
         on_gpu = inputs_b + targets_b if tier == "cuda" else 0
         plan = BlockPlan(name, inputs_b, targets_b, tier, trainable, train_peak)
+        plan.replay_bytes = replay_host.get(name, 0) + replay_disk.get(name, 0)
         plan.gpu = {"capture": resident + capture, "init": resident + on_gpu + init_peak,
                     "train": resident + on_gpu + optimizer_state + train_peak}
         # targets of the block's teacher pass held on the host (a disk block's go to disk; a GPU block's
@@ -549,7 +579,11 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         plan.host = host_of[name] + held + (ahead - (targets_b if tier != "disk" else 0))
         prefix = model_flops if name == WHOLE_MODEL else sum(block_flops[b] for b in names[: names.index(name)])
         passes = 4 if name == WHOLE_MODEL and distill.end_to_end_recompute else 3  # forward, backward (2x), rerun
-        plan.flops = {"capture": n * (prefix + model_flops), "init": n * block_flops[name],
+        if name == WHOLE_MODEL or not carrying:  # the student's prefix and the teacher's pass over all N rows
+            prepare = n * (prefix + model_flops)
+        else:  # carried forward: the block itself in the teacher's pass and in the replay recording, and the
+            prepare = 2 * n * block_flops[name] + 2 * chunks[0] * prefix  # first chunk's checks in full
+        plan.flops = {"capture": prepare, "init": n * block_flops[name],
                       "train": iters * bs * passes * block_flops[name]}
         plans.append(plan)
 
@@ -577,9 +611,27 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     }
     seconds = {k: v / (spec.tflops * 1e12) for k, v in seconds.items()}
     seconds["total"] = sum(seconds.values())
-    disk = max((b.cache_bytes for b in plans if b.cache_device == "disk"), default=0)
+    disk = max((b.cache_bytes * (b.cache_device == "disk") + replay_disk.get(b.name, 0) for b in plans), default=0)
     return Plan(spec, model_name or type(teacher).__name__, params, plans, gpu, host, disk, calibration_file, seconds,
                 distill.end_to_end_recompute)
+
+
+def carried_forward(names: list[str], out_bytes: dict[str, int], readers: dict[str, frozenset[int]], distill
+                    ) -> tuple[dict[str, int], dict[str, int]]:
+    """Per block, the bytes of the outputs carried forward while it is prepared, (on the host, on disk): the
+    outputs of the earlier blocks a block from this one on still reads, kept twice (the student's trained
+    blocks and the teacher's, dq.bkd.BlockReplay), on the host up to replay_cache_mb and the rest on disk
+    (replay_spill); nothing when the replay is off."""
+    host: dict[str, int] = {}
+    disk: dict[str, int] = {}
+    if distill.replay_cache_mb == 0:
+        return host, disk
+    budget = int(distill.replay_cache_mb * MIB)
+    for k, name in enumerate(names):
+        live = 2 * sum(out_bytes[names[j]] for j in range(k) if max(readers.get(names[j], frozenset()), default=-1) >= k)
+        host[name] = min(budget, live)
+        disk[name] = max(0, live - budget) if getattr(distill, "replay_spill", True) else 0
+    return host, disk
 
 
 def _cache_tier(distill, cache: int, spec: PlanSpec, gpu_phases: int, host_beside: int) -> str:

@@ -39,17 +39,20 @@ def _calibration(unet: nn.Module, cond: tuple, seed: int = 0) -> dict[str, torch
     return tuples
 
 
-@pytest.mark.parametrize("family", ["sd14", "sdxl", "pixart_sigma", "sd3", "flux_dev", "sana"])
-def test_planned_cache_bytes_are_what_build_cache_allocates(family, tmp_path):
+@pytest.mark.parametrize("family,cache_dtype", [(f, "fp32") for f in ["sd14", "sdxl", "pixart_sigma", "sd3", "flux_dev",
+                                                                         "sana"]] + [("sd14", "bf16"), ("flux_dev", "bf16")])
+def test_planned_cache_bytes_are_what_build_cache_allocates(family, cache_dtype, tmp_path):
     """Per block (and the end-to-end stage), the plan's cache bytes from the meta-device model equal the bytes
-    of the cache BlockDistiller.build_cache builds from the real tiny model in the family's hub layout."""
+    of the cache BlockDistiller.build_cache builds from the real tiny model in the family's hub layout, in
+    either cache dtype."""
     folder = WRITERS[family](tmp_path / family)
     unet, _ = load_model_folder(folder, sample_size=8 if family.startswith("flux") else None)
     config = {**unet.config, "_class_name": type(unet).__name__}
     meta = meta_denoiser(config, {})
     cond = conditioning_of(meta, {"conditioning": {"max_sequence_length": TOKEN_LENGTH}})
     quant = QuantConfig(num_steps=STEPS, num_groups=STEPS)
-    distill = DistillConfig(iters_per_block=2, batch_size=4, capture_batch_size=8, end_to_end_iters=2)
+    distill = DistillConfig(iters_per_block=2, batch_size=4, capture_batch_size=8, end_to_end_iters=2,
+                            cache_dtype=cache_dtype)
     spec = PlanSpec(num_samples=N, num_trajectories=N, generation_batch_size=4, num_steps=STEPS, guidance=True,
                     cond_shape=cond[0], cond_dtype=cond[1])
     plan = make_plan(meta, quant, distill, spec, trace=False)
@@ -59,8 +62,12 @@ def test_planned_cache_bytes_are_what_build_cache_allocates(family, tmp_path):
     for k, block in enumerate(plan.blocks):
         distiller.begin_block(k)
         assert block.cache_bytes == distiller.cache.nbytes, block.name
-        assert block.target_bytes == sum(t.numel() * 4 for t in distiller.cache.output), block.name
+        assert block.target_bytes == sum(t.numel() * t.element_size() for t in distiller.cache.output), block.name
+        assert {t.dtype for t in distiller.cache.output} == {torch.bfloat16 if cache_dtype == "bf16" else torch.float32}
         distiller.end_block()
+    # the outputs carried forward: the plan's bound holds what the two replays kept at once
+    kept = distiller.replay_peak["host"] + distiller.replay_peak["disk"]
+    assert 0 < kept <= max(b.replay_bytes for b in plan.blocks)
 
 
 def test_traced_peak_on_meta_is_what_the_cpu_allocates():

@@ -115,6 +115,9 @@ class BlockIO:
     # first, where that is not the plain order (an attention output comes channels-last); the cache itself
     # is contiguous
     layouts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # per tensor leaf (by index) stored in another dtype than the block computes in (bf16 caches,
+    # method.distill.cache_dtype), the dtype it was captured in: `run` gives the block that one back
+    dtypes: dict[int, torch.dtype] = field(default_factory=dict)
 
     def call(self, block: nn.Module, index: torch.Tensor | slice | None = None) -> list[torch.Tensor]:
         """Run `block` on the captured inputs (rows `index` of every batched tensor; shared tensors whole),
@@ -127,7 +130,7 @@ class BlockIO:
         another layout), so that the output is bitwise the one that pass would compute."""
         device = next(block.parameters()).device
         leaves = [
-            (leaf if index is None or i in self.shared else leaf[index]).to(device, non_blocking=True)
+            (leaf if index is None or i in self.shared else leaf[index]).to(device, self.dtypes.get(i), non_blocking=True)
             if isinstance(leaf, torch.Tensor) else leaf
             for i, leaf in enumerate(self.leaves)
         ]
@@ -162,7 +165,7 @@ class BlockIO:
         """The same inputs and output on `device` (tensors already there are not copied)."""
         leaves = [leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
         return BlockIO(leaves, self.spec, None if self.output is None else [t.to(device) for t in self.output],
-                       self.shared, self.layouts)
+                       self.shared, self.layouts, self.dtypes)
 
 
 def _run_until_stopped(model: nn.Module, batch: dict[str, torch.Tensor], handles: list) -> None:
@@ -234,17 +237,21 @@ def _dense_strides(shape: torch.Size, order: tuple[int, ...]) -> tuple[int, ...]
     return tuple(strides)
 
 
-def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]
-                    ) -> dict[str, list[torch.Tensor]]:
+def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor], returned: bool = False
+                    ) -> dict[str, list[torch.Tensor]] | tuple[dict[str, list[torch.Tensor]], dict[str, Any]]:
     """Run `model` on `batch` once and return the output tensors of the blocks `names` (in execution order);
     the pass stops after the last of them. The same values as one capture_block per name: a forward stopped
-    early computes its prefix exactly as a full one does."""
+    early computes its prefix exactly as a full one does. returned: also each block's return value as it is,
+    copied to the host (`BlockReplay.stored`: code after a block may change its output in place)."""
     outputs: dict[str, list[torch.Tensor]] = {}
+    values: dict[str, Any] = {}
     last = names[-1]
 
     def hook_for(name: str):
         def hook(module, args, output):
             outputs[name] = output_tensors(output)
+            if returned:
+                values[name] = BlockReplay.stored(output)
             if name == last:
                 raise _StopForward
 
@@ -254,7 +261,7 @@ def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.T
     missing = [n for n in names if n not in outputs]
     if missing:
         raise RuntimeError(f"blocks {missing} did not run in the forward pass")
-    return outputs
+    return (outputs, values) if returned else outputs
 
 
 def same_block_io(a: BlockIO, b: BlockIO) -> bool:
@@ -411,22 +418,37 @@ def nbytes_of(tree: Any) -> int:
 
 
 class BlockReplay:
-    """What trained blocks returned on every calibration chunk, so that when a later block's inputs are captured
-    (build_cache) they need not run again: a block frozen after training gives the same output on the same
-    inputs, and the student's prefix pass then costs the code between blocks, not the blocks.
+    """What blocks returned on every calibration chunk, so that a later pass over the same chunk need not run
+    them: a frozen block gives the same output on the same inputs. The student's prefix passes (build_cache)
+    replay its trained blocks, the teacher's target passes replay the teacher's earlier blocks, and a pass
+    then costs the code between blocks, not the blocks: each block's outputs are carried forward to the
+    blocks that read them.
 
-    Per block and capture chunk it keeps the output as the block returned it (its tuple or output class,
-    memory format included) on the CPU while a later block reads it ("outputs"), and always its shapes
-    ("shapes"), for a stand-in of zeros where no block still to run reads the value. A block with neither
-    runs: what is kept changes what a prefix pass costs, never what it computes."""
+    Per block and capture chunk it keeps the output as the block returned it (its tuple or output class) while
+    a later block reads it ("outputs"): in host memory, or in memory-mapped files on disk ("disk", via an
+    allocator of dq.bkd.store) once the host's share is spent; and always its shapes, dtypes and memory
+    layouts ("shapes"), for a stand-in of zeros where no block still to run reads the value, and to give a
+    value kept on disk its layout back. A block with neither runs: what is kept changes what a pass costs,
+    never what it computes."""
 
     def __init__(self) -> None:
         self.outputs: dict[str, list[Any]] = {}
         self.shapes: dict[str, list[Any]] = {}
+        self.on_disk: set[str] = set()  # blocks whose kept values live in memory-mapped files
 
     @property
     def total_bytes(self) -> int:
+        """The bytes of every kept value, on the host and on disk."""
         return sum(nbytes_of(chunks) for chunks in self.outputs.values())
+
+    @property
+    def host_bytes(self) -> int:
+        """The bytes of the values kept in host memory."""
+        return sum(nbytes_of(chunks) for name, chunks in self.outputs.items() if name not in self.on_disk)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.total_bytes - self.host_bytes
 
     @staticmethod
     def replayable(output: Any) -> bool:
@@ -438,35 +460,84 @@ class BlockReplay:
         """A block's return value with every tensor replaced by its shape, dtype and layout."""
         return pytree.tree_map(lambda t: _TensorShape.of(t) if isinstance(t, torch.Tensor) else t, output)
 
-    def record(self, name: str, shapes: list[Any], outputs: list[Any] | None) -> None:
+    @staticmethod
+    def stored(output: Any, allocate=None) -> Any:
+        """A copy of a block's return value to keep: on the host (a CPU value is copied, so that code after the
+        block cannot change it in place), or, given `allocate` (dq.bkd.store.tier_allocator), in tensors it
+        allocates (contiguous; `replaying` gives them their layout back)."""
+        def keep(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            if allocate is None:
+                return t.detach().to("cpu", copy=True)
+            return allocate(tuple(t.shape), t.dtype).copy_(t.detach())
+
+        return pytree.tree_map(keep, output)
+
+    def record(self, name: str, shapes: list[Any], outputs: list[Any] | None, on_disk: bool = False) -> None:
         """Block `name`'s output shapes (shapes_of), one per capture chunk in order, and its output values
-        (on the CPU) when they are to be kept."""
+        (`stored`) when they are to be kept; on_disk: the values are in memory-mapped files."""
         self.shapes[name] = shapes
         if outputs is not None:
             self.outputs[name] = outputs
+            if on_disk:
+                self.on_disk.add(name)
 
     def drop(self, name: str) -> None:
-        """Forget block `name`'s output values (its shapes stay)."""
+        """Forget block `name`'s output values (its shapes stay); a disk value's file goes with it."""
         self.outputs.pop(name, None)
+        self.on_disk.discard(name)
+
+    def drop_read_by(self, readers: dict[str, frozenset[int]], position: int) -> None:
+        """Forget the values no block after `position` reads (readers: dq.bkd.blocks.block_readers)."""
+        for name in list(self.outputs):
+            if max(readers.get(name, frozenset()), default=-1) <= position:
+                self.drop(name)
+
+    def standins(self, blocks: list[str], readers: dict[str, frozenset[int]], k: int) -> set[str]:
+        """The blocks before block k (of `blocks`, in execution order) that may return zeros in a pass that
+        stops at block k: their shapes are recorded, and every block that reads their output comes before
+        block k and does not run (it replays its output or is a stand-in itself). Decided from the last block
+        backwards, so that a block that must run keeps the blocks it reads running or replayed."""
+        standins, running = set(), set()
+        for j in reversed(range(k)):
+            name = blocks[j]
+            if name in self.outputs:
+                continue
+            block_readers = readers.get(name, frozenset())
+            if name in self.shapes and all(r < k and blocks[r] not in running for r in block_readers):
+                standins.add(name)
+            else:
+                running.add(name)
+        return standins
 
     @contextlib.contextmanager
     def replaying(self, model: nn.Module, chunk: int, device: torch.device, standins: Iterable[str] = ()):
         """Within: every block of `model` with a kept output returns it for capture chunk `chunk` (a copy on
-        `device`, so that code after it may change it in place), and the blocks `standins` return zeros of
-        their output's shapes, all without running."""
+        `device` in the layout the block returned it in, so that code after it may change it in place), and
+        the blocks `standins` return zeros of their output's shapes, all without running."""
 
-        def copy(t):
-            return t.to(device, copy=True) if isinstance(t, torch.Tensor) else t
+        def restored(t, shape):
+            if not isinstance(t, torch.Tensor):
+                return t
+            if isinstance(shape, _TensorShape) and shape.order != tuple(range(t.dim())):
+                return torch.empty_permuted(shape.shape, shape.order, dtype=shape.dtype, device=device).copy_(t)
+            return t.to(device, copy=True)
 
         def zeros(t):
             if isinstance(t, _TensorShape):
                 return torch.empty_permuted(t.shape, t.order, dtype=t.dtype, device=device).zero_()
             return t
 
-        def returning(value: Any, make):
-            return lambda *args, **kwargs: pytree.tree_map(make, value)
+        def returning(name: str):
+            value, shapes = self.outputs[name][chunk], self.shapes[name][chunk]
+            return lambda *args, **kwargs: pytree.tree_map(restored, value, shapes)
 
-        replacements = {name: returning(chunks[chunk], copy) for name, chunks in self.outputs.items()}
-        replacements.update({name: returning(self.shapes[name][chunk], zeros) for name in standins})
+        def standing_in(name: str):
+            shapes = self.shapes[name][chunk]
+            return lambda *args, **kwargs: pytree.tree_map(zeros, shapes)
+
+        replacements = {name: returning(name) for name in self.outputs}
+        replacements.update({name: standing_in(name) for name in standins})
         with patched_forwards(model, replacements):
             yield

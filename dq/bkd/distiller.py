@@ -32,7 +32,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from dq.arch import describe
 from dq.bkd.blocks import (
@@ -51,6 +50,7 @@ from dq.bkd.blocks import (
 from dq.bkd.guidance import with_guidance_rows
 from dq.bkd.schedule import TimestepGroupSchedule, check_group_schedule
 from dq.bkd.store import BlockIOFiller, tier_allocator
+from dq.calibration.tuples import select_rows
 from dq.config_values import check_field_types
 from dq.errors import UserError
 from dq.placement import enter as enter_phase
@@ -75,6 +75,7 @@ from dq.sampling import unet_forward
 log = logging.getLogger(__name__)
 
 TEACHER_PRECISIONS = ("fp32", "bf16")
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_END_TO_END_ITERS = 300  # the stage's length in the recipe (W4A4 +0.9 dB over BKD alone: docs/results)
 _CACHE_DEVICE = re.compile(r"cpu|auto|disk|cuda(:\d+)?")
 
@@ -98,13 +99,17 @@ class DistillConfig:
     - target_cache_mb: one teacher pass yields the targets of as many consecutive blocks as fit in this
       many MiB of host memory (at least one block), kept until their blocks come; 0 = one pass per block.
       The targets are the same either way; fewer passes make block preparation cheaper.
-    - replay_cache_mb: host memory for the trained blocks' outputs on the calibration tuples: while a later
-      block's inputs are captured, a block with a kept output returns it instead of running (it is frozen,
-      so the output is the one it would compute), and the student's prefix pass costs little more than the
-      code between blocks. A value is kept until the last block that reads it (found once, by tracing a
-      forward pass), then a stand-in of zeros replaces it where nothing still to run reads it (checked
-      bitwise on each block's first chunk); 0 = every prefix pass runs its blocks. The caches are the same
-      either way.
+    - replay_cache_mb: host memory for the blocks' outputs on the calibration tuples, carried forward to the
+      blocks that read them: while a later block's inputs are captured, a trained (frozen) student block
+      with a kept output returns it instead of running, and in the teacher's target passes each earlier
+      teacher block returns the output its own pass kept; a prefix pass then costs little more than the
+      code between blocks, and preparing a block runs one block over the N tuples, not the whole prefix. A
+      value is kept until the last block that reads it (found once, by tracing a forward pass), then a
+      stand-in of zeros replaces it where nothing still to run reads it (checked bitwise on each pass's
+      first chunk); 0 = every prefix pass runs its blocks. The caches are the same either way.
+    - replay_spill: values past replay_cache_mb go to memory-mapped files under cache_dir (dq.bkd.store),
+      so that outputs are carried forward at any model size; false: they are not kept, and the blocks that
+      would have returned them run.
     """
 
     # The defaults are the recipe conf/method/dilatequant.yaml runs (a test checks that they agree): the
@@ -124,11 +129,15 @@ class DistillConfig:
     cache_gpu_fraction: float = 0.5
     cache_dir: str | None = None  # disk-tier caches: memory-mapped files here (None: $DQ_CACHE_DIR/blocks)
     teacher_precision: str = "fp32"  # "fp32" | "bf16" (autocast of the teacher's target forwards)
+    # the dtype block caches store the student's inputs and the teacher's targets in: "fp32", or "bf16" (half
+    # the bytes; each value rounded to bfloat16 once, the block still computes in fp32)
+    cache_dtype: str = "fp32"
     compile: bool = False  # torch.compile the current block for its training steps
     compile_mode: str | None = None  # torch.compile(mode=...): None, "reduce-overhead", "max-autotune", ...
     compile_backend: str = "inductor"  # torch.compile(backend=...); "aot_eager" compiles fast (tests)
     target_cache_mb: float = 1024.0  # host memory for teacher targets captured ahead of their block
-    replay_cache_mb: float = 1024.0  # host memory for trained blocks' outputs replayed in later prefix passes
+    replay_cache_mb: float = 1024.0  # host memory for blocks' outputs replayed in later passes (0: off)
+    replay_spill: bool = True  # replayed outputs past replay_cache_mb in memory-mapped files under cache_dir
     act_drop: float = 0.0  # training steps: each activation element skips its quantizer with this probability
     # after the last block, the whole student distilled on the model output (eq. 15 with the model as the
     # block) for this many iterations (0 = BKD only), with learning rates of its own (same units as above);
@@ -198,6 +207,8 @@ class DistillConfig:
         if not 0.0 < self.lowrank_decay_end <= 1.0:
             raise UserError(f"lowrank_decay_end must lie in (0, 1], got {self.lowrank_decay_end}")
         check_group_schedule(self.group_schedule)
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise UserError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.teacher_precision not in TEACHER_PRECISIONS:
             allowed = ", ".join(TEACHER_PRECISIONS)
             raise UserError(f"teacher_precision must be one of {allowed}, got {self.teacher_precision!r}")
@@ -327,6 +338,8 @@ class BlockDistiller(L.LightningModule):
         self._stage_started: float | None = None
         self._targets: dict[str, list[torch.Tensor]] = {}  # teacher targets captured ahead of their blocks
         self.replay = BlockReplay()  # trained blocks' outputs, returned in place of running them (replay_cache_mb)
+        self.teacher_replay = BlockReplay()  # the teacher's block outputs, for its later target passes
+        self.replay_peak = {"host": 0, "disk": 0}  # the most bytes the two replays held at once, per place
         self._readers: dict[str, frozenset[int]] = {}  # block -> positions of the blocks that read its output
         self._target_row_bytes: dict[str, int] | None = None
         # what the student depends on (dq.resume.run_identity), stored in every checkpoint; set by train.py
@@ -339,12 +352,17 @@ class BlockDistiller(L.LightningModule):
         return model if name == WHOLE_MODEL else model.get_submodule(name)
 
     def calibration_batch(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
-        rows = _host_rows(rows)
-        return {k: v[rows].to(self.device) for k, v in self.calibration.items() if isinstance(v, torch.Tensor)}
+        tuples = {k: v for k, v in self.calibration.items() if isinstance(v, torch.Tensor)}
+        return {k: v.to(self.device) for k, v in select_rows(tuples, _host_rows(rows)).items()}
 
     def calibration_steps(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """The step indices of calibration rows (rows may live on the accelerator), on the module's device."""
         return self.calibration["step"][_host_rows(rows)].to(self.device)
+
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        """The dtype a block cache stores floating-point inputs in, where it is not the captured one."""
+        return None if self.distill.cache_dtype == "fp32" else CACHE_DTYPES[self.distill.cache_dtype]
 
     def teacher_autocast(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
         """The context of a teacher forward that produces targets: bfloat16 autocast on the batch's device
@@ -364,7 +382,7 @@ class BlockDistiller(L.LightningModule):
         its exact size."""
         filler = None
         step = self.distill.capture_batch_size
-        standins = self.replay_standins(self.state.block) if name != WHOLE_MODEL else set()
+        standins = self.replay.standins(self.blocks, self._readers, self.state.block) if name != WHOLE_MODEL else set()
         tier = self.cache_tier(name)
         for chunk, start in enumerate(range(0, self.num_samples, step)):
             batch = self.calibration_batch(slice(start, start + step))
@@ -376,14 +394,12 @@ class BlockDistiller(L.LightningModule):
                                 "it read; preparing it with them running", name)
                     standins, part = set(), check
             if filler is None:  # the whole cache allocated in its tier, each chunk copied into its rows
-                filler = BlockIOFiller(part, self.num_samples, self.allocator(tier))
+                filler = BlockIOFiller(part, self.num_samples, self.allocator(tier), self.stored_dtype)
             else:
                 filler.add(part)
         log.debug("BKD block %s: prefix pass with %d blocks replayed, %d stand-ins", name or "model",
                   len(self.replay.outputs), len(standins))
-        for other in list(self.replay.outputs):  # values no block after this one reads
-            if max(self._readers.get(other, frozenset()), default=-1) <= self.state.block:
-                self.replay.drop(other)
+        self.replay.drop_read_by(self._readers, self.state.block)  # values no block after this one reads
         cache = filler.result()
         # initialisation needs only the student's inputs: PTQ (no iterations) never asks the teacher
         cache.output = self.teacher_targets(name) if self.block_iters(self.state.block) > 0 else None
@@ -398,26 +414,85 @@ class BlockDistiller(L.LightningModule):
     @torch.no_grad()
     def teacher_targets(self, name: str) -> list[torch.Tensor]:
         """The teacher's output tensors of block `name` for every calibration row (fp32, on the CPU), from the
-        targets captured ahead (target_cache_mb) or a new teacher pass that also captures the next blocks'."""
+        targets captured ahead (target_cache_mb) or a new teacher pass that also captures the next blocks'.
+        The pass replays the earlier teacher blocks' outputs its predecessors kept (replay_cache_mb) and keeps
+        those of its own blocks that a later block reads."""
         if name not in self._targets:
             names = self.target_group(name)
             targets: dict[str, list[torch.Tensor]] = {}
             step = self.distill.capture_batch_size
-            for start in range(0, self.num_samples, step):
+            replay = self.distill.replay_cache_mb > 0 and name != WHOLE_MODEL
+            first, last = (self.blocks.index(names[0]), self.blocks.index(names[-1])) if replay else (0, 0)
+            standins = self.teacher_replay.standins(self.blocks, self._readers, first) if replay else set()
+            # the group's blocks whose outputs a block after the group reads: kept for the later passes
+            carried = [n for n in names if replay and max(self._readers.get(n, frozenset()), default=-1) > last]
+            kept: dict[str, list] = {n: [] for n in carried}
+            shapes: dict[str, list] = {n: [] for n in names} if replay else {}
+            tiers: dict[str, str | None] = {}
+            starts = list(range(0, self.num_samples, step))
+            for chunk, start in enumerate(starts):
                 batch = self.calibration_batch(slice(start, start + step))
                 with self.teacher_autocast(batch):
                     if name == WHOLE_MODEL:
                         outputs = {name: capture_block(self.teacher, name, batch, want_output=True).output}
+                        returned = {}
                     else:
-                        outputs = capture_outputs(self.teacher, names, batch)
-                for n in names:  # fp32 targets whatever the teacher's precision: the loss is computed in fp32
+                        outputs, returned = self._teacher_pass(names, chunk, batch, standins)
+                        if chunk == 0 and standins:  # the first chunk again with every stand-in block running
+                            check, check_returned = self._teacher_pass(names, chunk, batch, set())
+                            if not all(all(map(torch.equal, check[n], outputs[n])) for n in names):
+                                log.warning("BKD: the teacher's outputs of %s depend on blocks the forward-pass "
+                                            "trace did not see them read; capturing them with those running", names[0])
+                                standins, outputs, returned = set(), check, check_returned
+                for n in shapes:
+                    shapes[n].append(BlockReplay.shapes_of(returned[n]))
+                for n in list(kept):
+                    if n not in tiers:  # the first chunk is the largest: the whole value is bounded ahead
+                        tiers[n] = self.replay_tier(nbytes_of(returned[n]) * len(starts), returned[n])
+                    if tiers[n] is None:
+                        del kept[n]
+                    else:
+                        value = returned[n]  # already a host copy (capture_outputs)
+                        kept[n].append(value if tiers[n] == "cpu" else BlockReplay.stored(value, self.allocator("disk")))
+                for n in names:  # targets in cache_dtype whatever the teacher's precision: the loss is computed in fp32
                     if n not in targets:  # allocated whole (on disk for a disk-tier block), filled chunk by chunk
                         allocate = self.allocator("disk" if self.cache_tier(n) == "disk" else "cpu")
-                        targets[n] = [allocate((self.num_samples, *t.shape[1:]), torch.float32) for t in outputs[n]]
+                        targets[n] = [allocate((self.num_samples, *t.shape[1:]), CACHE_DTYPES[self.distill.cache_dtype])
+                                      for t in outputs[n]]
                     for full, t in zip(targets[n], outputs[n], strict=True):
                         full[start : start + t.shape[0]].copy_(t.float())
+            for n in shapes:
+                self.teacher_replay.record(n, shapes[n], kept.get(n), on_disk=tiers.get(n) == "disk")
+            self._note_replay_peak()
+            if replay:
+                self.teacher_replay.drop_read_by(self._readers, last)  # values no block after the group reads
             self._targets = targets
         return self._targets.pop(name)
+
+    def _teacher_pass(self, names: list[str], chunk: int, batch: dict[str, torch.Tensor], standins: set[str]
+                      ) -> tuple[dict[str, list[torch.Tensor]], dict[str, Any]]:
+        """One teacher pass on a capture chunk up to the last of `names`, the earlier blocks replayed or stood
+        in for: each block's output tensors, and what it returned."""
+        with self.teacher_replay.replaying(self.teacher, chunk, batch["x_t"].device, standins):
+            return capture_outputs(self.teacher, names, batch, returned=True)
+
+    def replay_tier(self, nbytes: int, output: Any) -> str | None:
+        """Where a replayed value of `nbytes` bytes is kept: "cpu" while the host's share (replay_cache_mb,
+        both replays together) holds it, else "disk" (replay_spill), else nowhere (None)."""
+        if not BlockReplay.replayable(output):
+            return None
+        host = self.replay.host_bytes + self.teacher_replay.host_bytes
+        if host + nbytes <= self.distill.replay_cache_mb * 2**20:
+            return "cpu"
+        return "disk" if self.distill.replay_spill else None
+
+    def _replay_allocator(self, tier: str):
+        return self.allocator("disk") if tier == "disk" else None
+
+    def _note_replay_peak(self) -> None:
+        for place, nbytes in (("host", self.replay.host_bytes + self.teacher_replay.host_bytes),
+                              ("disk", self.replay.disk_bytes + self.teacher_replay.disk_bytes)):
+            self.replay_peak[place] = max(self.replay_peak[place], nbytes)
 
     def target_group(self, name: str) -> list[str]:
         """Block `name` and the blocks after it whose targets fit with it in target_cache_mb (fp32, all N rows)."""
@@ -441,15 +516,15 @@ class BlockDistiller(L.LightningModule):
     @torch.no_grad()
     def record_replay(self, k: int) -> None:
         """Trained block k's outputs on every capture chunk, for the later blocks' prefix passes: the values
-        when a later block reads them and they fit in replay_cache_mb with the values kept already, the
-        shapes always (a stand-in once no block still to run reads them)."""
+        when a later block reads them (on the host within replay_cache_mb, else on disk with replay_spill),
+        the shapes always (a stand-in once no block still to run reads them)."""
         name = self.blocks[k]
         off = self.distill.replay_cache_mb == 0
         if off or name == WHOLE_MODEL or self.cache is None or all(b == WHOLE_MODEL for b in self.blocks[k + 1 :]):
             return
         block, step = self.block_module(name), self.distill.capture_batch_size
         starts = list(range(0, self.num_samples, step))
-        keep, shapes, values = max(self._readers.get(name, frozenset()), default=-1) > k, [], []
+        keep, shapes, values, tier = max(self._readers.get(name, frozenset()), default=-1) > k, [], [], None
         for start in starts:
             rows = slice(start, start + step)
             with step_context(self.student, self.calibration_steps(rows)):
@@ -458,29 +533,13 @@ class BlockDistiller(L.LightningModule):
                 if not BlockReplay.replayable(output):
                     return
                 # the first chunk is the largest: the size of the whole output is bounded ahead
-                budget = self.distill.replay_cache_mb * 2**20
-                keep = keep and self.replay.total_bytes + nbytes_of(output) * len(starts) <= budget
+                tier = self.replay_tier(nbytes_of(output) * len(starts), output) if keep else None
+                keep = tier is not None
             shapes.append(BlockReplay.shapes_of(output))
             if keep:  # values not kept are never held, not even for the length of this loop
-                values.append(pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, output))
-        self.replay.record(name, shapes, values if keep else None)
-
-    def replay_standins(self, k: int) -> set[str]:
-        """The blocks before block k that may return zeros in its prefix pass: their shapes are recorded, and
-        every block that reads their output comes before block k and does not run (it replays its output or
-        is a stand-in itself). Decided from the last block backwards, so that a block that must run keeps the
-        blocks it reads running or replayed."""
-        standins, running = set(), set()
-        for j in reversed(range(k)):
-            name = self.blocks[j]
-            if name in self.replay.outputs:
-                continue
-            readers = self._readers.get(name, frozenset())
-            if name in self.replay.shapes and all(r < k and self.blocks[r] not in running for r in readers):
-                standins.add(name)
-            else:
-                running.add(name)
-        return standins
+                values.append(BlockReplay.stored(output, self._replay_allocator(tier)))
+        self.replay.record(name, shapes, values if keep else None, on_disk=tier == "disk")
+        self._note_replay_peak()
 
     def _capture_student_inputs(self, name: str, chunk: int, batch: dict[str, torch.Tensor],
                                 standins: set[str]) -> BlockIO:
@@ -634,6 +693,32 @@ class BlockDistiller(L.LightningModule):
         if resumed is None or resumed["block"] != k or resumed["iteration"] == 0:
             self._set_block_learning_rates(k)
             self._losses = []
+        self.place_optimizer_state(k)
+
+    def place_optimizer_state(self, k: int) -> None:
+        """Adam's state where block k needs it: the current block's (every block's in the end-to-end stage) on the
+        module's device; a trained block's on the host while an end-to-end stage is still to come (it continues
+        from those moments), else freed (a frozen block gets no gradient again). So the device holds the
+        optimizer state of one block at a time, whatever the depth; the training is the same."""
+        if self._trainer is None:
+            return
+        stage_ahead = any(self.is_end_to_end_stage(j) for j in range(k, len(self.blocks)))
+        current = self.block_module(self.blocks[k])
+        here = {id(p) for p in current.parameters()}
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        for param in list(optimizer.state):
+            if id(param) in here:
+                target = param.device
+            elif stage_ahead:
+                target = torch.device("cpu")
+            else:
+                del optimizer.state[param]
+                continue
+            state = optimizer.state[param]
+            for key, value in state.items():
+                # Adam's step count stays where it is (a CPU scalar unless capturable/fused)
+                if isinstance(value, torch.Tensor) and key != "step" and value.device != target:
+                    state[key] = value.to(target)
 
     def end_block(self) -> None:
         """Record block k's final loss (mean of its last 20 iterations), freeze it, move the cursor on."""

@@ -8,7 +8,9 @@ but a student distilled on `cond` alone never sees the unconditional half it wil
 `fraction` of the rows of every sampling step (chosen by a generator seeded with `seed`, so a run and its
 resume pick the same rows); everything that reads `cond` then sees the mix: the TPQ initialisation, the
 block caches (student inputs and teacher targets alike), BKD and the end-to-end stage. fraction = 0.5 is
-the sampler's own proportion (one conditional and one unconditional call per step).
+the sampler's own proportion (one conditional and one unconditional call per step). Tuples whose text
+embeddings sit in a table (dq.calibration.tuples) get the same rows switched by their index, with no copy of
+the embeddings.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def with_guidance_rows(tuples: Mapping[str, torch.Tensor], fraction: float, seed
     """The calibration tuples with `cond` replaced by `uncond` on the rows of guidance_rows (a new dict; the
     tensors given are not changed). Tuples without `uncond` (no guidance) come back as they are."""
     out = dict(tuples)
+    if "uncond_index" in tuples and "cond_index" in tuples and fraction > 0:  # a conditioning table: swap rows
+        mask = guidance_rows(tuples["step"], fraction, seed).to(tuples["cond_index"].device)
+        out["cond_index"] = torch.where(mask, tuples["uncond_index"], tuples["cond_index"])
+        log.info("calibration: %d of %d rows take the unconditional input (uncond_fraction %g)", int(mask.sum()),
+                 len(mask), fraction)
+        return out
     if fraction <= 0 or "uncond" not in tuples or "cond" not in tuples:
         if fraction > 0:
             log.debug("method.distill.uncond_fraction=%g: the calibration holds no unconditional inputs (the sampler "

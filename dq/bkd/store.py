@@ -73,12 +73,17 @@ class BlockIOFiller:
     chunk by chunk (`add`), in order. Checks what joining the chunks must keep: shared (unbatched) inputs and
     constants equal in every chunk, except an int that is each chunk's row count (PixArt's batch_size)."""
 
-    def __init__(self, first: BlockIO, num_rows: int, allocate: Allocator) -> None:
+    def __init__(self, first: BlockIO, num_rows: int, allocate: Allocator, dtype: torch.dtype | None = None) -> None:
+        """dtype: the dtype the batched floating-point inputs are stored in (None: as captured); the cache
+        gives the block its inputs back in their captured dtype (BlockIO.dtypes)."""
         self.first, self.num_rows, self.rows = first, num_rows, _rows_of(first)
         self.leaves: list = []
+        self.dtypes: dict[int, torch.dtype] = {}
         for i, leaf in enumerate(first.leaves):
             if isinstance(leaf, torch.Tensor) and i not in first.shared:
-                self.leaves.append(self._fill(allocate, leaf))
+                if dtype is not None and leaf.is_floating_point() and leaf.dtype != dtype:
+                    self.dtypes[i] = leaf.dtype
+                self.leaves.append(self._fill(allocate, leaf, dtype if i in self.dtypes else None))
             elif isinstance(leaf, torch.Tensor):  # one copy for every row, as captured
                 self.leaves.append(leaf.detach())
             else:
@@ -86,10 +91,10 @@ class BlockIOFiller:
         self.output = None if first.output is None else [self._fill(allocate, t) for t in first.output]
         self.filled = self.rows
 
-    def _fill(self, allocate: Allocator, chunk: torch.Tensor) -> torch.Tensor:
+    def _fill(self, allocate: Allocator, chunk: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         # contiguous whatever the chunk's layout: attention outputs come back channels-last, and PyTorch's CPU
         # GroupNorm backward crashes on channels-last inputs taken from such a cache (seen with torch 2.13)
-        full = allocate((self.num_rows, *chunk.shape[1:]), chunk.dtype)
+        full = allocate((self.num_rows, *chunk.shape[1:]), dtype or chunk.dtype)
         full[: chunk.shape[0]].copy_(chunk.detach())
         return full
 
@@ -112,4 +117,4 @@ class BlockIOFiller:
     def result(self) -> BlockIO:
         if self.filled != self.num_rows:
             raise RuntimeError(f"a block cache of {self.num_rows} rows was filled with {self.filled}")
-        return BlockIO(self.leaves, self.first.spec, self.output, self.first.shared, self.first.layouts)
+        return BlockIO(self.leaves, self.first.spec, self.output, self.first.shared, self.first.layouts, self.dtypes)

@@ -8,7 +8,9 @@ from dq.calibration.tuples import (
     generate_shard,
     load_tuples,
     model_fingerprint,
+    num_rows,
     save_tuples,
+    select_rows,
     shard_range,
     trajectory_conditioning,
 )
@@ -21,7 +23,9 @@ __all__ = [
     "generate_shard",
     "load_tuples",
     "model_fingerprint",
+    "num_rows",
     "save_tuples",
+    "select_rows",
     "shard_range",
     "trajectory_conditioning",
 ]

@@ -29,12 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 import dq
 from dq.calibration.tuples import (
     CACHE_FORMAT_VERSION,
+    TABLE_KEY,
     calibration_cache_key,
     draw_plan,
     generate_shard,
     load_tuples,
     model_fingerprint,
     save_tuples,
+    select_rows,
     shard_range,
 )
 from dq.errors import CorruptFileError, UserError
@@ -67,7 +69,7 @@ class CalibrationTuples(Dataset):
         missing = [key for key in REQUIRED_KEYS if key not in tuples]
         if missing:
             raise UserError(f"calibration tuples lack {missing}; got keys {sorted(tuples)}")
-        lengths = {key: len(tensor) for key, tensor in tuples.items()}
+        lengths = {key: len(tensor) for key, tensor in tuples.items() if key != TABLE_KEY}
         if len(set(lengths.values())) != 1:
             raise UserError(f"calibration tensors must have the same number of rows, got {lengths}")
         self.tuples = dict(tuples)
@@ -77,7 +79,7 @@ class CalibrationTuples(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: tensor[index] for key, tensor in self.tuples.items()}
+        return select_rows(self.tuples, index)
 
 
 class CalibrationDataModule(L.LightningDataModule):
@@ -267,7 +269,8 @@ class CalibrationDataModule(L.LightningDataModule):
             if missing:
                 raise UserError(f"calibration shards {missing} not found: cache_dir must be shared by all ranks")
             shards = [load_tuples(p)[0] for p in shard_paths]
-            merged = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
+            # every shard holds the whole conditioning table: one copy of it, the rows joined
+            merged = {key: shards[0][key] if key == TABLE_KEY else torch.cat([s[key] for s in shards]) for key in shards[0]}
             save_tuples(path, merged, metadata)
             for shard_file in shard_paths:
                 shard_file.unlink()

@@ -7,6 +7,11 @@ A tuple set is a dict of tensors with N rows, in canonical (trajectory, step) or
     step      int64   [N]            the step index i (0 = the noisiest step)
     cond      int64 [N] (class labels) or float32 [N, L, D] (text embeddings)   where conditioning exists
     uncond    like cond                                                         where guidance is used
+
+Text embeddings are stored once per prompt: `cond_table` float32 [P + 1, L, D] holds the P prompts' embeddings
+and the unconditional one last, and `cond_index` / `uncond_index` int64 [N] say which row each tuple takes (so a
+[N, L, D] tensor of repeated prompts is never built: 48 GB for PixArt-Σ at N = 5,120). `select_rows` gives any
+rows of either form as the plain one.
 """
 
 from __future__ import annotations
@@ -156,12 +161,44 @@ def generate_shard(
         "timestep": timesteps[local_plan[:, 1]].clone(),
         "step": local_plan[:, 1].clone(),
     }
+    prompts = conditioning.get("prompt_embeds")
+    if prompts is not None:  # text embeddings: one table row per prompt, the unconditional one last
+        uncond_embeds = conditioning.get("uncond_embeds")
+        tuples[TABLE_KEY] = torch.cat([prompts.float(), *([] if uncond_embeds is None else [uncond_embeds.float()])])
+        tuples["cond_index"] = local_plan[:, 0] % prompts.shape[0]
+        if uncond_embeds is not None and sampler.uses_guidance:
+            tuples["uncond_index"] = torch.full_like(local_plan[:, 0], prompts.shape[0])
+        trajectory_conditioning(local_plan[:, 0][:1], **conditioning)  # the same checks of the embeddings
+        return tuples
     cond, uncond = trajectory_conditioning(local_plan[:, 0], **conditioning)
     if cond is not None:
         tuples["cond"] = cond.contiguous()
     if uncond is not None and sampler.uses_guidance:
         tuples["uncond"] = uncond.contiguous()
     return tuples
+
+
+TABLE_KEY = "cond_table"
+
+
+def select_rows(tuples: Mapping[str, torch.Tensor], rows: torch.Tensor | slice | int) -> dict[str, torch.Tensor]:
+    """Rows `rows` of a tuple set, with the conditioning table (if any) looked up: always the plain keys
+    (x_t, timestep, step, and cond / uncond where present)."""
+    table = tuples.get(TABLE_KEY)
+    out = {}
+    for key, value in tuples.items():
+        if key == TABLE_KEY:
+            continue
+        if table is not None and key in ("cond_index", "uncond_index"):
+            index = value[rows]
+            out[key[: -len("_index")]] = table[index.to(table.device)]
+        else:
+            out[key] = value[rows]
+    return out
+
+
+def num_rows(tuples: Mapping[str, torch.Tensor]) -> int:
+    return int(tuples["x_t"].shape[0])
 
 
 def model_fingerprint(unet: nn.Module, scheduler_config: Mapping[str, Any]) -> str:

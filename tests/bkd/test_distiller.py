@@ -289,18 +289,25 @@ def test_target_cache_budget_is_checked():
 
 
 def _train_recording_caches(monkeypatch, replay_cache_mb: float, readers=None, **distill):
-    """Train every block (2 iterations, a rate that moves every block) and record each block's cache and how
-    many block forwards its prefix pass ran; readers: replace the traced block readers (a wrong trace)."""
+    """Train every block (2 iterations, a rate that moves every block) and record each block's cache, how many
+    student block forwards its prefix pass ran and how many teacher block forwards ran in all (targets and
+    checks); readers: replace the traced block readers (a wrong trace)."""
     distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, end_to_end_iters=0, lr_weights=1e-2,
                             replay_cache_mb=replay_cache_mb, **distill)
     distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
-    caches, calls, peak = [], [], [0]
-    resnet_forward = type(distiller.student.get_submodule("mid_block.resnets.0")).forward
+    caches, calls, peak, teacher_calls = [], [], {"host": 0, "disk": 0}, [0]
+    resnet_class = type(distiller.student.get_submodule("mid_block.resnets.0"))
+    resnet_forward = resnet_class.forward
 
     student_modules = {id(m) for m in distiller.student.modules()}
+    teacher_modules = {id(m) for m in distiller.teacher.modules()}
+
+    building = [False]
 
     def counted(module, *args, **kwargs):
-        calls[-1] += id(module) in student_modules
+        if building[0]:
+            calls[-1] += id(module) in student_modules
+        teacher_calls[0] += id(module) in teacher_modules
         return resnet_forward(module, *args, **kwargs)
 
     build_cache = distiller.build_cache
@@ -309,16 +316,22 @@ def _train_recording_caches(monkeypatch, replay_cache_mb: float, readers=None, *
         if readers is not None:
             distiller._readers = readers(distiller._readers)
         calls.append(0)
-        with monkeypatch.context() as m:  # counts the student's resnet blocks run while the cache is built
-            m.setattr(type(distiller.student.get_submodule("mid_block.resnets.0")), "forward", counted)
+        building[0] = True
+        try:
             cache = build_cache(name)
-        peak[0] = max(peak[0], distiller.replay.total_bytes)
+        finally:
+            building[0] = False
+        for place, tensors in (("host", distiller.replay.host_bytes + distiller.teacher_replay.host_bytes),
+                               ("disk", distiller.replay.disk_bytes + distiller.teacher_replay.disk_bytes)):
+            peak[place] = max(peak[place], tensors)
         caches.append(cache)
         return cache
 
     monkeypatch.setattr(distiller, "build_cache", recording)
+    monkeypatch.setattr(resnet_class, "forward", counted)  # counts the resnet blocks run
     _trainer(distiller).fit(distiller)
-    return distiller, caches, calls, peak[0]
+    calls.append(teacher_calls[0])
+    return distiller, caches, calls, peak
 
 
 def _assert_same_caches(got: list, want: list) -> None:
@@ -328,15 +341,18 @@ def _assert_same_caches(got: list, want: list) -> None:
 
 
 def test_replayed_prefix_passes_leave_every_cache_and_the_trained_student_unchanged(monkeypatch):
-    plain, reference, plain_calls, _ = _train_recording_caches(monkeypatch, 0)
-    replayed, caches, calls, peak = _train_recording_caches(monkeypatch, 1024)
+    # one teacher pass per block (target_cache_mb=0): without replay each reruns the teacher's prefix
+    plain, reference, plain_calls, _ = _train_recording_caches(monkeypatch, 0, target_cache_mb=0)
+    replayed, caches, calls, peak = _train_recording_caches(monkeypatch, 1024, target_cache_mb=0)
     _assert_same_caches(caches, reference)  # bitwise, after every block was trained
     state, want = replayed.student.state_dict(), plain.student.state_dict()
     assert all(torch.equal(state[k], want[k]) for k in want)
-    # the teacher's targets come from their own passes; the student's prefix ran its resnets again in every
-    # later block without replay, and almost never with it (once per block on the first chunk: the check)
-    assert sum(plain_calls) > 3 * sum(calls) and peak > 0
-    assert not plain.replay.outputs and not plain.replay.shapes
+    # the student's prefix ran its resnets again in every later block without replay, and almost never with it
+    # (once per block on the first chunk: the check); the teacher's passes likewise (the last entry)
+    assert sum(plain_calls[:-1]) > 3 * sum(calls[:-1]) and peak["host"] > 0 and peak["disk"] == 0
+    # (each pass still runs its first chunk in full as the check: a third of the work here, with 3 chunks)
+    assert plain_calls[-1] > 2 * calls[-1]
+    assert not plain.replay.outputs and not plain.replay.shapes and not plain.teacher_replay.shapes
     # the trace: the time embedding reaches every resnet (and the mid block's attention, which takes it), a
     # down block's output the up block it skips to
     readers, blocks = replayed._readers, replayed.blocks
@@ -346,20 +362,28 @@ def test_replayed_prefix_passes_leave_every_cache_and_the_trained_student_unchan
 
 
 def test_a_prefix_pass_that_a_wrong_trace_would_change_is_caught_and_run_in_full(monkeypatch, caplog):
-    _, reference, _, _ = _train_recording_caches(monkeypatch, 0)
+    _, reference, _, _ = _train_recording_caches(monkeypatch, 0, target_cache_mb=0)
     # a trace that saw no reads: every value dropped at once, every earlier block a stand-in of zeros
     with caplog.at_level("WARNING", logger="dq.bkd.distiller"):
-        _, caches, _, _ = _train_recording_caches(monkeypatch, 1024, readers=lambda r: {})
+        _, caches, _, _ = _train_recording_caches(monkeypatch, 1024, readers=lambda r: {}, target_cache_mb=0)
     _assert_same_caches(caches, reference)
     assert "the forward-pass trace did not see" in caplog.text
+    assert "the teacher's outputs of" in caplog.text  # the teacher's passes check theirs as well
 
 
-def test_replayed_values_stay_within_their_budget(monkeypatch):
-    _, reference, _, _ = _train_recording_caches(monkeypatch, 0)
+@pytest.mark.parametrize("spill", [True, False])
+def test_replayed_values_past_their_host_budget_go_to_disk(monkeypatch, tmp_path, spill):
+    _, reference, plain_calls, _ = _train_recording_caches(monkeypatch, 0)
     budget_mb = 0.05  # about one block's outputs on the 48 tuples
-    _, caches, calls, peak = _train_recording_caches(monkeypatch, budget_mb)
+    _, caches, calls, peak = _train_recording_caches(monkeypatch, budget_mb, replay_spill=spill,
+                                                     cache_dir=str(tmp_path))
     _assert_same_caches(caches, reference)
-    assert 0 < peak <= budget_mb * 2**20
+    assert 0 < peak["host"] <= budget_mb * 2**20
+    if spill:  # carried forward whatever the budget: the prefix passes run as few blocks as with a large one
+        assert peak["disk"] > 0 and 3 * sum(calls[:-1]) < sum(plain_calls[:-1])
+        assert not list(tmp_path.rglob("*.bin"))  # mapped files are unlinked at once
+    else:
+        assert peak["disk"] == 0
     with pytest.raises(ValueError, match="replay_cache_mb"):
         DistillConfig(replay_cache_mb=-1)
 

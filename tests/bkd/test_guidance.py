@@ -39,6 +39,19 @@ def test_class_and_text_conditions_are_replaced_on_the_chosen_rows_only():
         assert not torch.equal(mixed["cond"], tuples["cond"])
 
 
+def test_a_conditioning_table_switches_the_same_rows_by_index():
+    from dq.calibration import select_rows
+
+    plain = _tuples(text=True)
+    n = len(plain["step"])
+    table = torch.cat([plain["cond"], plain["uncond"][:1]])  # every tuple its own prompt, the empty one last
+    indexed = {k: v for k, v in plain.items() if k not in ("cond", "uncond")}
+    indexed.update(cond_table=table, cond_index=torch.arange(n), uncond_index=torch.full((n,), n))
+    plain["uncond"] = plain["uncond"][:1].expand(n, *plain["uncond"].shape[1:])
+    mixed = select_rows(with_guidance_rows(indexed, 0.5, seed=0), slice(None))
+    assert torch.equal(mixed["cond"], with_guidance_rows(plain, 0.5, seed=0)["cond"])
+
+
 def test_without_guidance_the_tuples_are_unchanged():
     tuples = _tuples()
     del tuples["uncond"]

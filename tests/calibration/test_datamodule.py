@@ -8,7 +8,15 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from dq.arch import describe
-from dq.calibration import CalibrationDataModule, draw_plan, generate_shard, load_tuples, shard_range
+from dq.calibration import (
+    CalibrationDataModule,
+    CalibrationTuples,
+    draw_plan,
+    generate_shard,
+    load_tuples,
+    select_rows,
+    shard_range,
+)
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step
 from dq.sampling import SamplerConfig, planned_timesteps, sample
 
@@ -132,9 +140,16 @@ def test_text_conditional_tuples(tiny_text_unet, ddpm_scheduler, tmp_path):
                          num_trajectories=6, prompt_embeds=prompts, uncond_embeds=empty)
     dm.setup()
     assert dm.tuples["x_t"].shape == (20, 2, 8, 8)
-    assert dm.tuples["cond"].shape == (20, 5, 6) and dm.tuples["uncond"].shape == (20, 5, 6)
+    # the embeddings once per prompt (and the empty prompt last), an index per tuple
+    assert torch.equal(dm.tuples["cond_table"], torch.cat([prompts, empty])) and "cond" not in dm.tuples
+    assert torch.equal(dm.tuples["cond_index"], dm.plan[:, 0] % 3) and set(dm.tuples["uncond_index"].tolist()) == {3}
     assert set(dm.tuples["step"].tolist()) == set(range(5))  # PLMS: 4 steps, 5 model calls
-    torch.testing.assert_close(dm.tuples["cond"], prompts[dm.plan[:, 0] % 3])
+    rows = select_rows(dm.tuples, torch.tensor([0, 7, 19]))
+    assert rows["cond"].shape == (3, 5, 6) and rows["uncond"].shape == (3, 5, 6)
+    assert torch.equal(rows["cond"], prompts[dm.plan[[0, 7, 19], 0] % 3]) and not rows["uncond"].any()
+    # the same x_t as a sampler fed the expanded embeddings: only the storage changed
+    assert torch.equal(select_rows(dm.tuples, slice(None))["cond"], prompts[dm.plan[:, 0] % 3])
+    assert torch.equal(CalibrationTuples(dm.tuples)[4]["cond"], prompts[int(dm.plan[4, 0]) % 3])
 
 
 def test_cache_file_holds_metadata(tiny_unet, ddpm_scheduler, tmp_path):
