@@ -15,7 +15,7 @@ What the plan models is the code as it is (docs/planning.md lists each phase's t
 - GPU: the teacher and the student resident (both whole), plus per phase the peak of the phase's own
   computation: calibration sampling (classifier-free guidance doubles the batch), the capture passes
   (capture_batch_size rows), the quantizers' initialisation, a training step of each block (forward,
-  backward, its gradients), Adam's state of every block trained so far, the end-to-end stage, the fidelity
+  backward, its gradients), Adam's state of the block, the end-to-end stage, the fidelity
   sampling; a cache placed on the GPU adds to the phases that hold it;
 - host: the teacher and student at load time, the calibration tuples (and the guidance mix of `cond`), a
   block's capture chunks and their joined cache, the teacher targets captured ahead (target_cache_mb) and the
@@ -539,10 +539,14 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         module = student if name == WHOLE_MODEL else student.get_submodule(name)
         trainable = _trainable(module, distill.train_weights)
         train_peak, init_peak = block_train(name)
+        # Adam's state on the device (BlockDistiller.place_optimizer_state): the current block's; a trained
+        # block's goes to the host while an end-to-end stage is to come (on a CPU run that is the device too)
         if name == WHOLE_MODEL:
             optimizer_state = 2 * 4 * _trainable(student, distill.train_weights)
-        else:
+        elif spec.device == "cpu" and WHOLE_MODEL in blocks:
             optimizer_state += 2 * 4 * trainable
+        else:
+            optimizer_state = 2 * 4 * trainable
         phases[name] = (trainable, train_peak, init_peak, optimizer_state)
     # a CPU run's device is the host: the models and the phases' computation share it with the caches
     computing = max([capture, *(max(o + t, i) for _, t, i, o in phases.values())]) if spec.device == "cpu" else 0

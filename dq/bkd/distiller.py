@@ -63,6 +63,7 @@ from dq.quant import (
     calibrate_activations,
     drop_lowrank,
     drop_lowrank_absent,
+    merge_observations,
     quantize_model,
     set_lowrank_scale,
     step_context,
@@ -315,6 +316,9 @@ class BlockDistiller(L.LightningModule):
         self.calibration_source = calibration
         self.calibration: dict[str, torch.Tensor] = {}
         self.num_samples = 0
+        # under DDP, the calibration rows this rank caches, initialises and trains on (rows rank, rank + world,
+        # ...); None: all of them (one process)
+        self.local_rows: torch.Tensor | None = None
         self.seed = seed
         self.blocks: list[str] = []  # execution order, set in setup()
         self.state = BlockState()
@@ -355,6 +359,21 @@ class BlockDistiller(L.LightningModule):
         tuples = {k: v for k, v in self.calibration.items() if isinstance(v, torch.Tensor)}
         return {k: v.to(self.device) for k, v in select_rows(tuples, _host_rows(rows)).items()}
 
+    @property
+    def num_local(self) -> int:
+        """The calibration rows of this rank's caches (all N in one process)."""
+        return self.num_samples if self.local_rows is None else len(self.local_rows)
+
+    def global_rows(self, rows: torch.Tensor | slice) -> torch.Tensor | slice:
+        """The calibration rows of rows `rows` of this rank's caches."""
+        return rows if self.local_rows is None else self.local_rows[_host_rows(rows)]
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, rank) of the Trainer's processes; (1, 0) without a Trainer."""
+        if self._trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
     def calibration_steps(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """The step indices of calibration rows (rows may live on the accelerator), on the module's device."""
         return self.calibration["step"][_host_rows(rows)].to(self.device)
@@ -384,8 +403,8 @@ class BlockDistiller(L.LightningModule):
         step = self.distill.capture_batch_size
         standins = self.replay.standins(self.blocks, self._readers, self.state.block) if name != WHOLE_MODEL else set()
         tier = self.cache_tier(name)
-        for chunk, start in enumerate(range(0, self.num_samples, step)):
-            batch = self.calibration_batch(slice(start, start + step))
+        for chunk, start in enumerate(range(0, self.num_local, step)):
+            batch = self.calibration_batch(self.global_rows(slice(start, start + step)))
             part = self._capture_student_inputs(name, chunk, batch, standins)
             if chunk == 0 and standins:  # the first chunk again with every stand-in block running
                 check = self._capture_student_inputs(name, chunk, batch, set())
@@ -394,7 +413,7 @@ class BlockDistiller(L.LightningModule):
                                 "it read; preparing it with them running", name)
                     standins, part = set(), check
             if filler is None:  # the whole cache allocated in its tier, each chunk copied into its rows
-                filler = BlockIOFiller(part, self.num_samples, self.allocator(tier), self.stored_dtype)
+                filler = BlockIOFiller(part, self.num_local, self.allocator(tier), self.stored_dtype)
             else:
                 filler.add(part)
         log.debug("BKD block %s: prefix pass with %d blocks replayed, %d stand-ins", name or "model",
@@ -429,9 +448,9 @@ class BlockDistiller(L.LightningModule):
             kept: dict[str, list] = {n: [] for n in carried}
             shapes: dict[str, list] = {n: [] for n in names} if replay else {}
             tiers: dict[str, str | None] = {}
-            starts = list(range(0, self.num_samples, step))
+            starts = list(range(0, self.num_local, step))
             for chunk, start in enumerate(starts):
-                batch = self.calibration_batch(slice(start, start + step))
+                batch = self.calibration_batch(self.global_rows(slice(start, start + step)))
                 with self.teacher_autocast(batch):
                     if name == WHOLE_MODEL:
                         outputs = {name: capture_block(self.teacher, name, batch, want_output=True).output}
@@ -457,7 +476,7 @@ class BlockDistiller(L.LightningModule):
                 for n in names:  # targets in cache_dtype whatever the teacher's precision: the loss is computed in fp32
                     if n not in targets:  # allocated whole (on disk for a disk-tier block), filled chunk by chunk
                         allocate = self.allocator("disk" if self.cache_tier(n) == "disk" else "cpu")
-                        targets[n] = [allocate((self.num_samples, *t.shape[1:]), CACHE_DTYPES[self.distill.cache_dtype])
+                        targets[n] = [allocate((self.num_local, *t.shape[1:]), CACHE_DTYPES[self.distill.cache_dtype])
                                       for t in outputs[n]]
                     for full, t in zip(targets[n], outputs[n], strict=True):
                         full[start : start + t.shape[0]].copy_(t.float())
@@ -505,9 +524,9 @@ class BlockDistiller(L.LightningModule):
                 sizes = capture_outputs(self.teacher, blocks, example)
             self._target_row_bytes = {n: sum(t[0].numel() * 4 for t in ts) for n, ts in sizes.items()}
         budget, k = self.distill.target_cache_mb * 2**20, blocks.index(name)
-        group, total = [name], self._target_row_bytes[name] * self.num_samples
+        group, total = [name], self._target_row_bytes[name] * self.num_local
         for other in blocks[k + 1 :]:
-            total += self._target_row_bytes[other] * self.num_samples
+            total += self._target_row_bytes[other] * self.num_local
             if total > budget:
                 break
             group.append(other)
@@ -523,11 +542,11 @@ class BlockDistiller(L.LightningModule):
         if off or name == WHOLE_MODEL or self.cache is None or all(b == WHOLE_MODEL for b in self.blocks[k + 1 :]):
             return
         block, step = self.block_module(name), self.distill.capture_batch_size
-        starts = list(range(0, self.num_samples, step))
+        starts = list(range(0, self.num_local, step))
         keep, shapes, values, tier = max(self._readers.get(name, frozenset()), default=-1) > k, [], [], None
         for start in starts:
             rows = slice(start, start + step)
-            with step_context(self.student, self.calibration_steps(rows)):
+            with step_context(self.student, self.calibration_steps(self.global_rows(rows))):
                 output = self.cache.run(block, rows, as_captured=True)
             if not shapes:
                 if not BlockReplay.replayable(output):
@@ -584,12 +603,14 @@ class BlockDistiller(L.LightningModule):
             return
         # one sampling step per chunk: each TPQ observer then takes one update per chunk, not one per step
         # present in a mixed chunk (the update, with its reservoir draw, is what costs on a small model)
-        steps = self.calibration["step"]
-        with calibrate_activations(block, seed=self.seed):
+        steps = self.calibration["step"] if self.local_rows is None else self.calibration["step"][self.local_rows]
+        with calibrate_activations(block, seed=self.seed) as quantizers:
             for value in steps.unique().tolist():
                 for rows in torch.nonzero(steps == value).flatten().split(self.distill.capture_batch_size):
-                    with step_context(self.student, self.calibration_steps(rows)):
+                    with step_context(self.student, self.calibration_steps(self.global_rows(rows))):
                         self.cache.call(block, self._device_rows(rows))
+            if self.local_rows is not None:  # each rank saw its share: the statistics of all of them
+                merge_observations(quantizers, seed=self.seed)
 
     def _device_rows(self, rows: torch.Tensor | slice) -> torch.Tensor | slice:
         """Row indices on the device of the current cache (the device it was actually placed on)."""
@@ -634,6 +655,8 @@ class BlockDistiller(L.LightningModule):
             if key not in self.calibration:
                 raise UserError(f"calibration data lacks {key!r}; it has {sorted(self.calibration)}")
         self.num_samples = int(self.calibration["x_t"].shape[0])
+        world, rank = self._world()
+        self.local_rows = None if world == 1 else torch.arange(rank, self.num_samples, world)
         self.calibration = with_guidance_rows(self.calibration, self.distill.uncond_fraction, self.seed)
         if self.num_samples < self.distill.batch_size:
             raise UserError(f"{self.num_samples} calibration samples are fewer than one batch ({self.distill.batch_size})")
@@ -758,6 +781,10 @@ class BlockDistiller(L.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def on_fit_start(self) -> None:
+        if self.local_rows is not None:  # the gradients are summed by _all_reduce_gradients, for the block only
+            wrapper = self.trainer.strategy.model
+            if hasattr(wrapper, "require_backward_grad_sync"):
+                wrapper.require_backward_grad_sync = False
         epochs = self.trainer.max_epochs
         if epochs is None or epochs > len(self.blocks):  # fewer: a partial run (bench)
             raise UserError(f"the trainer runs {epochs} epochs but the student has {len(self.blocks)} blocks")
@@ -844,13 +871,18 @@ class BlockDistiller(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         fault_point("train")
         name = self.blocks[self.state.block]
-        rows, steps = self.shard(batch["index"]), self.shard(batch["step"])  # this rank's share, its TPQ steps
+        rows, steps, weight = self.shard(batch["index"], batch["step"])  # this rank's share, its TPQ steps
         if self.decaying_lowrank and not self.is_end_to_end_stage(self.state.block):
             set_lowrank_scale(self.block_module(name), self.lowrank_weight(self.state.iteration))
         with step_context(self.student, steps.to(self.device)), self._activation_drop(name), self._recomputing(name):
             predictions = self._block_forward(name, self._device_rows(rows))
         targets = [t[self._device_rows(rows)].to(p.device) for p, t in zip(predictions, self.cache.output, strict=True)]
-        losses = [F.mse_loss(p.float(), t.float()) for p, t in zip(predictions, targets)]  # eq. 15
+        if self.local_rows is None:
+            losses = [F.mse_loss(p.float(), t.float()) for p, t in zip(predictions, targets)]  # eq. 15
+        else:  # this rank's share of the batch mean: the ranks' gradients add up to the whole batch's
+            batch_size = len(batch["index"])
+            losses = [F.mse_loss(p.float(), t.float(), reduction="sum") * (weight / (batch_size * p[0].numel()))
+                      for p, t in zip(predictions, targets)]
         # a block returning several tensors (a joint-attention transformer block): the mean of their losses
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         optimizer = self.optimizers()
@@ -859,12 +891,14 @@ class BlockDistiller(L.LightningModule):
             group["lr"] = group["base_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if self.local_rows is not None:
+            self._all_reduce_gradients(name)
         optimizer.step()
         keep_step_sizes_positive(optimizer)
         self.state.iteration += 1
         reported = loss.detach()
-        if self._trainer is not None and self.trainer.world_size > 1:  # the whole batch's loss, not this shard's
-            reported = self.trainer.strategy.reduce(reported, reduce_op="mean")
+        if self.local_rows is not None:  # the whole batch's loss: the sum of the ranks' shares
+            reported = self.trainer.strategy.reduce(reported, reduce_op="sum")
         self._losses.append(float(reported))
         self.log("bkd/loss", reported, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         self.log("bkd/block", float(self.state.block), on_step=True, on_epoch=False)
@@ -904,11 +938,36 @@ class BlockDistiller(L.LightningModule):
             self._compiled_checked = True
         return self.cache.call(compiled, rows)
 
-    def shard(self, index: torch.Tensor) -> torch.Tensor:
-        """This rank's share of a global batch (DDP): rows rank, rank + world, ..."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        return index[rank::world]
+    def shard(self, index: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """This rank's share of a global batch (calibration rows `index`, their TPQ `steps`): the positions in its
+        caches of the rows it holds (row r lives on rank r % world at position r // world), their steps, and
+        the weight of its loss (1; 0 when it holds none of the rows: it then runs one row of its own, so that
+        every rank takes part in the gradient sum)."""
+        if self.local_rows is None:
+            return index, steps, 1.0
+        world, rank = self._world()
+        mine = index % world == rank
+        if not bool(mine.any()):
+            return torch.zeros_like(index[:1]), self.calibration_steps(self.local_rows[:1]).to(steps), 0.0
+        return torch.div(index[mine], world, rounding_mode="floor"), steps[mine], 1.0
+
+    @torch.no_grad()
+    def _all_reduce_gradients(self, name: str) -> None:
+        """Sum the gradients of the block being trained over the ranks, in one flat buffer (DDP's own reduction
+        is off: it would send the whole student's gradients every step). A parameter without a gradient on
+        every rank keeps none."""
+        params = [p for p in self.block_module(name).parameters() if p.requires_grad]
+        if not params:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        present = torch.tensor([p.grad is not None for p in params], dtype=flat.dtype, device=flat.device)
+        both = torch.cat([flat, present])
+        torch.distributed.all_reduce(both)
+        offset = 0
+        for p, has in zip(params, both[flat.numel():].tolist(), strict=True):
+            size = p.numel()
+            p.grad = both[offset : offset + size].view_as(p).clone() if has > 0 else None
+            offset += size
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bkd"] = {

@@ -218,6 +218,25 @@ def calibrate_activations(model: nn.Module, seed: int = 0) -> Iterator[list[Temp
                 quantizer.cancel_observing()
 
 
+def merge_observations(quantizers: Iterable[TemporalActQuantizer], seed: int = 0) -> None:
+    """Inside calibrate_activations, under torch.distributed: make every quantizer's observations those of all
+    processes together (each observed its share of the calibration rows), so that finish_observing sets the
+    same tables on every process: min/max exactly, the search-based inits on the processes' samples together.
+    Nothing to do in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+
+    def gather(obj):
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    for quantizer in quantizers:
+        quantizer.merge_observed(gather, seed)
+
+
 @contextlib.contextmanager
 def activation_drop(model: nn.Module, prob: float, generator: torch.Generator | None = None) -> Iterator[None]:
     """`with activation_drop(block, p, gen):` every activation quantizer of `model` passes each element of

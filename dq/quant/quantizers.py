@@ -113,6 +113,17 @@ class _RangeObserver:
         return kept
 
 
+def _proportional_sample(samples: list[torch.Tensor], seen: list[int], size: int, rng) -> torch.Tensor:
+    """One sample of at most `size` values from per-process uniform samples of their streams (`seen` values
+    each): each contributes in proportion to its stream, so the result is a sample of all streams together."""
+    total = sum(seen)
+    if sum(s.numel() for s in samples) <= size:
+        return torch.cat([s.cpu() for s in samples])
+    counts = [min(s.numel(), round(size * n / total)) for s, n in zip(samples, seen)]
+    return torch.cat([s.cpu()[torch.from_numpy(np.sort(rng.choice(s.numel(), size=c, replace=False)))]
+                      for s, c in zip(samples, counts)])
+
+
 @dataclass(frozen=True)
 class StepBlend:
     """A step "between" trained steps (`dq.quant.timesteps`, policy "interpolate"): per row r, the TPQ table
@@ -234,6 +245,31 @@ class TemporalActQuantizer(StepIndexed):
         self._observer = None
 
     @torch.no_grad()
+    def merge_observed(self, gather, seed: int) -> None:
+        """Make what this quantizer observed that of all processes (each saw its share of the calibration
+        rows), before finish_observing: per group the min and max of every process's (exact), and for the
+        search-based inits a sample of the processes' samples together, at most MAX_OBSERVED_VALUES values
+        drawn in proportion to what each saw, the same on every process. gather(obj) -> [obj of each process]."""
+        obs = self._observer
+        device = next((t.device for t in obs.lo if t is not None), torch.device("cpu"))
+
+        def host(t):
+            return None if t is None else t.cpu()
+
+        states = gather([(host(obs.lo[g]), host(obs.hi[g]), obs.values[g], obs.seen[g]) for g in range(self.num_groups)])
+        rng = np.random.default_rng(seed)
+        for g in range(self.num_groups):
+            parts = [state[g] for state in states if state[g][0] is not None]
+            if not parts:
+                continue
+            obs.lo[g] = torch.stack([p[0] for p in parts]).min().to(device)
+            obs.hi[g] = torch.stack([p[1] for p in parts]).max().to(device)
+            obs.seen[g] = sum(p[3] for p in parts)
+            if obs.keep_values:
+                obs.values[g] = _proportional_sample([p[2] for p in parts], [p[3] for p in parts],
+                                                     MAX_OBSERVED_VALUES, rng)
+
+    @torch.no_grad()
     def finish_observing(self) -> list[int]:
         """Set each group's (Δ, z) from what was observed. Groups that saw no data copy the nearest group
         that did. Returns the indices of those borrowed groups."""
@@ -351,6 +387,21 @@ class TokenActQuantizer(TemporalActQuantizer):
     def cancel_observing(self) -> None:
         super().cancel_observing()
         self._tokens = None
+
+    @torch.no_grad()
+    def merge_observed(self, gather, seed: int) -> None:
+        """As TemporalActQuantizer.merge_observed, for the tokens kept per group: the processes' together, at
+        most the limit a process keeps, the same on every process."""
+        states = gather(self._tokens)
+        rng = np.random.default_rng(seed)
+        for g in range(self.num_groups):
+            parts = [state[g] for state in states if state[g] is not None]
+            if not parts:
+                continue
+            pool = torch.cat(parts)
+            limit = max(1, min(MAX_OBSERVED_TOKENS, MAX_OBSERVED_TOKEN_VALUES // pool.shape[-1]))
+            self._tokens[g] = pool if pool.shape[0] <= limit else pool[torch.from_numpy(
+                np.sort(rng.choice(pool.shape[0], size=limit, replace=False)))]
 
     def _observe(self, x: torch.Tensor) -> None:
         rows = self.group_rows()

@@ -509,3 +509,24 @@ def test_end_to_end_settings_are_checked():
     distiller = _end_to_end_distiller()
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
         _trainer(distiller, max_epochs=len(candidate_blocks(distiller.student)) + 1).fit(distiller)
+
+
+def test_under_ddp_each_rank_caches_its_share_of_the_rows(monkeypatch):
+    """Rank r of W caches (and initialises and trains on) calibration rows r, r + W, ...: its cache is those
+    rows of one process's cache, bitwise, inputs and targets (tests/train: 2 gloo processes train as one)."""
+    distill = DistillConfig(iters_per_block=1, batch_size=8, capture_batch_size=16, end_to_end_iters=0)
+    whole = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
+    whole.setup("fit")
+    whole.begin_block(0)
+    for rank in range(2):
+        monkeypatch.setattr(BlockDistiller, "_world", lambda self, rank=rank: (2, rank))
+        shard = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
+        shard.setup("fit")
+        assert shard.num_local == N // 2 and torch.equal(shard.local_rows, torch.arange(rank, N, 2))
+        shard.begin_block(0)
+        for mine, all_rows in zip(shard.cache.tensors(), whole.cache.tensors(), strict=True):
+            assert torch.equal(mine, all_rows[rank::2])
+        # a global batch: the rows this rank holds, at their positions in its cache
+        rows, steps, weight = shard.shard(torch.tensor([0, 1, 2, 5, 8]), torch.tensor([0, 1, 2, 1, 0]))
+        want = torch.tensor([0, 1, 4]) if rank == 0 else torch.tensor([0, 2])
+        assert torch.equal(rows, want) and weight == 1.0

@@ -1,5 +1,7 @@
 """The TPQ activation quantizer (docs/method.md §3) and the per-channel weight quantizer."""
 
+import copy
+
 import pytest
 import torch
 
@@ -209,3 +211,63 @@ def test_fake_quant_forward_reads_no_value_on_the_host(kind):
         set_step(meta, 1)
         out = unet_forward(meta, x.to("meta"), t.to("meta"), None if cond is None else cond.to("meta"))
     assert out.device.type == "meta" and out.shape == expected.shape
+
+
+def _observe_rows(q, data: list[torch.Tensor], rows) -> None:
+    q.start_observing(seed=0)
+    for s, x in enumerate(data):
+        q.step = s
+        q(x[rows])
+
+
+@pytest.mark.parametrize("kind", ["minmax", "mse", "token"])
+def test_observations_of_two_processes_merged_set_the_tables_of_one(kind):
+    """Under DDP each process observes its share of the rows (rows r % 2 == rank), then merge_observed (the
+    gather of torch.distributed, here a stand-in) makes the tables those of one process observing them all:
+    exactly the min/max ones, and the searched ones on the processes' samples together (the whole data here,
+    below the sample cap)."""
+    from dq.quant.quantizers import TokenActQuantizer
+
+    def make():
+        if kind == "token":
+            return TokenActQuantizer(4, 3, 3)
+        return TemporalActQuantizer(4, 3, 3, init_method=kind)
+
+    torch.manual_seed(0)
+    data = [torch.randn(20, 16) * (s + 1) + s for s in range(3)]
+    def rows_sorted(t: torch.Tensor) -> torch.Tensor:  # a multiset of tokens (rows) or values, canonically ordered
+        t = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+        for column in reversed(range(t.shape[1])):
+            t = t[torch.sort(t[:, column], stable=True).indices]
+        return t
+
+    def observed(q):
+        return q._tokens if kind == "token" else q._observer.values
+
+    one = make()
+    _observe_rows(one, data, slice(None))
+    whole = [None if v is None else rows_sorted(v) for v in observed(one)]
+    one.finish_observing()
+    ranks = [make(), make()]
+    for rank, q in enumerate(ranks):
+        _observe_rows(q, data, slice(rank, None, 2))
+    states = []
+    for q in ranks:  # what each process would contribute to the gather (a copy, as the gather pickles it)
+        q.merge_observed(lambda obj: (states.append(copy.deepcopy(obj)), [obj])[1], seed=0)
+    for q in ranks:
+        q.merge_observed(lambda obj: states, seed=0)
+        if kind != "minmax":  # the search runs on the same values as one process's
+            assert all(torch.equal(rows_sorted(v), w) for v, w in zip(observed(q), whole))
+        q.finish_observing()
+    for q in ranks:
+        if kind == "minmax":
+            assert torch.equal(q.scale, one.scale) and torch.equal(q.zero_point, one.zero_point)
+        elif kind == "mse":
+            torch.testing.assert_close(q.scale, one.scale, rtol=1e-5, atol=0)
+    assert torch.equal(ranks[0].scale, ranks[1].scale)  # the same tables on every process
+    alone = make()  # a process that kept its own share only would differ
+    _observe_rows(alone, data, slice(0, None, 2))
+    assert any(v.shape != w.shape for v, w in zip(observed(alone), whole) if v is not None) or kind == "minmax"
+    alone.finish_observing()
+    if kind != "token":  # (the token ratios' grid is coarse: half the tokens may pick the same ones)
+        assert not torch.equal(alone.scale, one.scale)
