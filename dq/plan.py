@@ -112,6 +112,9 @@ class Plan:
     calibration_file_bytes: int
     seconds: dict[str, float]
     end_to_end_recompute: bool = False
+    # the batch sizes the plan is for: capture (and initialisation), the training batch's passes (micro) and
+    # fidelity; on a GPU, lowered from the configured ones where their phase would not fit (fit_batches)
+    batch_sizes: dict[str, int] = field(default_factory=dict)
 
     def peak(self, where: str) -> tuple[str, int]:
         """(phase, bytes) of the largest peak on "gpu" or "host"."""
@@ -130,6 +133,7 @@ class Plan:
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
             "constants": {"tflops": self.spec.tflops, "tflops_source": self.spec.tflops_source},
             "blocks": [{**asdict(b), "cache_bytes": b.cache_bytes} for b in self.blocks],
+            "batch_sizes": self.batch_sizes,
         }
 
     def write(self, path: str | Path) -> None:
@@ -154,6 +158,9 @@ class Plan:
         lines.append("host peak by phase: " + ", ".join(f"{k} {_gib(v)}" for k, v in self.host.items()))
         lines.append("time by phase: " + ", ".join(f"{k} {_duration(v)}" for k, v in self.seconds.items()
                                                    if k != "total"))
+        if self.batch_sizes:
+            lines.append("batch sizes: " + ", ".join(f"{k} {v}" for k, v in self.batch_sizes.items())
+                         + " (capture and initialisation, the training batch's passes, fidelity)")
         lines.append(f"time constants: {self.spec.tflops:g} TFLOP/s ({self.spec.tflops_source}); FLOPs of the FP "
                      "model (the fake-quantized student does more work per FLOP: a floor for BKD)")
         lines.append(self.summary())
@@ -330,7 +337,7 @@ def meta_student(teacher: nn.Module, quant_config) -> nn.Module:
 
 
 def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_name: str = "",
-              trace: bool = True) -> Plan:
+              trace: bool = True, fit_batches: bool = True) -> Plan:
     """The plan of BKD (and the end-to-end stage) of `teacher` (a denoiser on the meta device) under
     `quant_config` and `distill` (DistillConfig) with the sizes of `spec`. trace=False leaves out the phases'
     own computation (traced operation by operation: seconds to minutes), keeping the resident models, the
@@ -358,6 +365,13 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     weights = _bytes(teacher.parameters()) + _bytes(teacher.buffers())
     student_bytes = _bytes(student.parameters()) + _bytes(student.buffers())
     resident = weights + student_bytes  # both models sit on the device for the whole of BKD
+    # teacher_precision "bf16": the teacher's Linear / conv weights are stored in bf16 during BKD, their fp32
+    # values on the host (BlockDistiller.store_teacher_in_bf16); calibration and fidelity use the fp32 teacher
+    halved = 0
+    if getattr(distill, "teacher_precision", "fp32") == "bf16":
+        halved = sum(_bytes(m.parameters(recurse=False)) for m in teacher.modules()
+                     if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))) // 2
+    bkd_resident = resident - halved
 
     # a block's cache: per-row bytes of its batched inputs (from captures at 1 and 2 rows), shared inputs once
     def captures(rows: int) -> tuple[dict[str, Any], dict[str, list[torch.Tensor]]]:
@@ -431,8 +445,16 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
             fn()
         return tracker.bytes
 
-    def at_rows(trace, rows: int) -> int:
-        one, two = trace(1), trace(2)
+    lines: dict[Any, tuple[int, int]] = {}  # (what, model/block) -> its traced peaks at 1 and 2 rows
+
+    def at_rows(trace, rows: int, key: Any = None) -> int:
+        if key is None or key not in lines:
+            line = (trace(1), trace(2))
+            if key is None:
+                one, two = line
+                return max(one, two + (rows - 2) * (two - one)) if rows >= 2 else one
+            lines[key] = line
+        one, two = lines[key]
         return max(one, two + (rows - 2) * (two - one)) if rows >= 2 else one
 
     def forward(model: nn.Module, rows: int, doubled: bool = False) -> int:
@@ -445,16 +467,13 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
 
             return peak(run)
 
-        return at_rows(trace_rows, rows * (2 if doubled else 1))
+        return at_rows(trace_rows, rows * (2 if doubled else 1), ("forward", id(model)))
 
     generation = forward(teacher, spec.generation_batch_size, doubled=spec.guidance)
-    capture = max(forward(teacher, cb), forward(student, cb))
-    sampling = max(forward(teacher, spec.fidelity_batch_size, spec.guidance),
-                   forward(student, spec.fidelity_batch_size, spec.guidance))
 
-    def block_train(name: str) -> tuple[int, int]:
-        """(peak of a training step at batch_size rows, peak of the initialisation pass at capture_batch_size
-        rows) of block `name`, beyond the resident models."""
+    def block_train(name: str, micro: int, cb: int) -> tuple[int, int]:
+        """(peak of a training step at `micro` rows, peak of the initialisation pass at `cb` rows) of block
+        `name`, beyond the resident models."""
         module = student if name == WHOLE_MODEL else student.get_submodule(name)
         inputs = {1: one_in, 2: two_in}
 
@@ -492,8 +511,49 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
 
             return peak(observe)
 
-        init = at_rows(init_trace, cb) if act_quantizers(module) and name != WHOLE_MODEL else 0
-        return at_rows(train_trace, bs), init
+        init = at_rows(init_trace, cb, ("init", name)) if act_quantizers(module) and name != WHOLE_MODEL else 0
+        return at_rows(train_trace, micro, ("train", name)), init
+
+    # Adam's state on the device per block (BlockDistiller.place_optimizer_state): the current block's; a
+    # trained block's goes to the host while an end-to-end stage is to come (on a CPU run that is the device)
+    trainables: dict[str, int] = {}
+    optimizer_states: dict[str, int] = {}
+    optimizer_state = 0
+    for name in blocks:
+        module = student if name == WHOLE_MODEL else student.get_submodule(name)
+        trainables[name] = _trainable(module, distill.train_weights)
+        if name == WHOLE_MODEL:
+            optimizer_state = 2 * 4 * _trainable(student, distill.train_weights)
+        elif spec.device == "cpu" and WHOLE_MODEL in blocks:
+            optimizer_state += 2 * 4 * trainables[name]
+        else:
+            optimizer_state = 2 * 4 * trainables[name]
+        optimizer_states[name] = optimizer_state
+
+    # on a GPU, batch sizes whose phase would not fit the GPU are lowered (fit_batches): the capture and
+    # initialisation batch, the training batch's passes (micro_batch_size) and the fidelity batch, each to the
+    # largest power of two below the one set that fits
+    micro = min(getattr(distill, "micro_batch_size", None) or bs, bs)
+    fidelity_batch = spec.fidelity_batch_size
+    limit = spec.gpu_bytes if fit_batches and trace and spec.device == "cuda" and spec.gpu_bytes else None
+
+    def largest(start: int, need) -> int:
+        rows = start
+        while rows > 1 and need(rows) > limit:
+            rows = 1 << ((rows - 1).bit_length() - 1)  # the next power of two below
+        return rows
+
+    if limit is not None:
+        cb = largest(cb, lambda r: bkd_resident + max(forward(teacher, r), forward(student, r),
+                                                      *(block_train(b, 1, r)[1] for b in blocks)))
+        micro = largest(micro, lambda r: bkd_resident + max(optimizer_states[b] + block_train(b, r, 1)[0]
+                                                            for b in blocks))
+        fidelity_batch = largest(fidelity_batch, lambda r: resident + max(forward(teacher, r, spec.guidance),
+                                                                          forward(student, r, spec.guidance)))
+        chunks = [min(cb, n - start) for start in range(0, n, cb)]
+    batch_sizes = {"capture": cb, "micro": micro, "fidelity": fidelity_batch}
+    capture = max(forward(teacher, cb), forward(student, cb))
+    sampling = max(forward(teacher, fidelity_batch, spec.guidance), forward(student, fidelity_batch, spec.guidance))
 
     # host: the calibration tuples and the guidance mix, held for the whole run
     x_row = math.prod(sample) * 4
@@ -509,7 +569,6 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     tuples_host = calibration_file + mix
 
     plans: list[BlockPlan] = []
-    optimizer_state = 0  # Adam's two moments of every block trained so far (one Adam over the student)
     target_budget = distill.target_cache_mb * MIB
     if distill.target_cache_mb == 0:
         target_budget = -1  # one block a pass
@@ -536,21 +595,11 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     # everything else, else on disk
     phases: dict[str, tuple[int, int, int, int]] = {}
     for name in blocks:
-        module = student if name == WHOLE_MODEL else student.get_submodule(name)
-        trainable = _trainable(module, distill.train_weights)
-        train_peak, init_peak = block_train(name)
-        # Adam's state on the device (BlockDistiller.place_optimizer_state): the current block's; a trained
-        # block's goes to the host while an end-to-end stage is to come (on a CPU run that is the device too)
-        if name == WHOLE_MODEL:
-            optimizer_state = 2 * 4 * _trainable(student, distill.train_weights)
-        elif spec.device == "cpu" and WHOLE_MODEL in blocks:
-            optimizer_state += 2 * 4 * trainable
-        else:
-            optimizer_state = 2 * 4 * trainable
-        phases[name] = (trainable, train_peak, init_peak, optimizer_state)
+        train_peak, init_peak = block_train(name, micro, cb)
+        phases[name] = (trainables[name], train_peak, init_peak, optimizer_states[name])
     # a CPU run's device is the host: the models and the phases' computation share it with the caches
     computing = max([capture, *(max(o + t, i) for _, t, i, o in phases.values())]) if spec.device == "cpu" else 0
-    host_models = resident if spec.device == "cpu" else 0
+    host_models = resident + halved if spec.device == "cpu" else 2 * halved  # (the fp32 copies of bf16 weights)
     tiers: dict[str, str] = {}
     host_of: dict[str, int] = {}
     replay_host, replay_disk = carried_forward(names, out_bytes, readers, distill)
@@ -563,7 +612,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         host_of[name] = tuples_host + chunk + replay_host.get(name, 0)
         others = sum(sizes[b][1] for b in group_of.get(name, [name]) if b != name)
         tiers[name] = _cache_tier(distill, inputs_b + targets_b, spec,
-                                  resident + max(optimizer_state + train_peak, init_peak),
+                                  bkd_resident + max(optimizer_state + train_peak, init_peak),
                                   host_of[name] + others + host_models + computing)
 
     for name in blocks:
@@ -574,8 +623,8 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         on_gpu = inputs_b + targets_b if tier == "cuda" else 0
         plan = BlockPlan(name, inputs_b, targets_b, tier, trainable, train_peak)
         plan.replay_bytes = replay_host.get(name, 0) + replay_disk.get(name, 0)
-        plan.gpu = {"capture": resident + capture, "init": resident + on_gpu + init_peak,
-                    "train": resident + on_gpu + optimizer_state + train_peak}
+        plan.gpu = {"capture": bkd_resident + capture, "init": bkd_resident + on_gpu + init_peak,
+                    "train": bkd_resident + on_gpu + optimizer_state + train_peak}
         # targets of the block's teacher pass held on the host (a disk block's go to disk; a GPU block's
         # pass through the host on their way)
         ahead = sum(sizes[b][1] for b in group_of.get(name, [name]) if tiers.get(b) != "disk")
@@ -594,7 +643,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     gpu = {"load": weights, "calibration": weights + generation}
     for phase in ("capture", "init", "train"):
         values = [b.gpu[phase] for b in plans if b.name != WHOLE_MODEL]
-        gpu[phase] = max(values, default=resident)
+        gpu[phase] = max(values, default=bkd_resident)
     if WHOLE_MODEL in blocks:
         whole = next(b for b in plans if b.name == WHOLE_MODEL)
         gpu["end_to_end"] = whole.gpu["train"]
@@ -605,6 +654,8 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         host["calibration"] += weights + generation
         host["bkd"] += host_models + computing
         host["fidelity"] += sampling
+    else:
+        host["bkd"] += host_models
     steps_total = spec.num_trajectories * spec.num_steps * (2 if spec.guidance else 1)
     seconds = {
         "calibration": steps_total * model_flops,
@@ -617,7 +668,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     seconds["total"] = sum(seconds.values())
     disk = max((b.cache_bytes * (b.cache_device == "disk") + replay_disk.get(b.name, 0) for b in plans), default=0)
     return Plan(spec, model_name or type(teacher).__name__, params, plans, gpu, host, disk, calibration_file, seconds,
-                distill.end_to_end_recompute)
+                distill.end_to_end_recompute, batch_sizes)
 
 
 def carried_forward(names: list[str], out_bytes: dict[str, int], readers: dict[str, frozenset[int]], distill

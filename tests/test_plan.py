@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from dq.bkd import BlockDistiller, DistillConfig
@@ -193,3 +194,38 @@ def test_the_plan_puts_caches_on_disk_when_the_host_cannot_hold_them():
     on_gpu = make_plan(model, quant, distill, gpu_spec, trace=False)
     assert all(b.gpu["train"] <= 0.5 * GIB for b in on_gpu.blocks if b.cache_device == "cuda")
     assert any(b.cache_device == "cuda" for b in on_gpu.blocks)
+
+
+def test_batch_sizes_too_large_for_the_gpu_are_lowered_to_fit():
+    """On a GPU the capture, training-pass and fidelity batches whose phases would not fit are lowered to the
+    largest power of two that fits (budget.fit_batches); the run's trainer then uses those (train.fitted_batches)."""
+    from dq.jobs.train import fitted_batches
+
+    with torch.device("meta"):
+        from diffusers import UNet2DModel
+
+        model = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32,), layers_per_block=1,
+                            down_block_types=("AttnDownBlock2D",), up_block_types=("AttnUpBlock2D",), norm_num_groups=8)
+    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=32, end_to_end_iters=0,
+                            cache_device="cpu")  # (caches the plan puts on the GPU would shrink with its budget)
+    quant = QuantConfig(num_steps=STEPS, num_groups=STEPS)
+    spec = PlanSpec(num_samples=64, num_trajectories=16, generation_batch_size=8, num_steps=STEPS, guidance=False,
+                    cond_shape=None, device="cuda", gpu_bytes=GIB, host_bytes=64 * GIB)
+    roomy = make_plan(model, quant, distill, spec)
+    assert roomy.batch_sizes == {"capture": 32, "micro": 8, "fidelity": 128}  # all fit: unchanged
+    budget = min(roomy.gpu["capture"], roomy.gpu["train"], roomy.gpu["fidelity"]) - 1  # each must shrink
+    tight = make_plan(model, quant, distill, dataclasses.replace(spec, gpu_bytes=budget))
+    sizes = tight.batch_sizes
+    assert sizes["capture"] < 32 and sizes["micro"] < 8 and sizes["fidelity"] < 128
+    assert all(v & (v - 1) == 0 for v in sizes.values())  # powers of two
+    for phase in ("capture", "init", "train", "fidelity"):
+        assert tight.gpu[phase] <= budget, phase
+    tight.check_fits()
+    kept = make_plan(model, quant, distill, dataclasses.replace(spec, gpu_bytes=budget), fit_batches=False)
+    assert kept.batch_sizes == roomy.batch_sizes
+    with pytest.raises(UserError, match="does not fit"):
+        kept.check_fits()
+    cfg = OmegaConf.create({"fidelity": {"batch_size": 128}})
+    fitted = fitted_batches(cfg, distill, tight)
+    assert (fitted.capture_batch_size, fitted.micro_batch_size, cfg.fidelity.batch_size) == \
+        (sizes["capture"], sizes["micro"], sizes["fidelity"])

@@ -134,6 +134,9 @@ class DistillConfig:
     # the bytes; each value rounded to bfloat16 once, the block still computes in fp32)
     cache_dtype: str = "fp32"
     compile: bool = False  # torch.compile the current block for its training steps
+    # each training batch in passes of this many rows, their gradients summed (the same step as one pass of the
+    # batch, in less memory: activations of micro_batch_size rows); None = the batch in one pass
+    micro_batch_size: int | None = None
     compile_mode: str | None = None  # torch.compile(mode=...): None, "reduce-overhead", "max-autotune", ...
     compile_backend: str = "inductor"  # torch.compile(backend=...); "aot_eager" compiles fast (tests)
     target_cache_mb: float = 1024.0  # host memory for teacher targets captured ahead of their block
@@ -168,6 +171,8 @@ class DistillConfig:
             object.__setattr__(self, "end_to_end_iters", stage)
         if self.iters_per_block < 0:
             raise UserError(f"iters_per_block must be >= 0, got {self.iters_per_block}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise UserError(f"micro_batch_size must be >= 1 (or null: the batch in one pass), got {self.micro_batch_size}")
         if self.batch_size < 1 or self.capture_batch_size < 1:
             raise UserError(f"batch sizes must be >= 1, got {self.batch_size}, {self.capture_batch_size}")
         if self.lr_weights < 0 or self.lr_quant <= 0 or self.lr_zero_point < 0:
@@ -319,6 +324,7 @@ class BlockDistiller(L.LightningModule):
         # under DDP, the calibration rows this rank caches, initialises and trains on (rows rank, rank + world,
         # ...); None: all of them (one process)
         self.local_rows: torch.Tensor | None = None
+        self._teacher_fp32: dict[str, torch.Tensor] = {}  # teacher_precision bf16: fp32 weights, on the host
         self.seed = seed
         self.blocks: list[str] = []  # execution order, set in setup()
         self.state = BlockState()
@@ -520,7 +526,7 @@ class BlockDistiller(L.LightningModule):
         blocks = [b for b in self.blocks if b != WHOLE_MODEL]  # the end-to-end stage's targets come on their own
         if self._target_row_bytes is None:  # one teacher pass on one row: each block's output size
             example = self.calibration_batch(slice(0, 1))
-            with torch.no_grad():
+            with torch.no_grad(), self.teacher_autocast(example):
                 sizes = capture_outputs(self.teacher, blocks, example)
             self._target_row_bytes = {n: sum(t[0].numel() * 4 for t in ts) for n, ts in sizes.items()}
         budget, k = self.distill.target_cache_mb * 2**20, blocks.index(name)
@@ -665,7 +671,36 @@ class BlockDistiller(L.LightningModule):
             raise UserError(f"calibration step indices must lie in [0, {num_steps}) (the student's TPQ tables), got "
                             f"[{int(steps.min())}, {int(steps.max())}]")
         self.setup_blocks()
+        self.store_teacher_in_bf16()
         enter_phase("bkd" if self.distill.iters_per_block > 0 else "initialisation", device)
+
+    # the layers whose weights autocast runs in bfloat16 anyway: stored so, the targets are bitwise the same
+    _BF16_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def store_teacher_in_bf16(self) -> None:
+        """teacher_precision "bf16": the teacher's Linear and convolution weights and biases are stored in
+        bfloat16 for BKD (half their memory on the device), the fp32 values kept on the host and put back
+        when training ends (`restore_teacher`: calibration before BKD and the fidelity check after it use the
+        fp32 teacher). Under the teacher's bf16 autocast those layers compute on bfloat16 copies of their
+        weights anyway, so the targets do not change; norms and embeddings stay fp32."""
+        if self.distill.teacher_precision != "bf16" or self._teacher_fp32:
+            return
+        for name, module in self.teacher.named_modules():
+            if isinstance(module, self._BF16_LAYERS):
+                for key, param in module.named_parameters(recurse=False):
+                    if param.dtype == torch.float32:
+                        self._teacher_fp32[f"{name}.{key}"] = param.detach().to("cpu", copy=True)
+                        param.data = param.data.to(torch.bfloat16)
+
+    def restore_teacher(self) -> None:
+        """Put back the teacher's fp32 weights stored in bf16 by store_teacher_in_bf16 (on their device)."""
+        for path, value in self._teacher_fp32.items():
+            param = self.teacher.get_parameter(path)
+            param.data = value.to(param.device)
+        self._teacher_fp32 = {}
+
+    def teardown(self, stage: str) -> None:
+        self.restore_teacher()
 
     def setup_blocks(self) -> None:
         """The block list in execution order (the whole student for end-to-end QAT)."""
@@ -770,9 +805,12 @@ class BlockDistiller(L.LightningModule):
     def initialize_only(self) -> None:
         """Block-by-block initialisation without training (the PTQ methods, iters_per_block = 0)."""
         self.setup("fit")
-        for k in range(self.state.block, len(self.blocks)):
-            self.begin_block(k)
-            self.end_block()
+        try:
+            for k in range(self.state.block, len(self.blocks)):
+                self.begin_block(k)
+                self.end_block()
+        finally:
+            self.restore_teacher()
 
     def block_finished(self, k: int) -> bool:
         """Whether block k has run all its iterations (the epoch of a cut-short block is not finished)."""
@@ -874,23 +912,21 @@ class BlockDistiller(L.LightningModule):
         rows, steps, weight = self.shard(batch["index"], batch["step"])  # this rank's share, its TPQ steps
         if self.decaying_lowrank and not self.is_end_to_end_stage(self.state.block):
             set_lowrank_scale(self.block_module(name), self.lowrank_weight(self.state.iteration))
-        with step_context(self.student, steps.to(self.device)), self._activation_drop(name), self._recomputing(name):
-            predictions = self._block_forward(name, self._device_rows(rows))
-        targets = [t[self._device_rows(rows)].to(p.device) for p, t in zip(predictions, self.cache.output, strict=True)]
-        if self.local_rows is None:
-            losses = [F.mse_loss(p.float(), t.float()) for p, t in zip(predictions, targets)]  # eq. 15
-        else:  # this rank's share of the batch mean: the ranks' gradients add up to the whole batch's
-            batch_size = len(batch["index"])
-            losses = [F.mse_loss(p.float(), t.float(), reduction="sum") * (weight / (batch_size * p[0].numel()))
-                      for p, t in zip(predictions, targets)]
-        # a block returning several tensors (a joint-attention transformer block): the mean of their losses
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         optimizer = self.optimizers()
         factor = self.learning_rate_factor(self.state.iteration)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        micro = self.distill.micro_batch_size or len(rows)
+        if self.local_rows is None and micro >= len(rows):  # the batch in one pass: its mean (eq. 15)
+            loss = self._batch_loss(name, rows, steps, None)
+            self.manual_backward(loss)
+        else:  # this rank's rows, in passes of micro_batch_size: each its share of the batch mean
+            scale, loss = weight / len(batch["index"]), 0.0
+            for start in range(0, len(rows), micro):
+                part = self._batch_loss(name, rows[start : start + micro], steps[start : start + micro], scale)
+                self.manual_backward(part)  # the gradients add up to those of the whole batch
+                loss = loss + part.detach()
         if self.local_rows is not None:
             self._all_reduce_gradients(name)
         optimizer.step()
@@ -903,6 +939,21 @@ class BlockDistiller(L.LightningModule):
         self.log("bkd/loss", reported, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         self.log("bkd/block", float(self.state.block), on_step=True, on_epoch=False)
         return loss
+
+    def _batch_loss(self, name: str, rows: torch.Tensor, steps: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """The loss of the current block on cached rows `rows` (their TPQ `steps`): the mean squared error to
+        the targets (scale None), or the sum of squared errors × scale / (elements per row), a share of a mean
+        taken over more rows than these. A block returning several tensors (a joint-attention transformer
+        block): the mean of their losses."""
+        with step_context(self.student, steps.to(self.device)), self._activation_drop(name), self._recomputing(name):
+            predictions = self._block_forward(name, self._device_rows(rows))
+        targets = [t[self._device_rows(rows)].to(p.device) for p, t in zip(predictions, self.cache.output, strict=True)]
+        if scale is None:
+            losses = [F.mse_loss(p.float(), t.float()) for p, t in zip(predictions, targets)]  # eq. 15
+        else:
+            losses = [F.mse_loss(p.float(), t.float(), reduction="sum") * (scale / p[0].numel())
+                      for p, t in zip(predictions, targets)]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def _recomputing(self, name: str) -> contextlib.AbstractContextManager:
         """The end-to-end stage with end_to_end_recompute: every block recomputed in backward

@@ -187,8 +187,9 @@ def run_plan(cfg: DictConfig, teacher: torch.nn.Module, num_steps: int, guidance
                     guidance=guidance, cond_shape=cond[0], cond_dtype=cond[1],
                     fidelity_samples=int(cfg.fidelity.num_samples), fidelity_batch_size=int(cfg.fidelity.batch_size),
                     **budget_spec(cfg, device, measure))
+    fit = bool((cfg.get("budget") or {}).get("fit_batches", True))
     return make_plan(teacher, build_quant_config(cfg, num_steps, teacher), distill_config(cfg), spec, name,
-                     trace=trace)
+                     trace=trace, fit_batches=fit)
 
 
 def plan_only(cfg: DictConfig) -> Plan:

@@ -28,7 +28,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dq.bkd import (
     BlockCheckpoint,
@@ -243,11 +243,34 @@ def prepare(cfg: DictConfig, start: float) -> Job:
     distill = distill_config(cfg)
     # the run's plan (plan.json), and a run that cannot fit refused here, before calibration and training
     plan = plan_job(cfg, model.unet, len(timesteps), model.sampler.uses_guidance, cond_of_bundle(model), out_dir)
+    if plan is not None:
+        distill = fitted_batches(cfg, distill, plan)
     datamodule = calibration_data(cfg, model)
     distiller = BlockDistiller(model.unet, quant_config, distill, datamodule, seed=cfg.seed)
     if plan is not None and distill.cache_device == "auto":  # each block's cache where the plan put it
         distiller.planned_tiers = {block.name: block.cache_device for block in plan.blocks}
     return Job(cfg, out_dir, start, model, timesteps, quant_config, distill, datamodule, distiller, trainer)
+
+
+def fitted_batches(cfg: DictConfig, distill: DistillConfig, plan) -> DistillConfig:
+    """The capture, micro and fidelity batch sizes the plan lowered to fit the GPU (budget.fit_batches), put in
+    place (fidelity.batch_size in cfg); said in one line when any changed."""
+    sizes = plan.batch_sizes
+    changed = []
+    if sizes.get("capture", distill.capture_batch_size) != distill.capture_batch_size:
+        changed.append(f"capture_batch_size {distill.capture_batch_size} -> {sizes['capture']}")
+        distill = dataclasses.replace(distill, capture_batch_size=sizes["capture"])
+    if sizes.get("micro", distill.batch_size) < min(distill.micro_batch_size or distill.batch_size, distill.batch_size):
+        changed.append(f"micro_batch_size {distill.micro_batch_size} -> {sizes['micro']}")
+        distill = dataclasses.replace(distill, micro_batch_size=sizes["micro"])
+    if sizes.get("fidelity", cfg.fidelity.batch_size) != cfg.fidelity.batch_size:
+        changed.append(f"fidelity.batch_size {cfg.fidelity.batch_size} -> {sizes['fidelity']}")
+        with open_dict(cfg):
+            cfg.fidelity.batch_size = sizes["fidelity"]
+    if changed:
+        log.info("dq: the plan lowered batch sizes to fit the GPU: %s (budget.fit_batches=false keeps them)",
+                 ", ".join(changed))
+    return distill
 
 
 def check_resume(job: Job) -> Path | None:

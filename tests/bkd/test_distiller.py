@@ -530,3 +530,26 @@ def test_under_ddp_each_rank_caches_its_share_of_the_rows(monkeypatch):
         rows, steps, weight = shard.shard(torch.tensor([0, 1, 2, 5, 8]), torch.tensor([0, 1, 2, 1, 0]))
         want = torch.tensor([0, 1, 4]) if rank == 0 else torch.tensor([0, 2])
         assert torch.equal(rows, want) and weight == 1.0
+
+
+def test_micro_batches_give_the_gradients_of_the_whole_batch(monkeypatch):
+    """micro_batch_size splits each batch into passes whose gradients add up to those of one pass over it."""
+    grads = {}
+
+    def record(key):
+        def first_step(optimizer):
+            if key not in grads:
+                grads[key] = [p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return first_step
+
+    for micro in (None, 3):  # batch 8: passes of 3, 3 and 2 rows
+        monkeypatch.setattr(distiller_module, "keep_step_sizes_positive", record(micro))
+        distill = DistillConfig(iters_per_block=1, batch_size=8, capture_batch_size=16, end_to_end_iters=0,
+                                micro_batch_size=micro)
+        distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
+        _trainer(distiller, max_epochs=1).fit(distiller)
+    assert len(grads[None]) == len(grads[3]) > 0
+    for whole, parts in zip(grads[None], grads[3]):
+        torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        DistillConfig(micro_batch_size=0)

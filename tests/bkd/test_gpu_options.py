@@ -75,6 +75,30 @@ def test_bf16_teacher_targets_are_fp32_close_to_the_fp32_ones_and_the_student_in
             assert torch.equal(fp32_leaf, bf16_leaf)
 
 
+def test_a_bf16_teacher_is_stored_in_bf16_with_the_same_targets_and_restored(monkeypatch):
+    from torch import nn
+
+    def teacher_bytes(distiller):
+        return sum(p.numel() * p.element_size() for p in distiller.teacher.parameters())
+
+    k = 4
+    stored = _distiller(teacher_precision="bf16")
+    fp32_bytes = teacher_bytes(stored)
+    _prepare_block(stored, k)
+    layers = [m for m in stored.teacher.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
+    assert teacher_bytes(stored) < 0.6 * fp32_bytes  # the weights are almost all Linear / conv weights
+    with monkeypatch.context() as m:  # the same run with fp32 weights under the same autocast
+        m.setattr(BlockDistiller, "store_teacher_in_bf16", lambda self: None)
+        autocast_only = _distiller(teacher_precision="bf16")
+        _prepare_block(autocast_only, k)
+    assert all(map(torch.equal, stored.cache.output, autocast_only.cache.output))  # bitwise
+    stored.teardown("fit")  # what Lightning calls when fit ends, however it ends
+    assert teacher_bytes(stored) == fp32_bytes
+    want = dict(autocast_only.teacher.named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in stored.teacher.named_parameters())
+
+
 def test_auto_cache_stays_on_the_cpu_without_a_gpu():
     distiller = _distiller()
     assert distiller.distill.cache_device == "auto"  # the default
