@@ -27,6 +27,7 @@ fake-quantized student does more work per FLOP than the FP model, so the estimat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -68,6 +69,7 @@ class PlanSpec:
     # distinct text conditions (prompts) of the calibration trajectories: text embeddings are stored once each
     # (dq.calibration.tuples); None: as many as the trajectories
     num_prompts: int | None = None
+    world_size: int = 1  # DDP processes sharing the calibration rows (trainer=ddp)
     fidelity_samples: int = 256
     fidelity_batch_size: int = 128
     device: str = "cpu"  # "cuda" | "cpu": where the phases run
@@ -357,7 +359,10 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     teacher = teacher.eval().requires_grad_(False)
     student = meta_student(teacher, quant_config).requires_grad_(True)
     sample = sample_shape(teacher)
-    n, cb, bs = spec.num_samples, distill.capture_batch_size, distill.batch_size
+    # under DDP each rank caches, initialises and trains on its share of the rows (BlockDistiller.local_rows):
+    # n is a rank's share, the figures are per rank (host: the ranks of one node together)
+    world = max(1, spec.world_size)
+    n, cb, bs = math.ceil(spec.num_samples / world), distill.capture_batch_size, distill.batch_size
     chunks = [min(cb, n - start) for start in range(0, n, cb)]
     blocks = training_blocks(student, distill)
     names = [b for b in blocks if b != WHOLE_MODEL]
@@ -555,17 +560,18 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     capture = max(forward(teacher, cb), forward(student, cb))
     sampling = max(forward(teacher, fidelity_batch, spec.guidance), forward(student, fidelity_batch, spec.guidance))
 
-    # host: the calibration tuples and the guidance mix, held for the whole run
+    # host: the calibration tuples and the guidance mix, held for the whole run (every rank loads them all)
+    n_all = spec.num_samples
     x_row = math.prod(sample) * 4
     cond_row = 0 if spec.cond_shape is None else math.prod(spec.cond_shape) * torch.empty((), dtype=spec.cond_dtype).element_size()
     if spec.cond_shape:  # text embeddings: a table of one row per prompt (and the unconditional one), an index per tuple
         prompts = min(spec.num_prompts or spec.num_trajectories, spec.num_trajectories)
-        cond_bytes = (prompts + spec.guidance) * cond_row + n * 8 * (2 if spec.guidance else 1)
+        cond_bytes = (prompts + spec.guidance) * cond_row + n_all * 8 * (2 if spec.guidance else 1)
     else:  # a class label per tuple (and the null class)
-        cond_bytes = n * cond_row * (2 if spec.guidance else 1)
-    calibration_file = n * (x_row + 16) + cond_bytes
+        cond_bytes = n_all * cond_row * (2 if spec.guidance else 1)
+    calibration_file = n_all * (x_row + 16) + cond_bytes
     # the guidance mix: a new index (a table) or a new label tensor, beside the loaded tuples
-    mix = (n * 8 if spec.cond_shape else n * cond_row) if spec.guidance and distill.uncond_fraction > 0 else 0
+    mix = (n_all * 8 if spec.cond_shape else n_all * cond_row) if spec.guidance and distill.uncond_fraction > 0 else 0
     tuples_host = calibration_file + mix
 
     plans: list[BlockPlan] = []
@@ -601,6 +607,8 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     computing = max([capture, *(max(o + t, i) for _, t, i, o in phases.values())]) if spec.device == "cpu" else 0
     host_models = resident + halved if spec.device == "cpu" else 2 * halved  # (the fp32 copies of bf16 weights)
     tiers: dict[str, str] = {}
+    # a rank's share of the host (the ranks of a node split it)
+    rank_spec = dataclasses.replace(spec, host_bytes=None if spec.host_bytes is None else spec.host_bytes // world)
     host_of: dict[str, int] = {}
     replay_host, replay_disk = carried_forward(names, out_bytes, readers, distill)
     for name in blocks:
@@ -611,7 +619,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         chunk = math.ceil(inputs_b * min(cb, n) / n)
         host_of[name] = tuples_host + chunk + replay_host.get(name, 0)
         others = sum(sizes[b][1] for b in group_of.get(name, [name]) if b != name)
-        tiers[name] = _cache_tier(distill, inputs_b + targets_b, spec,
+        tiers[name] = _cache_tier(distill, inputs_b + targets_b, rank_spec,
                                   bkd_resident + max(optimizer_state + train_peak, init_peak),
                                   host_of[name] + others + host_models + computing)
 
@@ -637,7 +645,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         else:  # carried forward: the block itself in the teacher's pass and in the replay recording, and the
             prepare = 2 * n * block_flops[name] + 2 * chunks[0] * prefix  # first chunk's checks in full
         plan.flops = {"capture": prepare, "init": n * block_flops[name],
-                      "train": iters * bs * passes * block_flops[name]}
+                      "train": iters * bs * passes * block_flops[name] / world}
         plans.append(plan)
 
     gpu = {"load": weights, "calibration": weights + generation}
@@ -656,9 +664,10 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         host["fidelity"] += sampling
     else:
         host["bkd"] += host_models
+    host = {k: v * world for k, v in host.items()}  # every rank of the node holds its own
     steps_total = spec.num_trajectories * spec.num_steps * (2 if spec.guidance else 1)
     seconds = {
-        "calibration": steps_total * model_flops,
+        "calibration": steps_total * model_flops / world,  # the trajectories are shared out
         "prepare": sum(b.flops["capture"] + b.flops["init"] for b in plans),
         "bkd": sum(b.flops["train"] for b in plans if b.name != WHOLE_MODEL),
         "end_to_end": sum(b.flops["train"] for b in plans if b.name == WHOLE_MODEL),
@@ -666,7 +675,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     }
     seconds = {k: v / (spec.tflops * 1e12) for k, v in seconds.items()}
     seconds["total"] = sum(seconds.values())
-    disk = max((b.cache_bytes * (b.cache_device == "disk") + replay_disk.get(b.name, 0) for b in plans), default=0)
+    disk = world * max((b.cache_bytes * (b.cache_device == "disk") + replay_disk.get(b.name, 0) for b in plans), default=0)
     return Plan(spec, model_name or type(teacher).__name__, params, plans, gpu, host, disk, calibration_file, seconds,
                 distill.end_to_end_recompute, batch_sizes)
 

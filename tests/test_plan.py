@@ -229,3 +229,21 @@ def test_batch_sizes_too_large_for_the_gpu_are_lowered_to_fit():
     fitted = fitted_batches(cfg, distill, tight)
     assert (fitted.capture_batch_size, fitted.micro_batch_size, cfg.fidelity.batch_size) == \
         (sizes["capture"], sizes["micro"], sizes["fidelity"])
+
+
+def test_under_ddp_a_rank_plans_its_share_of_the_caches():
+    with torch.device("meta"):
+        from diffusers import UNet2DModel
+
+        model = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32,), layers_per_block=1,
+                            down_block_types=("AttnDownBlock2D",), up_block_types=("AttnUpBlock2D",), norm_num_groups=8)
+    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, end_to_end_iters=0)
+    spec = PlanSpec(num_samples=64, num_trajectories=16, generation_batch_size=8, num_steps=STEPS, guidance=False,
+                    cond_shape=None, device="cuda", gpu_bytes=GIB, host_bytes=64 * GIB)
+    quant = QuantConfig(num_steps=STEPS, num_groups=STEPS)
+    one = make_plan(model, quant, distill, spec, trace=False)
+    two = make_plan(model, quant, distill, dataclasses.replace(spec, world_size=2), trace=False)
+    for a, b in zip(one.blocks, two.blocks, strict=True):  # 32 of the 64 rows: half of every batched byte
+        assert b.target_bytes * 2 == a.target_bytes and b.input_bytes < a.input_bytes
+    assert two.calibration_file_bytes == one.calibration_file_bytes  # every rank loads the tuples
+    assert two.seconds["bkd"] * 2 == pytest.approx(one.seconds["bkd"])

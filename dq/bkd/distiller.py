@@ -85,16 +85,18 @@ _CACHE_DEVICE = re.compile(r"cpu|auto|disk|cuda(:\d+)?")
 class DistillConfig:
     """How each block is trained. iters_per_block = 0 runs the initialisation only (PTQ).
 
-    GPU-scale options. cache_device changes where the computation runs, not its result; compile may
-    change rounding (the compiler fuses and reorders operations); teacher_precision="bf16" rounds the
-    teacher's targets.
+    GPU-scale options. cache_device, replay_*, target_cache_mb change where and how often the computation
+    runs, not its result; compile and micro_batch_size may change rounding (operations fused, reordered or
+    summed in parts); teacher_precision="bf16" and cache_dtype="bf16" round the teacher's targets (and the
+    cached inputs).
 
     - cache_device: where a block's cached inputs and targets live: "cpu", "cuda" / "cuda:N", "disk"
       (memory-mapped files under cache_dir, dq.bkd.store), or "auto": the tier the run's plan picked
       (`planned_tiers`), else the module's CUDA device when the cache takes at most cache_gpu_fraction of
       its free memory, else the CPU (always the CPU when the module is not on a GPU).
     - teacher_precision: "fp32", or "bf16" to compute the teacher's block targets under bfloat16 autocast
-      (stored as fp32; the student and the loss stay fp32).
+      (stored in cache_dtype; the student and the loss stay fp32), with the teacher's Linear and conv weights
+      stored in bf16 during BKD (store_teacher_in_bf16: the same targets in half the memory).
     - compile: run the current block through torch.compile(mode=compile_mode, backend=compile_backend) in
       the training steps (initialisation and capture stay eager; the student's modules are not replaced).
     - target_cache_mb: one teacher pass yields the targets of as many consecutive blocks as fit in this

@@ -172,6 +172,16 @@ def free_disk_bytes(cache_dir: str | None) -> int | None:
         return None
 
 
+def ddp_world_size(cfg: DictConfig) -> int:
+    """The DDP processes of the run on one node (trainer=ddp with a device count), else 1: each caches a share
+    of the calibration rows."""
+    trainer = cfg.get("trainer") or {}
+    devices = trainer.get("devices")
+    if "ddp" not in str(trainer.get("strategy", "")) or not isinstance(devices, int):
+        return 1
+    return max(1, devices)
+
+
 def run_plan(cfg: DictConfig, teacher: torch.nn.Module, num_steps: int, guidance: bool,
              cond: tuple[tuple[int, ...] | None, torch.dtype], name: str, measure: bool = True,
              trace: bool = True) -> Plan:
@@ -186,6 +196,7 @@ def run_plan(cfg: DictConfig, teacher: torch.nn.Module, num_steps: int, guidance
                     generation_batch_size=int(data.get("generation_batch_size") or 64), num_steps=num_steps,
                     guidance=guidance, cond_shape=cond[0], cond_dtype=cond[1],
                     fidelity_samples=int(cfg.fidelity.num_samples), fidelity_batch_size=int(cfg.fidelity.batch_size),
+                    world_size=ddp_world_size(cfg),
                     **budget_spec(cfg, device, measure))
     fit = bool((cfg.get("budget") or {}).get("fit_batches", True))
     return make_plan(teacher, build_quant_config(cfg, num_steps, teacher), distill_config(cfg), spec, name,
