@@ -237,21 +237,26 @@ def _dense_strides(shape: torch.Size, order: tuple[int, ...]) -> tuple[int, ...]
     return tuple(strides)
 
 
-def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor], returned: bool = False
-                    ) -> dict[str, list[torch.Tensor]] | tuple[dict[str, list[torch.Tensor]], dict[str, Any]]:
+def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor],
+                    keep: Iterable[str] | None = None) -> Any:
     """Run `model` on `batch` once and return the output tensors of the blocks `names` (in execution order);
     the pass stops after the last of them. The same values as one capture_block per name: a forward stopped
-    early computes its prefix exactly as a full one does. returned: also each block's return value as it is,
-    copied to the host (`BlockReplay.stored`: code after a block may change its output in place)."""
+    early computes its prefix exactly as a full one does. keep: also return, as (outputs, shapes, values),
+    each block's return value's shapes (`BlockReplay.shapes_of`) and, for the blocks in `keep`, a host copy
+    of the value itself (`BlockReplay.stored`: code after a block may change its output in place)."""
     outputs: dict[str, list[torch.Tensor]] = {}
+    shapes: dict[str, Any] = {}
     values: dict[str, Any] = {}
+    kept = None if keep is None else set(keep)
     last = names[-1]
 
     def hook_for(name: str):
         def hook(module, args, output):
             outputs[name] = output_tensors(output)
-            if returned:
-                values[name] = BlockReplay.stored(output)
+            if kept is not None:
+                shapes[name] = BlockReplay.shapes_of(output)
+                if name in kept:
+                    values[name] = BlockReplay.stored(output)
             if name == last:
                 raise _StopForward
 
@@ -261,7 +266,7 @@ def capture_outputs(model: nn.Module, names: list[str], batch: dict[str, torch.T
     missing = [n for n in names if n not in outputs]
     if missing:
         raise RuntimeError(f"blocks {missing} did not run in the forward pass")
-    return (outputs, values) if returned else outputs
+    return outputs if kept is None else (outputs, shapes, values)
 
 
 def same_block_io(a: BlockIO, b: BlockIO) -> bool:

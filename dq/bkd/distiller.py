@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -462,24 +462,24 @@ class BlockDistiller(L.LightningModule):
                 with self.teacher_autocast(batch):
                     if name == WHOLE_MODEL:
                         outputs = {name: capture_block(self.teacher, name, batch, want_output=True).output}
-                        returned = {}
+                        returned, values = {}, {}
                     else:
-                        outputs, returned = self._teacher_pass(names, chunk, batch, standins)
+                        outputs, returned, values = self._teacher_pass(names, chunk, batch, standins, kept)
                         if chunk == 0 and standins:  # the first chunk again with every stand-in block running
-                            check, check_returned = self._teacher_pass(names, chunk, batch, set())
-                            if not all(all(map(torch.equal, check[n], outputs[n])) for n in names):
+                            check = self._teacher_pass(names, chunk, batch, set(), kept)
+                            if not all(all(map(torch.equal, check[0][n], outputs[n])) for n in names):
                                 log.warning("BKD: the teacher's outputs of %s depend on blocks the forward-pass "
                                             "trace did not see them read; capturing them with those running", names[0])
-                                standins, outputs, returned = set(), check, check_returned
+                                standins, (outputs, returned, values) = set(), check
                 for n in shapes:
-                    shapes[n].append(BlockReplay.shapes_of(returned[n]))
+                    shapes[n].append(returned[n])
                 for n in list(kept):
                     if n not in tiers:  # the first chunk is the largest: the whole value is bounded ahead
-                        tiers[n] = self.replay_tier(nbytes_of(returned[n]) * len(starts), returned[n])
+                        tiers[n] = self.replay_tier(nbytes_of(values[n]) * len(starts), values[n])
                     if tiers[n] is None:
                         del kept[n]
                     else:
-                        value = returned[n]  # already a host copy (capture_outputs)
+                        value = values[n]  # already a host copy (capture_outputs)
                         kept[n].append(value if tiers[n] == "cpu" else BlockReplay.stored(value, self.allocator("disk")))
                 for n in names:  # targets in cache_dtype whatever the teacher's precision: the loss is computed in fp32
                     if n not in targets:  # allocated whole (on disk for a disk-tier block), filled chunk by chunk
@@ -496,12 +496,13 @@ class BlockDistiller(L.LightningModule):
             self._targets = targets
         return self._targets.pop(name)
 
-    def _teacher_pass(self, names: list[str], chunk: int, batch: dict[str, torch.Tensor], standins: set[str]
-                      ) -> tuple[dict[str, list[torch.Tensor]], dict[str, Any]]:
+    def _teacher_pass(self, names: list[str], chunk: int, batch: dict[str, torch.Tensor], standins: set[str],
+                      keep: Iterable[str]) -> tuple[dict[str, list[torch.Tensor]], dict[str, Any], dict[str, Any]]:
         """One teacher pass on a capture chunk up to the last of `names`, the earlier blocks replayed or stood
-        in for: each block's output tensors, and what it returned."""
+        in for: each block's output tensors, the shapes of what it returned, and a host copy of what the
+        blocks `keep` returned."""
         with self.teacher_replay.replaying(self.teacher, chunk, batch["x_t"].device, standins):
-            return capture_outputs(self.teacher, names, batch, returned=True)
+            return capture_outputs(self.teacher, names, batch, keep=keep)
 
     def replay_tier(self, nbytes: int, output: Any) -> str | None:
         """Where a replayed value of `nbytes` bytes is kept: "cpu" while the host's share (replay_cache_mb,
