@@ -378,6 +378,34 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
                      if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))) // 2
     bkd_resident = resident - halved
 
+    offload = getattr(distill, "offload", False)
+    if offload:
+        bf16 = getattr(distill, "teacher_precision", "fp32") == "bf16"
+
+        def size(module: nn.Module, halve: bool) -> int:
+            total = _bytes(module.buffers())
+            for m in module.modules():
+                own = _bytes(m.parameters(recurse=False))
+                total += own // 2 if halve and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) else own
+            return total
+
+        teacher_blocks = [size(teacher.get_submodule(b), bf16) for b in names]
+        student_blocks = [size(student.get_submodule(b), False) for b in names]
+        teacher_rest = weights - halved - sum(teacher_blocks)
+        student_rest = student_bytes - sum(student_blocks)
+        largest_teacher, largest_student = max(teacher_blocks, default=0), max(student_blocks, default=0)
+
+    def models_on_device(name: str) -> int:
+        """What sits on the device while block `name` is prepared and trained: both models whole, or with
+        offload (BlockDistiller.place_blocks) the code outside the blocks, the block being trained and one
+        more student block and one teacher block moved in for a call (the whole student in the end-to-end
+        stage)."""
+        if not offload:
+            return bkd_resident
+        if name == WHOLE_MODEL:
+            return student_bytes + teacher_rest + largest_teacher
+        return student_rest + teacher_rest + 2 * largest_student + largest_teacher
+
     # a block's cache: per-row bytes of its batched inputs (from captures at 1 and 2 rows), shared inputs once
     def captures(rows: int) -> tuple[dict[str, Any], dict[str, list[torch.Tensor]]]:
         inputs: dict[str, Any] = {}
@@ -549,9 +577,9 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         return rows
 
     if limit is not None:
-        cb = largest(cb, lambda r: bkd_resident + max(forward(teacher, r), forward(student, r),
+        cb = largest(cb, lambda r: models_on_device(names[0] if names else WHOLE_MODEL) + max(forward(teacher, r), forward(student, r),
                                                       *(block_train(b, 1, r)[1] for b in blocks)))
-        micro = largest(micro, lambda r: bkd_resident + max(optimizer_states[b] + block_train(b, r, 1)[0]
+        micro = largest(micro, lambda r: max(models_on_device(b) + optimizer_states[b] + block_train(b, r, 1)[0]
                                                             for b in blocks))
         fidelity_batch = largest(fidelity_batch, lambda r: resident + max(forward(teacher, r, spec.guidance),
                                                                           forward(student, r, spec.guidance)))
@@ -606,6 +634,8 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     # a CPU run's device is the host: the models and the phases' computation share it with the caches
     computing = max([capture, *(max(o + t, i) for _, t, i, o in phases.values())]) if spec.device == "cpu" else 0
     host_models = resident + halved if spec.device == "cpu" else 2 * halved  # (the fp32 copies of bf16 weights)
+    if offload and spec.device == "cuda":  # the blocks that wait on the host
+        host_models += bkd_resident - models_on_device(names[0] if names else WHOLE_MODEL)
     tiers: dict[str, str] = {}
     # a rank's share of the host (the ranks of a node split it)
     rank_spec = dataclasses.replace(spec, host_bytes=None if spec.host_bytes is None else spec.host_bytes // world)
@@ -620,7 +650,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         host_of[name] = tuples_host + chunk + replay_host.get(name, 0)
         others = sum(sizes[b][1] for b in group_of.get(name, [name]) if b != name)
         tiers[name] = _cache_tier(distill, inputs_b + targets_b, rank_spec,
-                                  bkd_resident + max(optimizer_state + train_peak, init_peak),
+                                  models_on_device(name) + max(optimizer_state + train_peak, init_peak),
                                   host_of[name] + others + host_models + computing)
 
     for name in blocks:
@@ -631,8 +661,8 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         on_gpu = inputs_b + targets_b if tier == "cuda" else 0
         plan = BlockPlan(name, inputs_b, targets_b, tier, trainable, train_peak)
         plan.replay_bytes = replay_host.get(name, 0) + replay_disk.get(name, 0)
-        plan.gpu = {"capture": bkd_resident + capture, "init": bkd_resident + on_gpu + init_peak,
-                    "train": bkd_resident + on_gpu + optimizer_state + train_peak}
+        plan.gpu = {"capture": models_on_device(name) + capture, "init": models_on_device(name) + on_gpu + init_peak,
+                    "train": models_on_device(name) + on_gpu + optimizer_state + train_peak}
         # targets of the block's teacher pass held on the host (a disk block's go to disk; a GPU block's
         # pass through the host on their way)
         ahead = sum(sizes[b][1] for b in group_of.get(name, [name]) if tiers.get(b) != "disk")
@@ -651,7 +681,7 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     gpu = {"load": weights, "calibration": weights + generation}
     for phase in ("capture", "init", "train"):
         values = [b.gpu[phase] for b in plans if b.name != WHOLE_MODEL]
-        gpu[phase] = max(values, default=bkd_resident)
+        gpu[phase] = max(values, default=models_on_device(WHOLE_MODEL))
     if WHOLE_MODEL in blocks:
         whole = next(b for b in plans if b.name == WHOLE_MODEL)
         gpu["end_to_end"] = whole.gpu["train"]

@@ -247,3 +247,23 @@ def test_under_ddp_a_rank_plans_its_share_of_the_caches():
         assert b.target_bytes * 2 == a.target_bytes and b.input_bytes < a.input_bytes
     assert two.calibration_file_bytes == one.calibration_file_bytes  # every rank loads the tuples
     assert two.seconds["bkd"] * 2 == pytest.approx(one.seconds["bkd"])
+
+
+def test_offload_plans_one_block_on_the_gpu():
+    with torch.device("meta"):
+        from diffusers import DiTTransformer2DModel
+
+        model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=2,
+                                      num_layers=12, sample_size=8, patch_size=2, num_embeds_ada_norm=11)
+    spec = PlanSpec(num_samples=64, num_trajectories=16, generation_batch_size=8, num_steps=STEPS, guidance=False,
+                    cond_shape=(), cond_dtype=torch.int64, device="cuda", gpu_bytes=GIB, host_bytes=64 * GIB)
+    quant = QuantConfig(num_steps=STEPS, num_groups=STEPS)
+    distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, end_to_end_iters=0, cache_device="cpu")
+    whole = make_plan(model, quant, distill, spec)
+    offloaded = make_plan(model, quant, dataclasses.replace(distill, offload=True), spec)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    # 12 identical blocks: on the device the models shrink from two whole copies to about three blocks' worth
+    saved = whole.gpu["train"] - offloaded.gpu["train"]
+    assert 0.6 * 2 * weights < saved < 2 * weights
+    assert offloaded.host["bkd"] - whole.host["bkd"] == saved  # what left the device waits on the host
+    assert offloaded.gpu["fidelity"] == whole.gpu["fidelity"]  # sampling runs the whole models

@@ -139,6 +139,9 @@ class DistillConfig:
     # each training batch in passes of this many rows, their gradients summed (the same step as one pass of the
     # batch, in less memory: activations of micro_batch_size rows); None = the batch in one pass
     micro_batch_size: int | None = None
+    # the student's blocks other than the one being trained, and the teacher's blocks, in host memory (moved to
+    # the device for a call): the device holds one block of each besides the caches (BlockDistiller.place_blocks)
+    offload: bool = False
     compile_mode: str | None = None  # torch.compile(mode=...): None, "reduce-overhead", "max-autotune", ...
     compile_backend: str = "inductor"  # torch.compile(backend=...); "aot_eager" compiles fast (tests)
     target_cache_mb: float = 1024.0  # host memory for teacher targets captured ahead of their block
@@ -327,6 +330,7 @@ class BlockDistiller(L.LightningModule):
         # ...); None: all of them (one process)
         self.local_rows: torch.Tensor | None = None
         self._teacher_fp32: dict[str, torch.Tensor] = {}  # teacher_precision bf16: fp32 weights, on the host
+        self._offload_hooks: dict[tuple[int, str], list] = {}  # offload: (model, block) -> its move-in/out hooks
         self.seed = seed
         self.blocks: list[str] = []  # execution order, set in setup()
         self.state = BlockState()
@@ -704,6 +708,48 @@ class BlockDistiller(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         self.restore_teacher()
+        self.stop_offload()
+
+    def place_blocks(self, k: int) -> None:
+        """offload: block k of the student on the module's device and every other block of the student and of
+        the teacher in host memory, each moved to the device for a call and back (a frozen block runs in
+        the first chunk's check of a prefix pass, a teacher block in its target pass); replayed blocks do
+        not run and stay where they are. The end-to-end stage trains the whole student: all of it comes back
+        to the device. On a CPU run the device is the host and nothing moves."""
+        if not self.distill.offload:
+            return
+        if self.is_end_to_end_stage(k):
+            self.stop_offload(student_only=True)
+            self.student.to(self.device)
+            return
+        current = self.blocks[k]
+        for model in (self.student, self.teacher):
+            for name in (b for b in self.blocks if b != WHOLE_MODEL):
+                module = model.get_submodule(name)
+                key = (id(model), name)
+                if model is self.student and name == current:
+                    for handle in self._offload_hooks.pop(key, []):
+                        handle.remove()
+                    module.to(self.device)
+                elif key not in self._offload_hooks:
+                    module.to("cpu")
+                    self._offload_hooks[key] = [module.register_forward_pre_hook(self._moved_in),
+                                                module.register_forward_hook(self._moved_out)]
+
+    def _moved_in(self, module: nn.Module, args) -> None:
+        if "forward" not in module.__dict__:  # a replayed or stand-in block (its forward patched) does not run
+            module.to(self.device)
+
+    def _moved_out(self, module: nn.Module, args, output) -> None:
+        if "forward" not in module.__dict__:
+            module.to("cpu")
+
+    def stop_offload(self, student_only: bool = False) -> None:
+        """Remove the offload hooks (of the student's blocks only, or all); the blocks stay where they are."""
+        for key in list(self._offload_hooks):
+            if not student_only or key[0] == id(self.student):
+                for handle in self._offload_hooks.pop(key):
+                    handle.remove()
 
     def setup_blocks(self) -> None:
         """The block list in execution order (the whole student for end-to-end QAT)."""
@@ -728,6 +774,7 @@ class BlockDistiller(L.LightningModule):
         phase("prepare", f"block {k + 1}/{len(self.blocks)}: {name or 'the whole model (end to end)'}")
         if self.is_end_to_end_stage(k):
             enter_phase("end_to_end", self.device)  # the stage after BKD: a phase of its own
+        self.place_blocks(k)
         started = time.perf_counter()
         self.cache = self.build_cache(name)
         cached = time.perf_counter()
@@ -814,6 +861,8 @@ class BlockDistiller(L.LightningModule):
                 self.end_block()
         finally:
             self.restore_teacher()
+            self.stop_offload()
+            self.to(self.device)
 
     def block_finished(self, k: int) -> bool:
         """Whether block k has run all its iterations (the epoch of a cut-short block is not finished)."""

@@ -16,6 +16,7 @@ from dq.bkd import (
 )
 from dq.bkd import distiller as distiller_module
 from dq.bkd.blocks import same_block_io
+from dq.bkd.distiller import training_blocks
 from dq.quant import (
     MIN_STEP_SIZE,
     QuantConfig,
@@ -553,3 +554,27 @@ def test_micro_batches_give_the_gradients_of_the_whole_batch(monkeypatch):
         torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-8)
     with pytest.raises(ValueError, match="micro_batch_size"):
         DistillConfig(micro_batch_size=0)
+
+
+def test_offloaded_blocks_train_the_same_student_and_leave_no_hooks():
+    """offload: every block but the one being trained lives on the host and is moved to the device for a call
+    (on a CPU run both are the host: the same code runs, nothing moves). The student is bitwise the same."""
+    students, hooked = {}, {}
+    for offload in (False, True):
+        distill = DistillConfig(iters_per_block=2, batch_size=8, capture_batch_size=16, end_to_end_iters=2,
+                                lr_weights=1e-2, offload=offload, target_cache_mb=0)
+        distiller = BlockDistiller(tiny_unet2d(), QuantConfig(num_steps=T, num_groups=T), distill, _calibration(), seed=3)
+        begin = distiller.begin_block
+
+        def counting(k, distiller=distiller, begin=begin, offload=offload):
+            begin(k)  # the blocks with move hooks while block k trains: all but k (the stage: the teacher's only)
+            hooked.setdefault(offload, []).append(len(distiller._offload_hooks))
+
+        distiller.begin_block = counting
+        _trainer(distiller, max_epochs=len(training_blocks(distiller.student, distill))).fit(distiller)
+        students[offload] = distiller.student.state_dict()
+        assert not distiller._offload_hooks  # teardown removed them
+    assert all(torch.equal(students[True][k], students[False][k]) for k in students[False])
+    blocks = len(hooked[True]) - 1  # the last entry is the end-to-end stage
+    assert hooked[False] == [0] * (blocks + 1)
+    assert hooked[True][:blocks] == [2 * blocks - 1] * blocks and hooked[True][-1] == blocks
