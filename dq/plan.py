@@ -10,16 +10,18 @@ plan needs no weights and no GPU, and `python train.py model=sd_v1_4 plan=true` 
     print(plan.table()); plan.check_fits()     # UserError naming the phase that does not fit
 
 What the plan models is the code as it is (docs/planning.md lists each phase's terms):
-- a block's cache: its student-path inputs over all N calibration rows (shared inputs once) and the teacher's
-  targets in fp32, built on the host, then placed by `method.distill.cache_device`;
-- GPU: the teacher and the student resident (both whole), plus per phase the peak of the phase's own
-  computation: calibration sampling (classifier-free guidance doubles the batch), the capture passes
-  (capture_batch_size rows), the quantizers' initialisation, a training step of each block (forward,
-  backward, its gradients), Adam's state of the block, the end-to-end stage, the fidelity
-  sampling; a cache placed on the GPU adds to the phases that hold it;
-- host: the teacher and student at load time, the calibration tuples (and the guidance mix of `cond`), a
-  block's capture chunks and their joined cache, the teacher targets captured ahead (target_cache_mb) and the
-  replayed outputs (replay_cache_mb).
+- a block's cache: its student-path inputs over the rank's calibration rows (N / W under DDP; shared inputs
+  once) and the teacher's targets, in method.distill.cache_dtype, placed in the tier the plan picks;
+- GPU: the teacher (Linear / conv weights in bf16 with teacher_precision bf16) and the student, whole or with
+  offload one block of each, plus per phase the peak of the phase's own computation: calibration sampling
+  (classifier-free guidance doubles the batch), the capture passes (capture_batch_size rows), the
+  quantizers' initialisation, a training step of each block at micro_batch_size rows (forward, backward,
+  its gradients) with Adam's state of the block, the end-to-end stage, the fidelity sampling; a cache
+  placed on the GPU adds to the phases that hold it. fit_batches lowers the batches whose phase would not
+  fit;
+- host: the teacher and student at load time, the calibration tuples (text embeddings once per prompt), a
+  capture chunk, a cache in host memory, the teacher targets captured ahead (target_cache_mb), the outputs
+  carried forward (replay_cache_mb on the host, the rest on disk) and what offload keeps there.
 The time is FLOPs (the FP denoiser's, from torch's FLOP counter) over a stated throughput: the
 fake-quantized student does more work per FLOP than the FP model, so the estimate is a floor for BKD.
 """
