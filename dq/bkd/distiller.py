@@ -976,7 +976,8 @@ class BlockDistiller(L.LightningModule):
         else:  # this rank's rows, in passes of micro_batch_size: each its share of the batch mean
             scale, loss = weight / len(batch["index"]), 0.0
             for start in range(0, len(rows), micro):
-                part = self._batch_loss(name, rows[start : start + micro], steps[start : start + micro], scale)
+                part = self._batch_loss(name, rows[start : start + micro], steps[start : start + micro], scale,
+                                        start // micro)  # (each pass its own activation-drop masks)
                 self.manual_backward(part)  # the gradients add up to those of the whole batch
                 loss = loss + part.detach()
         if self.local_rows is not None:
@@ -992,12 +993,14 @@ class BlockDistiller(L.LightningModule):
         self.log("bkd/block", float(self.state.block), on_step=True, on_epoch=False)
         return loss
 
-    def _batch_loss(self, name: str, rows: torch.Tensor, steps: torch.Tensor, scale: float | None) -> torch.Tensor:
+    def _batch_loss(self, name: str, rows: torch.Tensor, steps: torch.Tensor, scale: float | None,
+                    part: int = 0) -> torch.Tensor:
         """The loss of the current block on cached rows `rows` (their TPQ `steps`): the mean squared error to
         the targets (scale None), or the sum of squared errors × scale / (elements per row), a share of a mean
         taken over more rows than these. A block returning several tensors (a joint-attention transformer
         block): the mean of their losses."""
-        with step_context(self.student, steps.to(self.device)), self._activation_drop(name), self._recomputing(name):
+        with step_context(self.student, steps.to(self.device)), self._activation_drop(name, part), \
+                self._recomputing(name):
             predictions = self._block_forward(name, self._device_rows(rows))
         targets = [t[self._device_rows(rows)].to(p.device) for p, t in zip(predictions, self.cache.output, strict=True)]
         if scale is None:
@@ -1014,15 +1017,16 @@ class BlockDistiller(L.LightningModule):
             return contextlib.nullcontext()
         return recomputed_blocks(self.student, [b for b in self.blocks if b != WHOLE_MODEL])
 
-    def _activation_drop(self, name: str) -> contextlib.AbstractContextManager:
+    def _activation_drop(self, name: str, part: int = 0) -> contextlib.AbstractContextManager:
         """act_drop > 0: the block's activation quantizers pass a random share of elements unquantized, the
-        masks a pure function of (seed, block, iteration, rank) like the batches; else nothing."""
+        masks a pure function of (seed, block, iteration, rank, micro-batch pass `part`) like the batches;
+        else nothing."""
         if self.distill.act_drop == 0.0:
             return contextlib.nullcontext()
         rank = self.trainer.global_rank if self._trainer is not None else 0
         generator = torch.Generator(device=self.device)
         generator.manual_seed(((self.seed * 1_000_003 + self.state.block) * 1_000_003 + self.state.iteration)
-                              * 1_009 + rank + 7)
+                              * 1_009 + rank + 7 + part * 7_919)
         return activation_drop(self.block_module(name), self.distill.act_drop, generator)
 
     def _block_forward(self, name: str, rows: torch.Tensor | slice) -> list[torch.Tensor]:
