@@ -310,6 +310,18 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _stored_bytes(module: nn.Module, bf16_teacher: bool) -> int:
+    """The bytes of `module`'s parameters and buffers as BKD holds them: with bf16_teacher, the layers a bf16
+    teacher stores in bfloat16 (dq.bkd.distiller.BF16_LAYERS) at half their fp32 size."""
+    from dq.bkd.distiller import BF16_LAYERS
+
+    total = _bytes(module.buffers())
+    for m in module.modules():
+        own = _bytes(m.parameters(recurse=False))
+        total += own // 2 if bf16_teacher and isinstance(m, BF16_LAYERS) else own
+    return total
+
+
 def _trainable(module: nn.Module, train_weights: bool) -> int:
     from dq.quant import act_quantizers, weight_quantizers
 
@@ -374,25 +386,14 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     resident = weights + student_bytes  # both models sit on the device for the whole of BKD
     # teacher_precision "bf16": the teacher's Linear / conv weights are stored in bf16 during BKD, their fp32
     # values on the host (BlockDistiller.store_teacher_in_bf16); calibration and fidelity use the fp32 teacher
-    halved = 0
-    if getattr(distill, "teacher_precision", "fp32") == "bf16":
-        halved = sum(_bytes(m.parameters(recurse=False)) for m in teacher.modules()
-                     if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))) // 2
+    bf16 = getattr(distill, "teacher_precision", "fp32") == "bf16"
+    halved = weights - _stored_bytes(teacher, bf16)
     bkd_resident = resident - halved
 
     offload = getattr(distill, "offload", False)
     if offload:
-        bf16 = getattr(distill, "teacher_precision", "fp32") == "bf16"
-
-        def size(module: nn.Module, halve: bool) -> int:
-            total = _bytes(module.buffers())
-            for m in module.modules():
-                own = _bytes(m.parameters(recurse=False))
-                total += own // 2 if halve and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) else own
-            return total
-
-        teacher_blocks = [size(teacher.get_submodule(b), bf16) for b in names]
-        student_blocks = [size(student.get_submodule(b), False) for b in names]
+        teacher_blocks = [_stored_bytes(teacher.get_submodule(b), bf16) for b in names]
+        student_blocks = [_stored_bytes(student.get_submodule(b), False) for b in names]
         teacher_rest = weights - halved - sum(teacher_blocks)
         student_rest = student_bytes - sum(student_blocks)
         largest_teacher, largest_student = max(teacher_blocks, default=0), max(student_blocks, default=0)
@@ -483,13 +484,13 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
     lines: dict[Any, tuple[int, int]] = {}  # (what, model/block) -> its traced peaks at 1 and 2 rows
 
     def at_rows(trace, rows: int, key: Any = None) -> int:
-        if key is None or key not in lines:
+        """The peak at `rows` rows on the line through the traces at 1 and 2 rows (kept under `key`)."""
+        line = lines.get(key) if key is not None else None
+        if line is None:
             line = (trace(1), trace(2))
-            if key is None:
-                one, two = line
-                return max(one, two + (rows - 2) * (two - one)) if rows >= 2 else one
-            lines[key] = line
-        one, two = lines[key]
+            if key is not None:
+                lines[key] = line
+        one, two = line
         return max(one, two + (rows - 2) * (two - one)) if rows >= 2 else one
 
     def forward(model: nn.Module, rows: int, doubled: bool = False) -> int:
@@ -579,8 +580,9 @@ def make_plan(teacher: nn.Module, quant_config, distill, spec: PlanSpec, model_n
         return rows
 
     if limit is not None:
-        cb = largest(cb, lambda r: models_on_device(names[0] if names else WHOLE_MODEL) + max(forward(teacher, r), forward(student, r),
-                                                      *(block_train(b, 1, r)[1] for b in blocks)))
+        first = names[0] if names else WHOLE_MODEL
+        cb = largest(cb, lambda r: models_on_device(first) + max(forward(teacher, r), forward(student, r),
+                                                                 *(block_train(b, 1, r)[1] for b in blocks)))
         micro = largest(micro, lambda r: max(models_on_device(b) + optimizer_states[b] + block_train(b, r, 1)[0]
                                                             for b in blocks))
         fidelity_batch = largest(fidelity_batch, lambda r: resident + max(forward(teacher, r, spec.guidance),

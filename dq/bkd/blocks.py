@@ -466,15 +466,15 @@ class BlockReplay:
         return pytree.tree_map(lambda t: _TensorShape.of(t) if isinstance(t, torch.Tensor) else t, output)
 
     @staticmethod
-    def stored(output: Any, allocate=None) -> Any:
-        """A copy of a block's return value to keep: on the host (a CPU value is copied, so that code after the
+    def stored(output: Any, allocate=None, copy: bool = True) -> Any:
+        """A block's return value to keep: on the host (copy: a CPU value is copied too, so that code after the
         block cannot change it in place), or, given `allocate` (dq.bkd.store.tier_allocator), in tensors it
         allocates (contiguous; `replaying` gives them their layout back)."""
         def keep(t):
             if not isinstance(t, torch.Tensor):
                 return t
             if allocate is None:
-                return t.detach().to("cpu", copy=True)
+                return t.detach().to("cpu", copy=copy)
             return allocate(tuple(t.shape), t.dtype).copy_(t.detach())
 
         return pytree.tree_map(keep, output)

@@ -77,6 +77,9 @@ log = logging.getLogger(__name__)
 
 TEACHER_PRECISIONS = ("fp32", "bf16")
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# the layers whose weights bf16 autocast runs in bfloat16 anyway: a bf16 teacher stores them so (the targets are
+# bitwise the same, BlockDistiller.store_teacher_in_bf16)
+BF16_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DEFAULT_END_TO_END_ITERS = 300  # the stage's length in the recipe (W4A4 +0.9 dB over BKD alone: docs/results)
 _CACHE_DEVICE = re.compile(r"cpu|auto|disk|cuda(:\d+)?")
 
@@ -483,8 +486,8 @@ class BlockDistiller(L.LightningModule):
                     if tiers[n] is None:
                         del kept[n]
                     else:
-                        value = values[n]  # already a host copy (capture_outputs)
-                        kept[n].append(value if tiers[n] == "cpu" else BlockReplay.stored(value, self.allocator("disk")))
+                        # already a host copy (capture_outputs): kept as it is, or copied to disk
+                        kept[n].append(BlockReplay.stored(values[n], self._replay_allocator(tiers[n]), copy=False))
                 for n in names:  # targets in cache_dtype whatever the teacher's precision: the loss is computed in fp32
                     if n not in targets:  # allocated whole (on disk for a disk-tier block), filled chunk by chunk
                         allocate = self.allocator("disk" if self.cache_tier(n) == "disk" else "cpu")
@@ -569,7 +572,8 @@ class BlockDistiller(L.LightningModule):
                 keep = tier is not None
             shapes.append(BlockReplay.shapes_of(output))
             if keep:  # values not kept are never held, not even for the length of this loop
-                values.append(BlockReplay.stored(output, self._replay_allocator(tier)))
+                # (a fresh output of the block alone: nothing after it can change it in place)
+                values.append(BlockReplay.stored(output, self._replay_allocator(tier), copy=False))
         self.replay.record(name, shapes, values if keep else None, on_disk=tier == "disk")
         self._note_replay_peak()
 
@@ -681,9 +685,6 @@ class BlockDistiller(L.LightningModule):
         self.store_teacher_in_bf16()
         enter_phase("bkd" if self.distill.iters_per_block > 0 else "initialisation", device)
 
-    # the layers whose weights autocast runs in bfloat16 anyway: stored so, the targets are bitwise the same
-    _BF16_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
     def store_teacher_in_bf16(self) -> None:
         """teacher_precision "bf16": the teacher's Linear and convolution weights and biases are stored in
         bfloat16 for BKD (half their memory on the device), the fp32 values kept on the host and put back
@@ -693,7 +694,7 @@ class BlockDistiller(L.LightningModule):
         if self.distill.teacher_precision != "bf16" or self._teacher_fp32:
             return
         for name, module in self.teacher.named_modules():
-            if isinstance(module, self._BF16_LAYERS):
+            if isinstance(module, BF16_LAYERS):
                 for key, param in module.named_parameters(recurse=False):
                     if param.dtype == torch.float32:
                         self._teacher_fp32[f"{name}.{key}"] = param.detach().to("cpu", copy=True)
@@ -1073,7 +1074,7 @@ class BlockDistiller(L.LightningModule):
         offset = 0
         for p, has in zip(params, both[flat.numel():].tolist(), strict=True):
             size = p.numel()
-            p.grad = both[offset : offset + size].view_as(p).clone() if has > 0 else None
+            p.grad = both[offset : offset + size].view_as(p) if has > 0 else None
             offset += size
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -197,10 +197,6 @@ def select_rows(tuples: Mapping[str, torch.Tensor], rows: torch.Tensor | slice |
     return out
 
 
-def num_rows(tuples: Mapping[str, torch.Tensor]) -> int:
-    return int(tuples["x_t"].shape[0])
-
-
 def model_fingerprint(unet: nn.Module, scheduler_config: Mapping[str, Any]) -> str:
     """Hex digest of the model's config, its weights (every tensor of the state dict, bytes included) and
     the scheduler config: the model's identity in calibration cache keys."""
