@@ -65,6 +65,7 @@ def summary(values: list[float]) -> dict[str, float]:
             "values": values}
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", type=Path, required=True, help="the train.py run dir of the student to remap")
@@ -73,7 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     loaded, cfg, _ = load_run_student(args.student)
     components = loaded.components
     trained = loaded.sampler

@@ -94,6 +94,16 @@ def write_model_folder(unet, root):
     return root
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """A test (or a script's main it calls in-process) that leaves autograd off breaks whichever test runs next
+    in the same worker: name the culprit instead."""
+    yield
+    left_on = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert left_on, "this test left autograd disabled (torch.set_grad_enabled(False) without restoring it)"
+
+
 @pytest.fixture
 def tiny_unet() -> UNet2DModel:
     return make_tiny_unet()
