@@ -2,9 +2,10 @@
 rescaled once (Δx·Δw) before the bias.
 
 Two backends compute the same thing:
-- `onednn` (CPU): `torch.ops.onednn.qconv2d_pointwise.tensor` / `qlinear_pointwise.tensor`, which take the
-  activation scale and zero point as *runtime tensors* (so each call can use its own TPQ row) and fold the
-  zero point in exactly, padding included. Activations run channels-last, as the kernels want them.
+- `onednn` (CPU): `torch.ops.onednn.qconv_pointwise.tensor` (linears as 1×1 convolutions), which takes the
+  activation scale and zero point as *runtime tensors* (so each call can use its own TPQ row) and folds the
+  zero point in exactly, padding included. Activations run channels-last, as the kernel wants them. It has
+  shapes for torch.compile, which packs the weights once (`dq.export.compiled`).
 - `gemm` (CUDA, and CPU for reference): im2col + `torch._int_mm` (int8 × int8 → int32).
 
 Both see weights as W8 = (q_w − z_w) − c with a per-output-channel shift c chosen so that W8 fits int8
@@ -24,10 +25,12 @@ one float rounding for `onednn`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dq.errors import UserError
 
@@ -35,7 +38,26 @@ BACKENDS = ("onednn", "gemm")
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
+
+
+def _register_prepack_shapes() -> None:
+    """Shapes of oneDNN's weight-prepacking ops for torch.compile's tracing (torch ships none: Inductor's own
+    quantization passes insert these ops after tracing). Traced on constant int8 weights, they are folded into
+    packed constants when the graph is frozen, so a compiled integer model packs its weights once."""
+    def conv_shape(weight, w_scales, x_scale, x_zp, stride, padding, dilation, groups, x_shape=None):
+        return torch.empty_like(weight)
+
+    def linear_shape(weight, x_shape=None):
+        return weight.new_empty(weight.shape[1], weight.shape[0])
+
+    for name, shape in (("onednn::qconv_prepack", conv_shape), ("onednn::qlinear_prepack", linear_shape)):
+        with contextlib.suppress(RuntimeError):  # a later torch that registers its own
+            torch.library.register_fake(name)(shape)
+
+
+if onednn_available():
+    _register_prepack_shapes()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -74,7 +96,7 @@ def int8_products_saturate(backend: str) -> bool:
         packed = torch.ops.onednn.qconv_prepack(weight, ones, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
         codes = torch.full((1, 32, 4, 4), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
         zero = torch.zeros(32, dtype=torch.int64)
-        out = torch.ops.onednn.qconv2d_pointwise.tensor(
+        out = torch.ops.onednn.qconv_pointwise.tensor(
             codes, torch.tensor(1.0), torch.tensor(0), packed, ones, zero, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
             torch.float32, "none", [], "",
         )
@@ -109,29 +131,47 @@ def _window_sum_conv(codes: torch.Tensor, zero_point: torch.Tensor, kernel: tupl
     return F.conv2d(centred, ones, None, stride, padding, dilation)
 
 
-class _IntKernel:
+def _prepack_conv(plane: torch.Tensor, scale: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """oneDNN's packed int8 conv weight for activations with a zero point: packed for a nonzero one (its value
+    is given at run time), the weight carries the zero-point compensation. Packed for zero point 0, oneDNN
+    re-laid the weight out on every call with a nonzero one (18% of the convolutions' time, ddpm-cifar10)."""
+    return torch.ops.onednn.qconv_prepack(plane.contiguous(), scale, 1.0, 1, list(stride), list(padding),
+                                          list(dilation), 1, None)
+
+
+class _IntKernel(nn.Module):
     """What the conv and linear kernels share: the weight planes (one, or two where int16 pairs saturate),
-    and moving their prepared weights to a device."""
+    and moving their prepared weights to a device.
+
+    A module so that torch.compile sees its tensors as buffers (constants of a frozen graph), not part of the
+    state_dict (the export file is the integer model's identity); casts and moves of the layer that holds it
+    leave it alone but for `move_to`, which rebuilds its weights for a device."""
 
     backend: str
 
     def _init_planes(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, act_bits: int) -> None:
         self.out_channels = w8.shape[0]
         self.act_bits, self.weight_count = act_bits, w8.numel()
-        self.weight_scale = weight_scale.float().contiguous()
-        self.shift = shift if bool(shift.any()) else None
-        self.w_zero = torch.zeros(self.out_channels, dtype=torch.int64, device=w8.device)
+        self.register_buffer("weight_scale", weight_scale.float().contiguous(), persistent=False)
+        self.register_buffer("shift", shift if bool(shift.any()) else None, persistent=False)
+        self.register_buffer("w_zero", torch.zeros(self.out_channels, dtype=torch.int64, device=w8.device),
+                             persistent=False)
         if self.backend == "onednn":
             planes = weight_planes(w8, act_bits, self.backend)
             self.factors = [factor for _, factor in planes]
-            self.plane_scales = [self.weight_scale * factor for factor in self.factors]  # ×16: exact in float
-            self.packed = [self._prepack(plane, scale) for (plane, _), scale in zip(planes, self.plane_scales)]
+            for j, (plane, factor) in enumerate(planes):
+                self.register_buffer(f"plane{j}", plane.contiguous(), persistent=False)
+                self.register_buffer(f"plane_scale{j}", self.weight_scale * factor, persistent=False)  # ×16: exact
+            self._packed: list[torch.Tensor] | None = None  # packed for eager calls, on the first one
         else:
             self._set_gemm_planes(_gemm_matrix(w8.reshape(self.out_channels, -1)), w8.device)
 
     @property
-    def weight_bytes(self) -> int:
-        """int8 weights in memory: one byte a weight and plane (packed or as GEMM matrices)."""
+    def unregistered_bytes(self) -> int:
+        """int8 weights in memory that are not among the module's buffers: the GEMM matrices, or the planes
+        packed for oneDNN once an eager call has packed them (one byte a weight and plane)."""
+        if self.backend == "onednn" and self._packed is None:
+            return 0
         return self.weight_count * len(self.factors)
 
     def _set_gemm_planes(self, matrix: torch.Tensor, device: torch.device) -> None:
@@ -142,13 +182,34 @@ class _IntKernel:
         self.matrix = [plane.to(device) for plane, _ in planes]
         self.colsum = [plane[: self.out_channels].sum(dim=1, dtype=torch.int32).to(device) for plane, _ in planes]
 
+    @property
+    def planes(self) -> list[torch.Tensor]:
+        return [getattr(self, f"plane{j}") for j in range(len(self.factors))]
+
+    @property
+    def plane_scales(self) -> list[torch.Tensor]:
+        """Δw of each plane (×16 for a high plane)."""
+        return [getattr(self, f"plane_scale{j}") for j in range(len(self.factors))]
+
     def _prepack(self, plane: torch.Tensor, scale: torch.Tensor):
         raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        return self  # only move_to changes a kernel's weights
+
+    def _packed_planes(self) -> list[torch.Tensor]:
+        """The planes in oneDNN's layout. Under torch.compile the packing is traced on the plain planes (constants
+        that a frozen graph folds); eager calls pack once and keep them."""
+        if torch.compiler.is_compiling():
+            return [self._prepack(plane, scale) for plane, scale in zip(self.planes, self.plane_scales)]
+        if self._packed is None:
+            self._packed = [self._prepack(plane, scale) for plane, scale in zip(self.planes, self.plane_scales)]
+        return self._packed
 
     def _onednn_sum(self, run, bias: torch.Tensor | None) -> torch.Tensor:
         """onednn: run(packed, Δw of the plane, bias or None) over the planes, added (the bias once)."""
         out = None
-        for packed, scale in zip(self.packed, self.plane_scales):
+        for packed, scale in zip(self._packed_planes(), self.plane_scales):
             part = run(packed, scale, bias if out is None else None)
             out = part if out is None else out + part
         return out
@@ -162,14 +223,14 @@ class _IntKernel:
             acc = part if acc is None else acc + part
         return acc
 
-    def to(self, device: torch.device) -> _IntKernel:
+    def move_to(self, device: torch.device) -> _IntKernel:
         if self.backend == "onednn":
             if device.type != "cpu":
                 raise UserError("the onednn integer backend runs on the CPU only; load the export with backend=gemm")
             return self
         whole = self.matrix[0] if len(self.matrix) == 1 else self.matrix[0] * 16 + self.matrix[1]  # exact in int8
         self._set_gemm_planes(whole.cpu(), device)
-        self.weight_scale, self.w_zero = self.weight_scale.to(device), self.w_zero.to(device)
+        self.weight_scale, self.w_zero = self.weight_scale.to(device), self.w_zero.to(device)  # buffers: reassigned
         if self.shift is not None:
             self.shift = self.shift.to(device)
         return self
@@ -181,6 +242,7 @@ class IntConvKernel(_IntKernel):
 
     def __init__(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, stride, padding,
                  dilation, backend: str, act_bits: int = 8) -> None:
+        super().__init__()
         self.backend = backend
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.kernel = tuple(w8.shape[2:])
@@ -188,26 +250,26 @@ class IntConvKernel(_IntKernel):
         self._init_planes(w8, shift, weight_scale, act_bits)
 
     def _prepack(self, plane, scale):
-        return torch.ops.onednn.qconv_prepack(
-            plane.contiguous(), scale, 1.0, 0, self.stride, self.padding, self.dilation, 1, None
-        )
+        return _prepack_conv(plane, scale, self.stride, self.padding, self.dilation)
 
-    def __call__(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """codes uint8 [B, C, H, W] (channels-last preferred); x_scale float 0-dim; x_zero_point int 0-dim.
-        Returns float32 [B, O, H', W'] = Δx·Δw·Σ(q_x − z_x)(q_w − z_w) + bias."""
+        Returns out_dtype (float32 or bfloat16) [B, O, H', W'] = Δx·Δw·Σ(q_x − z_x)(q_w − z_w) + bias, scaled
+        and biased in float32 and rounded once to out_dtype."""
         if self.backend == "onednn":
             codes_cl = codes.contiguous(memory_format=torch.channels_last)
-            out = self._onednn_sum(lambda packed, scale, b: torch.ops.onednn.qconv2d_pointwise.tensor(
+            dtype = out_dtype if self.shift is None else torch.float32  # the correction is added in float32
+            out = self._onednn_sum(lambda packed, scale, b: torch.ops.onednn.qconv_pointwise.tensor(
                 codes_cl, x_scale, x_zero_point, packed, scale, self.w_zero, b, self.stride, self.padding,
-                self.dilation, 1, 1.0, 0, torch.float32, "none", [], "",
+                self.dilation, 1, 1.0, 0, dtype, "none", [], "",
             ), bias)
         else:
             out = self._gemm(codes, x_scale, x_zero_point, bias)
         if self.shift is not None:
             window = _window_sum_conv(codes, x_zero_point, self.kernel, self.stride, self.padding, self.dilation)
             out = out + window * (x_scale * self.weight_scale * self.shift).view(1, -1, 1, 1)
-        return out
+        return out.to(out_dtype)
 
     def _gemm(self, codes, x_scale, x_zero_point, bias):
         batch = codes.shape[0]
@@ -228,22 +290,28 @@ class IntLinearKernel(_IntKernel):
 
     def __init__(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, backend: str,
                  act_bits: int = 8) -> None:
+        super().__init__()
         self.backend = backend
         self._init_planes(w8, shift, weight_scale, act_bits)
 
-    def _prepack(self, plane, scale):
-        return torch.ops.onednn.qlinear_prepack(plane.contiguous(), None)
+    def _prepack(self, plane, scale):  # as a 1×1 convolution's weight (see forward)
+        return _prepack_conv(plane[:, :, None, None], scale, [1, 1], [0, 0], [1, 1])
 
-    def __call__(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-        """codes uint8 [..., C] → float32 [..., O] = Δx·Δw·Σ(q_x − z_x)(q_w − z_w) + bias."""
+    def forward(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """codes uint8 [..., C] → out_dtype [..., O] = Δx·Δw·Σ(q_x − z_x)(q_w − z_w) + bias (as for conv)."""
         lead = codes.shape[:-1]
         flat = codes.reshape(-1, codes.shape[-1])
         if self.backend == "onednn":
-            flat_c = flat.contiguous()
-            out = self._onednn_sum(lambda packed, scale, b: torch.ops.onednn.qlinear_pointwise.tensor(
-                flat_c, x_scale, x_zero_point, packed, scale, self.w_zero, b, 1.0, 0, torch.float32, "none", [], "",
-            ), bias)
+            # a 1×1 convolution over M "pixels": the same integer product as oneDNN's linear, and Inductor's
+            # fusion of a following add into the linear's sum post-op (which gave wrong whole-model results
+            # under torch.compile, torch 2.13) does not apply to it
+            pixels = flat.contiguous()[:, :, None, None]
+            dtype = out_dtype if self.shift is None else torch.float32
+            out = self._onednn_sum(lambda packed, scale, b: torch.ops.onednn.qconv_pointwise.tensor(
+                pixels, x_scale, x_zero_point, packed, scale, self.w_zero, b, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
+                dtype, "none", [], "",
+            ), bias).reshape(flat.shape[0], self.out_channels)
         else:
             out = self._int_sums(flat, x_zero_point).float() * (x_scale * self.weight_scale)
             if bias is not None:
@@ -251,7 +319,7 @@ class IntLinearKernel(_IntKernel):
         if self.shift is not None:
             rowsum = flat.float().sum(dim=1, keepdim=True) - x_zero_point.float() * flat.shape[1]
             out = out + rowsum * (x_scale * self.weight_scale * self.shift)
-        return out.reshape(*lead, self.out_channels)
+        return out.to(out_dtype).reshape(*lead, self.out_channels)
 
 
 # ------------------------------------------------------------------------------------ gemm helpers

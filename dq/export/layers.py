@@ -69,13 +69,14 @@ class IntActQuantizer(StepIndexed):
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes uint8 like x, Δx 0-dim, z_x int32 0-dim) of the current step; wd: WD's s [C] or None."""
         scale, zero_point, zero_point_float = self.row_params()
+        x = x.float()  # bfloat16 glue (compile_int_model): codes are computed in float32 all the same
         # (x / s) / Δx in the fake quantizer's order, so both round every value alike (ties included)
         q = x / scale if wd is None else torch.div(x, ops.channel_view(wd, x.ndim, channel_axis % x.ndim)).div_(scale)
         q.round_().add_(zero_point_float).clamp_(0, ops.qmax(self.bits))
         return q.to(torch.uint8), scale, zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fake_quantize_step(x, self.scale, self.zero_point_float, self.bits)
+        return self.fake_quantize_step(x.float(), self.scale, self.zero_point_float, self.bits).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.scale.numel()}, steps={self.num_steps}"
@@ -110,6 +111,7 @@ class IntTokenActQuantizer(StepIndexed):
     def codes(self, x: torch.Tensor, wd: torch.Tensor | None, channel_axis: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes uint8 like x, Δx [..., 1], z_x int32 [..., 1]) per token of x [..., C]; wd: WD's s [C] or None."""
+        x = x.float()
         if wd is not None:
             x = x / ops.channel_view(wd, x.ndim, channel_axis % x.ndim)
         scale, zero_point = ops.token_qparams(x, self.ratio(), self.bits)  # the trainable quantizer's own
@@ -148,7 +150,7 @@ class _IntLayer(nn.Module):
         module = super()._apply(fn, recurse)
         probe = fn(torch.zeros(()))
         for kernel in self.kernels:
-            kernel.to(probe.device)
+            kernel.move_to(probe.device)
         return module
 
 
@@ -164,7 +166,7 @@ class IntConv2d(_IntLayer):
         self._init_common(quantizers, splits, wd_scale, bias, weight_bits)
         self.out_channels, self.in_channels = w_int.shape[0], w_int.shape[1]
         self.backend = backend
-        self.kernels = []
+        self.kernels = nn.ModuleList()
         start = 0
         for width, quantizer in zip(splits, quantizers):
             w8, shift = shift_to_int8(w_int[:, start : start + width])
@@ -176,7 +178,7 @@ class IntConv2d(_IntLayer):
         out = None
         for (part, wd, quantizer), kernel in zip(self._parts(x), self.kernels):
             codes, scale, zero_point = quantizer.codes(part, wd, self.channel_axis)
-            y = kernel(codes, scale, zero_point, self.bias if out is None else None)
+            y = kernel(codes, scale, zero_point, self.bias if out is None else None, x.dtype)
             out = y if out is None else out + y
         return out
 
@@ -206,7 +208,7 @@ class IntLinear(_IntLayer):
         self.register_buffer("lowrank_down", None if lowrank_down is None else lowrank_down.float().clone())
         self.register_buffer("lowrank_up", None if lowrank_up is None else lowrank_up.float().clone())
         w8, shift = shift_to_int8(w_int)
-        self.kernels = [IntLinearKernel(w8, shift, weight_scale, backend, quantizer.bits)]
+        self.kernels = nn.ModuleList([IntLinearKernel(w8, shift, weight_scale, backend, quantizer.bits)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wd = self.wd_scale
@@ -218,7 +220,7 @@ class IntLinear(_IntLayer):
         codes, scale, zero_point = self.act_quantizers[0].codes(x, wd, self.channel_axis)
         if scale.ndim:  # per token: one row of the flattened product each
             scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
-        y = self.kernels[0](codes, scale, zero_point, self.bias)
+        y = self.kernels[0](codes, scale, zero_point, self.bias, x.dtype)
         if self.lowrank_down is None:
             return y
         return y + F.linear(F.linear(x.to(self.lowrank_down.dtype), self.lowrank_down), self.lowrank_up).to(y.dtype)
