@@ -220,11 +220,13 @@ class TimestepKeying:
 
 
 def timestep_keying(model: nn.Module) -> TimestepKeying | None:
-    """The TimestepKeying installed on `model` by `key_by_timestep`, or None."""
-    for hook in model._forward_pre_hooks.values():
-        owner = getattr(hook, "__self__", None)
-        if isinstance(owner, TimestepKeying):
-            return owner
+    """The TimestepKeying installed by `key_by_timestep` on `model`, or else on a module inside it (the model
+    that a wrapper such as `dq.export.compile_int_model`'s holds), or None."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, TimestepKeying):
+                return owner
     return None
 
 

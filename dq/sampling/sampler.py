@@ -257,7 +257,8 @@ def _denoise(unet: nn.Module, scheduler_config: Mapping[str, Any], sampler: Samp
              on_step: StepCallback | None, bar: tqdm) -> torch.Tensor:
     """One batch's denoising loop, from its per-sample noise (generators) to the final samples."""
     parameter = _float_tensor(unet)
-    device, dtype = parameter.device, parameter.dtype
+    declared = getattr(unet, "dtype", None)  # a compiled integer model with bf16 glue takes float32
+    device, dtype = parameter.device, declared if isinstance(declared, torch.dtype) else parameter.dtype
     scheduler = build_scheduler(scheduler_config, sampler)
     x = _per_sample_noise(generators, shape) * float(scheduler.init_noise_sigma)
     x = x.to(device=device, dtype=dtype)
