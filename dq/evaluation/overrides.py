@@ -7,7 +7,7 @@ A run dir brings its own model and sampler (its config.yaml) and an export the m
 an override of the `model` group or of any `model.*` key, or of `method.*` / `quant.*` (replaced by the run's
 or export's own names), would be dropped silently and the evaluation would run what was not asked for. The
 sampler has its own keys that do apply to a run (`sampler.*`, put over the run's sampler); the error names
-them. `int_backend` chooses an export's kernels and means nothing without `export=`.
+them. `int_backend` and `int_compile` choose how an export runs and mean nothing without `export=`.
 
 The check reads the command line's overrides (Hydra's task overrides), not the composed config: a value equal
 to the default is still the user's explicit choice, and the composed config cannot tell the two apart.
@@ -43,13 +43,13 @@ def _given(overrides: Iterable[str], key: str) -> str | None:
 
 def refuse_ignored_overrides(overrides: Iterable[str]) -> None:
     """UserError, in one line naming the key to use instead, for the first override that the overrides'
-    `run=` or `export=` makes meaningless (and for `int_backend` without `export=`); nothing otherwise."""
+    `run=` or `export=` makes meaningless (and for `int_backend` / `int_compile` without `export=`); nothing otherwise."""
     overrides = list(overrides)
     source = "export=" if _given(overrides, "export") else "run=" if _given(overrides, "run") else None
     for override in overrides:
         key = override_key(override)
-        if key == "int_backend" and source != "export=":
-            raise UserError(f"{override} does nothing without export=: it chooses the kernels of an integer export "
+        if key in ("int_backend", "int_compile") and source != "export=":
+            raise UserError(f"{override} does nothing without export=: it chooses how an integer export runs "
                             "(export=<run dir>/student_int.safetensors); drop it")
         if source is None:
             continue

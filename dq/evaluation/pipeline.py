@@ -38,6 +38,7 @@ from dq.evaluation import (
     write_identity,
     write_npz,
 )
+from dq.export.compiled import GLUE
 from dq.export.kernels import BACKENDS as INT_BACKENDS
 from dq.io import atomic_write, check_writable_dir, file_sha256
 from dq.metrics import fidelity_figures, inception_score
@@ -132,18 +133,24 @@ def load_target(cfg: DictConfig, device: torch.device | None = None) -> Target:
 
 
 def _export_target(cfg: DictConfig, device: torch.device) -> Target:
-    from dq.export import load_int_model
+    from dq.export import compile_int_model, load_int_model
 
     path = Path(str(cfg.export)).expanduser()
     unet = load_int_model(path, device=device, backend=str(cfg.get("int_backend", "auto")),
                           tpq_policy=str(cfg.get("tpq_policy", "exact")))
     meta = unet.dq_export
+    glue = str(cfg.get("int_compile", "none"))
+    if glue != "none":
+        if meta["backend"] != "onednn":
+            raise UserError(f"int_compile={glue} runs oneDNN's CPU kernels; this export runs the {meta['backend']} "
+                            "backend here (int_compile=none on a GPU)")
+        unet = compile_int_model(unet, glue)
     if "model_config" not in meta:
         raise UserError(f"{path} does not record the model it was exported from (export it with python -m dq.export)")
     model_cfg = OmegaConf.create(meta["model_config"])
     loaded = load_model(model_cfg, prompt_limit=int(cfg.eval.num_samples))
     export = {**{k: meta.get(k) for k in ("method", "quant", "backend", "float_dtype", "source")},
-              "path": str(path), "sha256": file_sha256(path)}
+              "compiled": glue, "path": str(path), "sha256": file_sha256(path)}
     sampler = eval_sampler(cfg, loaded.sampler)
     scheduler_config = dict(loaded.scheduler.config)
     return Target(unet, loaded.unet, scheduler_config, sampler, model_cfg, None, None, {},
@@ -296,6 +303,7 @@ def check_config(cfg: DictConfig) -> None:
     config_choice(cfg, "eval.device", ("auto", "cpu", "cuda"))
     config_choice(cfg, "tpq_policy", POLICIES)
     config_choice(cfg, "int_backend", ("auto", *INT_BACKENDS))
+    config_choice(cfg, "int_compile", ("none", *GLUE))
     config_bool(cfg, "progress_bar")
     for key in ("run", "export"):
         config_str(cfg, key, optional=True)

@@ -63,6 +63,8 @@ EVALUATE_CASES = [
      "model.sampler.num_steps=13 does nothing with run=: a run dir brings its own model and sampler"),
     (["export=GARBAGE", "model=ddpm_cifar10"], "model=ddpm_cifar10 does nothing with export=:"),
     (["int_backend=gemm"], "int_backend=gemm does nothing without export="),
+    (["int_compile=fp32"], "int_compile=fp32 does nothing without export="),
+    (["int_compile=fp16"], "int_compile must be one of"),
 ]
 CONVERT_CASES = [
     (["--ckpt", "/nonexistent.ckpt", "--config", "CONFIG", "--out", "OUT"], "checkpoint /nonexistent.ckpt does not exist"),

@@ -77,7 +77,7 @@ def test_overrides_that_apply_pass(overrides):
     refuse_ignored_overrides(overrides)
 
 
-@pytest.mark.parametrize("overrides", [["int_backend=gemm"], ["run=/r", "int_backend=onednn"]])
+@pytest.mark.parametrize("overrides", [["int_backend=gemm"], ["run=/r", "int_backend=onednn"], ["int_compile=bf16"]])
 def test_int_backend_needs_an_export(overrides):
     with pytest.raises(UserError, match="does nothing without export="):
         refuse_ignored_overrides(overrides)

@@ -60,6 +60,19 @@ def test_evaluate_takes_an_export(model_and_run, tmp_path):
     assert not (run / "metrics.json").exists()  # the fake-quant student's metrics are not overwritten
 
 
+def test_evaluate_runs_the_export_compiled(model_and_run, tmp_path):
+    model_dir, run = model_and_run
+    out = tmp_path / "w4a4.safetensors"
+    assert main([f"run={run}", f"out={out}", "verify=0"]) == 0
+    scores = {}
+    for glue in ("none", "fp32"):
+        overrides = eval_overrides(model_dir, tmp_path / f"eval_{glue}", tmp_path / "cache")
+        results = evaluate(compose_eval([*overrides, f"export={out}", f"int_compile={glue}"]))
+        assert results["protocol"]["student"]["export"]["compiled"] == glue
+        scores[glue] = results["psnr_vs_fp"]
+    assert abs(scores["fp32"] - scores["none"]) < 0.5  # the same integer model; fused float glue rounds apart
+
+
 @pytest.mark.parametrize("args,message", [
     (["run=/nonexistent/run"], "does not exist"),
     ([], "run=<train.py output dir> is required"),
