@@ -12,7 +12,8 @@ student's export (float parts in float32, the default). `embedded` is the shippe
 `small` have random weights (timing does not depend on them). The baselines are what a user of the device
 runs instead (`fp_baselines`: on the CPU FP32 and BF16 channels-last, eager and compiled with freezing; on
 a GPU FP16 and BF16, eager, compiled and with CUDA graphs). Rows: ms per forward (median of --repeats), the
-speed-up against the fastest of those baselines at that batch, and against FP32 eager. Memory: on CUDA the peak allocated during one forward (torch.cuda); on the
+speed-up against the fastest of those baselines at that batch, and against FP32 eager. On the CPU the integer
+models also run compiled (`dq.export.compile_int_model`, float32 glue the default, and bfloat16 glue). Memory: on CUDA the peak allocated during one forward (torch.cuda); on the
 CPU the bytes the model's weights take in memory (peak RSS is per process and cannot separate variants).
 """
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.architectures import build, random_inputs  # noqa: E402
 from dq.arch import describe  # noqa: E402
-from dq.export import export_student, load_int_model  # noqa: E402
+from dq.export import compile_int_model, export_student, load_int_model  # noqa: E402
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step  # noqa: E402
 from dq.sampling import unet_forward  # noqa: E402
 
@@ -64,9 +65,9 @@ def student_and_int(fp: torch.nn.Module, bits: tuple[int, int], x: torch.Tensor,
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the tensors a model holds for its weights (integer kernels: one byte a weight)."""
+    """Bytes of the tensors a model holds for its weights (integer kernels: one byte a weight and copy)."""
     total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    return total + sum(kernel.weight_bytes for module in model.modules() for kernel in getattr(module, "kernels", []))
+    return total + sum(m.unregistered_bytes for m in model.modules() if hasattr(m, "unregistered_bytes"))
 
 
 def time_variants(variants: dict, x: torch.Tensor, t: torch.Tensor, repeats: int, device: torch.device) -> dict:
@@ -165,6 +166,12 @@ def bench_arch(arch: str, args, device: torch.device, folder: Path) -> list[dict
         variants[f"fake-quant {name}"] = (student, same)
         variants[f"integer {name}"] = (integer, same)
         sizes[name] = size
+        if args.compiled and device.type == "cpu":  # the integer model under Inductor (dq.export.compile_int_model)
+            for glue in ("fp32", "bf16"):
+                copy = student_and_int(fp.cpu(), BITS[name], calib, device, folder)[1]
+                suffix = "" if glue == "fp32" else " (bf16 glue)"
+                variants[f"integer {name} compiled{suffix}"] = (compile_int_model(copy, glue), same)
+                sizes[f"{name} compiled{suffix}"] = size
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
         x = random_inputs(fp, batch, torch.Generator().manual_seed(1))["x_t"].to(device)
@@ -179,7 +186,7 @@ def bench_arch(arch: str, args, device: torch.device, folder: Path) -> list[dict
                          "weight_mb": round(weight_bytes(model) / 2**20, 2),
                          "peak_forward_mb": peak_memory_mb(model, inputs, x, t)})
             if name.startswith("integer"):
-                rows[-1]["export_mb"] = round(sizes[name.split()[-1]] / 2**20, 3)
+                rows[-1]["export_mb"] = round(sizes[name.removeprefix("integer ")] / 2**20, 3)
                 if args.profile and batch == int(args.batch.split(",")[-1]):
                     ops = profile_ops(model, x, t)
                     rows[-1]["top_ops"] = [[op, round(share, 4)] for op, share in ops]

@@ -168,10 +168,9 @@ class _IntKernel(nn.Module):
 
     @property
     def unregistered_bytes(self) -> int:
-        """int8 weights in memory that are not among the module's buffers: the GEMM matrices, or the planes
-        packed for oneDNN once an eager call has packed them (one byte a weight and plane)."""
-        if self.backend == "onednn" and self._packed is None:
-            return 0
+        """int8 weights in memory that are not among the module's buffers, one byte a weight and plane: the GEMM
+        matrices, or the planes packed for oneDNN (by the first eager call, or as constants of a compiled
+        graph): a oneDNN integer model holds its weights twice, plain and packed."""
         return self.weight_count * len(self.factors)
 
     def _set_gemm_planes(self, matrix: torch.Tensor, device: torch.device) -> None:
