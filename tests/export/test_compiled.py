@@ -74,8 +74,9 @@ def test_one_graph_serves_every_step_and_samples_like_the_eager_model(tiny):
         compiled = unet_forward(model, x, t)  # keyed by its timestep, resolved outside the graph
         with step_context(model, step):
             assert torch.equal(unet_forward(model, x, t), compiled)  # an explicit step: the same row
-        # the integer layers are exact; fused float glue (GroupNorm, SiLU) rounds a little differently
-        assert (compiled - eager).pow(2).mean() < 1e-4 * (fake - fp).pow(2).mean(), f"step {step}"
+        # the integer layers are exact (here the whole model is bitwise eager's); fused float glue (GroupNorm)
+        # may round its last bit differently on another CPU and flip a code now and then
+        assert (compiled - eager).pow(2).mean() < 1e-2 * (fake - fp).pow(2).mean(), f"step {step}"
     assert counters["stats"]["unique_graphs"] - before == 1
     sampler = SamplerConfig(num_steps=TINY_STEPS, spacing="uniform")
     with pytest.raises(UserError, match="not in the schedule"):  # the keying still refuses other schedules
@@ -85,7 +86,7 @@ def test_one_graph_serves_every_step_and_samples_like_the_eager_model(tiny):
 def test_bf16_glue_stays_within_the_quantization_error(tiny):
     """bf16 between layers rounds each layer's output to 8 bits of mantissa, which flips 4-bit codes of the
     next layer: on this tiny random model it moved the output by up to 0.8x the quantization error itself
-    (float32 glue: under 1e-4x, the test above), why float32 is the default."""
+    (float32 glue: bitwise eager's here, the test above), why float32 is the default."""
     unet, student, path = tiny
     eager_model = load_int_model(path)
     model = compile_int_model(load_int_model(path), glue="bf16")
