@@ -115,3 +115,14 @@ def test_bad_inputs_give_one_line_errors(tiny):
     timestep_keying(model.model).detach()
     with pytest.raises(UserError, match="set the sampling step"):
         model(_inputs(), torch.tensor([900, 900]))
+
+
+def test_interpolated_steps_run_compiled_as_eager(tiny):
+    _, _, path = tiny
+    eager_model = load_int_model(path, tpq_policy="interpolate")
+    model = compile_int_model(load_int_model(path, tpq_policy="interpolate"))
+    for timestep in (700, 300):  # between trained timesteps: TPQ rows blended, the blend a graph input
+        t = torch.full((2,), timestep)
+        with torch.no_grad():
+            expected = unet_forward(eager_model, _inputs(), t)
+        torch.testing.assert_close(unet_forward(model, _inputs(), t), expected, rtol=1e-5, atol=1e-5)
