@@ -121,8 +121,7 @@ def test_interpolated_steps_run_compiled_as_eager(tiny):
     _, _, path = tiny
     eager_model = load_int_model(path, tpq_policy="interpolate")
     model = compile_int_model(load_int_model(path, tpq_policy="interpolate"))
-    for timestep in (700, 300):  # between trained timesteps: TPQ rows blended, the blend a graph input
-        t = torch.full((2,), timestep)
-        with torch.no_grad():
-            expected = unet_forward(eager_model, _inputs(), t)
-        torch.testing.assert_close(unet_forward(model, _inputs(), t), expected, rtol=1e-5, atol=1e-5)
+    t = torch.full((2,), 700)  # between trained timesteps (900, 500): TPQ rows blended, the blend a graph input
+    with torch.no_grad():
+        expected = unet_forward(eager_model, _inputs(), t)
+    torch.testing.assert_close(unet_forward(model, _inputs(), t), expected, rtol=1e-5, atol=1e-5)
