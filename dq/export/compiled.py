@@ -1,6 +1,6 @@
 """The integer model under torch.compile: Inductor fuses each activation quantizer with what precedes it
-(GroupNorm, SiLU, the residual add) into one pass, and turns the oneDNN integer convolutions and linears
-into calls on weights it packed once (`onednn.qconv_pointwise` / `qlinear_pointwise` with the current step's
+(GroupNorm, SiLU, the residual add) into one pass, and turns the oneDNN integer convolutions (linears run as
+1×1 convolutions) into calls on weights it packed once (`onednn.qconv_pointwise` with the current step's
 scale and zero point as runtime tensors).
 
     int_model = compile_int_model(load_int_model("student.safetensors"))              # float32 between layers

@@ -41,23 +41,19 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
 
 
-def _register_prepack_shapes() -> None:
-    """Shapes of oneDNN's weight-prepacking ops for torch.compile's tracing (torch ships none: Inductor's own
-    quantization passes insert these ops after tracing). Traced on constant int8 weights, they are folded into
-    packed constants when the graph is frozen, so a compiled integer model packs its weights once."""
+def _register_prepack_shape() -> None:
+    """The shape of oneDNN's conv weight prepacking for torch.compile's tracing (torch ships none: Inductor's own
+    quantization passes insert the op after tracing). Traced on constant int8 weights, it is folded into packed
+    constants when the graph is frozen, so a compiled integer model packs its weights once."""
     def conv_shape(weight, w_scales, x_scale, x_zp, stride, padding, dilation, groups, x_shape=None):
         return torch.empty_like(weight)
 
-    def linear_shape(weight, x_shape=None):
-        return weight.new_empty(weight.shape[1], weight.shape[0])
-
-    for name, shape in (("onednn::qconv_prepack", conv_shape), ("onednn::qlinear_prepack", linear_shape)):
-        with contextlib.suppress(RuntimeError):  # a later torch that registers its own
-            torch.library.register_fake(name)(shape)
+    with contextlib.suppress(RuntimeError):  # a later torch that registers its own
+        torch.library.register_fake("onednn::qconv_prepack")(conv_shape)
 
 
 if onednn_available():
-    _register_prepack_shapes()
+    _register_prepack_shape()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
