@@ -2,7 +2,8 @@
 
     python bench/bench_int.py                                                  # CPU: embedded + ddpm_cifar10, batch 1/8/64
     python bench/bench_int.py --arch ddpm_cifar10 --batch 8 --bits w8a8,w4a4   # the target row
-    python bench/bench_int.py --device cuda                                    # GPU: FP16, BF16, compiled, CUDA graphs
+    python bench/bench_int.py --device cuda                                    # GPU: FP16, BF16, compiled, CUDA graphs;
+                                                                               # integer auto (fp8/triton), gemm, triton
     python bench/bench_int.py --arch ddpm_cifar10 --batch 8 --profile          # + where the integer forward's time goes
 
 Every variant of one architecture runs in this one process, alternating, after warm-ups: the ratios are
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.architectures import build, random_inputs  # noqa: E402
 from dq.arch import describe  # noqa: E402
 from dq.export import compile_int_model, export_student, load_int_model  # noqa: E402
+from dq.export.backends import why_unusable  # noqa: E402
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step  # noqa: E402
 from dq.sampling import unet_forward  # noqa: E402
 
@@ -50,7 +52,8 @@ def build_fp(arch: str) -> torch.nn.Module:
     return build(arch)
 
 
-def student_and_int(fp: torch.nn.Module, bits: tuple[int, int], x: torch.Tensor, device: torch.device, folder: Path):
+def student_and_int(fp: torch.nn.Module, bits: tuple[int, int], x: torch.Tensor, device: torch.device, folder: Path,
+                    backend: str = "auto"):
     student = quantize_model(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1], num_steps=1, num_groups=1),
                              describe(fp))
     t = torch.full((x.shape[0],), 500)
@@ -58,7 +61,7 @@ def student_and_int(fp: torch.nn.Module, bits: tuple[int, int], x: torch.Tensor,
         set_step(student, 0)
         unet_forward(student, x, t)
     path = export_student(student, folder / f"w{bits[0]}a{bits[1]}.safetensors", [500])
-    integer = load_int_model(path, device=device)
+    integer = load_int_model(path, device=device, backend=backend)
     set_step(student, 0)
     set_step(integer, 0)
     return student.to(device), integer, path.stat().st_size
@@ -172,6 +175,13 @@ def bench_arch(arch: str, args, device: torch.device, folder: Path) -> list[dict
                 suffix = "" if glue == "fp32" else " (bf16 glue)"
                 variants[f"integer {name} compiled{suffix}"] = (compile_int_model(copy, glue), same)
                 sizes[f"{name} compiled{suffix}"] = size
+        for backend in [b for b in args.backends.split(",") if b]:  # the auto choice is "integer {name}"
+            if why_unusable(backend, device) is not None:
+                print(f"bench_int: skipped the {backend} backend: {why_unusable(backend, device)}")
+                continue
+            variants[f"integer {name} {backend}"] = (student_and_int(fp.cpu(), BITS[name], calib, device, folder,
+                                                                     backend)[1], same)
+            sizes[f"{name} {backend}"] = size
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
         x = random_inputs(fp, batch, torch.Generator().manual_seed(1))["x_t"].to(device)
@@ -200,6 +210,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", default="1,8,64", help="comma list of batch sizes")
     parser.add_argument("--bits", default="w8a8,w4a4", help=f"comma list of {sorted(BITS)}")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backends", default=None,
+                        help="comma list of integer backends to time beside `auto` (default: gemm,triton on a GPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--no-compile", dest="compiled", action="store_false",
                         help="skip the torch.compile baselines (their compilation takes minutes on a small CPU)")
@@ -207,6 +219,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also print where an integer forward spends its time (largest batch, top ops)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.backends is None:
+        args.backends = "gemm,triton" if device.type == "cuda" else ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"bench_int: device={name} torch={torch.__version__} repeats={args.repeats}")
     rows = []

@@ -3,7 +3,8 @@
 #   1. the CUDA tests of the integer kernels (tests marked gpu),
 #   2. BKD vs end-to-end QAT cost on the ddpm_cifar10 architecture (fp32 teacher, then bf16 teacher targets),
 #   3. the fake-quant student's forward against FP32 (bench_forward),
-#   4. FP32 / FP16 / BF16 / fake-quant / integer (torch._int_mm) forward time and peak memory (bench_int).
+#   4. FP32 / FP16 / BF16 (eager, compiled, CUDA graphs) / fake-quant / integer forward time and peak memory
+#      (bench_int: the integer model on `auto` (fp8 for 4-bit layers where usable, then triton), gemm and triton).
 # Each step has its own time limit, so one slow step cannot take the others' time; every figure goes to
 # OUT_DIR/gpu_table.log (and the JSON files beside it).
 #
@@ -39,14 +40,14 @@ timeout 140 "$py" bench/bench_bkd.py --arch ddpm_cifar10 --device cuda --iters 1
   --json "$out/bkd_fp32.json"
 
 step "BKD vs end-to-end QAT, bf16 teacher targets"
-timeout 100 "$py" bench/bench_bkd.py --arch ddpm_cifar10 --device cuda --iters 10 --samples 256 --steps 100 \
+timeout 90 "$py" bench/bench_bkd.py --arch ddpm_cifar10 --device cuda --iters 10 --samples 256 --steps 100 \
   --teacher-precision bf16 --json "$out/bkd_bf16.json"
 
 step "fake-quant W4A4 student vs FP32 forward, batch 64"
 timeout 30 "$py" bench/bench_forward.py --arch ddpm_cifar10 --device cuda --batch 64 --repeats 20
 
 step "FP32 / FP16 / BF16 / fake-quant / integer forward"
-timeout 110 "$py" bench/bench_int.py --device cuda --arch embedded,ddpm_cifar10 --batch 1,8,64 --repeats 20 \
+timeout 150 "$py" bench/bench_int.py --device cuda --arch embedded,ddpm_cifar10 --batch 1,8,64 --repeats 20 \
   --json "$out/int_forward.json"
 
 step "done"

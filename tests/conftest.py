@@ -4,11 +4,18 @@ offline settings every test runs under."""
 import ast
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from unittest import mock
+
+# the triton integer backend's kernels run on CPU tensors in Triton's interpreter, which must be chosen before
+# triton is first imported (its own functions are built for the interpreter or the compiler), and importing
+# torch imports triton: so here, before torch, and only where there is no GPU to compile them for
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -38,8 +38,8 @@ from dq.evaluation import (
     write_identity,
     write_npz,
 )
+from dq.export.backends import names as int_backends
 from dq.export.compiled import GLUE
-from dq.export.kernels import BACKENDS as INT_BACKENDS
 from dq.io import atomic_write, check_writable_dir, file_sha256
 from dq.metrics import fidelity_figures, inception_score
 from dq.metrics.backends import FeatureBackend, build_backend, display_path
@@ -302,7 +302,7 @@ def check_config(cfg: DictConfig) -> None:
     config_int(cfg, "eval.grid_rows", minimum=1)
     config_choice(cfg, "eval.device", ("auto", "cpu", "cuda"))
     config_choice(cfg, "tpq_policy", POLICIES)
-    config_choice(cfg, "int_backend", ("auto", *INT_BACKENDS))
+    config_choice(cfg, "int_backend", ("auto", *int_backends()))
     config_choice(cfg, "int_compile", ("none", *GLUE))
     config_bool(cfg, "progress_bar")
     for key in ("run", "export"):

@@ -1,7 +1,7 @@
 """Integer convolution and matrix-product kernels: uint8 activation codes × int8 weights → int32 sums,
 rescaled once (Δx·Δw) before the bias.
 
-Two backends compute the same thing:
+Two backends compute the same thing here (`dq.export.backends` registers them, and the GPU ones):
 - `onednn` (CPU): `torch.ops.onednn.qconv_pointwise.tensor` (linears as 1×1 convolutions), which takes the
   activation scale and zero point as *runtime tensors* (so each call can use its own TPQ row) and folds the
   zero point in exactly, padding included. Activations run channels-last, as the kernel wants them. It has
@@ -34,8 +34,6 @@ from torch import nn
 
 from dq.errors import UserError
 
-BACKENDS = ("onednn", "gemm")
-
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
@@ -54,17 +52,6 @@ def _register_prepack_shape() -> None:
 
 if onednn_available():
     _register_prepack_shape()
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` → onednn on a CPU that has it, gemm elsewhere; ValueError for an unknown or unusable one."""
-    if backend == "auto":
-        return "onednn" if device.type == "cpu" and onednn_available() else "gemm"
-    if backend not in BACKENDS:
-        raise UserError(f"integer backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
-    if backend == "onednn" and (device.type != "cpu" or not onednn_available()):
-        raise UserError(f"the onednn integer backend runs on a CPU with oneDNN; got device {device}")
-    return backend
 
 
 def shift_to_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +131,7 @@ class _IntKernel(nn.Module):
     leave it alone but for `move_to`, which rebuilds its weights for a device."""
 
     backend: str
+    takes_float = False  # these take the uint8 codes (dq.export.backends: a backend may take the float input)
 
     def _init_planes(self, w8: torch.Tensor, shift: torch.Tensor, weight_scale: torch.Tensor, act_bits: int) -> None:
         self.out_channels = w8.shape[0]

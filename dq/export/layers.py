@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dq.errors import UserError
-from dq.export.kernels import IntConvKernel, IntLinearKernel, shift_to_int8
+from dq.export import backends
+from dq.export.kernels import shift_to_int8
 from dq.quant import ops
 from dq.quant.quantizers import StepBlend, StepIndexed
 from dq.quant.rotation import rotate
@@ -38,6 +39,10 @@ class IntActQuantizer(StepIndexed):
         self.register_buffer("scale", scale.float().reshape(num_groups).clone())
         self.register_buffer("zero_point", zero_point.reshape(num_groups).to(torch.int32).clone())
         self.register_buffer("zero_point_float", self.zero_point.float())
+
+    def act_span(self) -> int:
+        """The largest |q − z| its codes can take over all steps."""
+        return int(max(int(self.zero_point.max()), ops.qmax(self.bits) - int(self.zero_point.min())))
 
     def row_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Δx 0-dim, z_x int32 0-dim, z_x float 0-dim) of the current call: one step for the whole batch,
@@ -96,6 +101,9 @@ class IntTokenActQuantizer(StepIndexed):
         self.bits = bits
         self.register_buffer("scale", ratio.float().reshape(-1).clone())
 
+    def act_span(self) -> int:
+        return ops.qmax(self.bits)  # z of each token lies on the grid
+
     def ratio(self) -> torch.Tensor:
         """The current call's clip ratio [1]: one step (or one interpolated step) for the whole batch."""
         if isinstance(self.step, StepBlend):
@@ -146,6 +154,21 @@ class _IntLayer(nn.Module):
             yield part, None if wd is None else wd[start : start + width], quantizer
             start += width
 
+    def _run(self, kernel, part: torch.Tensor, wd: torch.Tensor | None, quantizer, bias, dtype) -> torch.Tensor:
+        """One kernel on one input part: the codes, or the float part for a kernel that quantizes it itself."""
+        if kernel.takes_float:
+            scale, _, zero_point = quantizer.row_params()
+            return kernel(part, wd, scale, zero_point, ops.qmax(quantizer.bits), bias, dtype)
+        codes, scale, zero_point = quantizer.codes(part, wd, self.channel_axis)
+        if scale.ndim:  # per token: one row of the flattened product each
+            scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
+        return kernel(codes, scale, zero_point, bias, dtype)
+
+    @property
+    def backend(self) -> str:
+        """The backends its kernels run (one, or several where parts went to different ones)."""
+        return "+".join(dict.fromkeys(kernel.backend for kernel in self.kernels))
+
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         probe = fn(torch.zeros(()))
@@ -161,24 +184,26 @@ class IntConv2d(_IntLayer):
 
     def __init__(self, w_int: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  wd_scale: torch.Tensor | None, quantizers: list[IntActQuantizer], splits: list[int],
-                 stride, padding, dilation, weight_bits: int, backend: str) -> None:
+                 stride, padding, dilation, weight_bits: int, backend: str | tuple[str, ...]) -> None:
+        """backend: a backend name, or a chain (`dq.export.backends.backend_chain`): each input part runs the
+        first that accepts it."""
         super().__init__()
         self._init_common(quantizers, splits, wd_scale, bias, weight_bits)
         self.out_channels, self.in_channels = w_int.shape[0], w_int.shape[1]
-        self.backend = backend
         self.kernels = nn.ModuleList()
         start = 0
+        taps = w_int.shape[2] * w_int.shape[3]
         for width, quantizer in zip(splits, quantizers):
             w8, shift = shift_to_int8(w_int[:, start : start + width])
-            self.kernels.append(IntConvKernel(w8, shift, weight_scale, stride, padding, dilation, backend,
-                                              quantizer.bits))
+            needs = backends.LayerNeeds(quantizer.act_span(), _weight_max(w8, shift), width * taps, False)
+            self.kernels.append(backends.conv_kernel(backend, needs, w8, shift, weight_scale, stride, padding,
+                                                     dilation, quantizer.bits))
             start += width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
         for (part, wd, quantizer), kernel in zip(self._parts(x), self.kernels):
-            codes, scale, zero_point = quantizer.codes(part, wd, self.channel_axis)
-            y = kernel(codes, scale, zero_point, self.bias if out is None else None, x.dtype)
+            y = self._run(kernel, part, wd, quantizer, self.bias if out is None else None, x.dtype)
             out = y if out is None else out + y
         return out
 
@@ -194,21 +219,21 @@ class IntLinear(_IntLayer):
 
     def __init__(self, w_int: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  wd_scale: torch.Tensor | None, quantizer: IntActQuantizer | IntTokenActQuantizer, weight_bits: int,
-                 backend: str, rotation_signs: torch.Tensor | None = None, rotation_block: int = 1,
+                 backend: str | tuple[str, ...], rotation_signs: torch.Tensor | None = None, rotation_block: int = 1,
                  lowrank_down: torch.Tensor | None = None, lowrank_up: torch.Tensor | None = None) -> None:
         super().__init__()
         self._init_common([quantizer], [w_int.shape[1]], wd_scale, bias, weight_bits)
         self.out_features, self.in_features = w_int.shape
-        if isinstance(quantizer, IntTokenActQuantizer):
-            backend = "gemm"  # per-token scales are a column of the product: oneDNN's kernels take one scale
-        self.backend = backend
         self.register_buffer("rotation_signs", None if rotation_signs is None else rotation_signs.float().clone())
         self.rotation_block = rotation_block
         # a kept low-rank branch (QuantConfig.lowrank_mode "keep"): x' Aᵀ Bᵀ in float beside the integer product
         self.register_buffer("lowrank_down", None if lowrank_down is None else lowrank_down.float().clone())
         self.register_buffer("lowrank_up", None if lowrank_up is None else lowrank_up.float().clone())
         w8, shift = shift_to_int8(w_int)
-        self.kernels = nn.ModuleList([IntLinearKernel(w8, shift, weight_scale, backend, quantizer.bits)])
+        # per-token scales are a column of the product: only backends that take a scale per row accept them
+        needs = backends.LayerNeeds(quantizer.act_span(), _weight_max(w8, shift), self.in_features,
+                                    isinstance(quantizer, IntTokenActQuantizer))
+        self.kernels = nn.ModuleList([backends.linear_kernel(backend, needs, w8, shift, weight_scale, quantizer.bits)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wd = self.wd_scale
@@ -217,10 +242,7 @@ class IntLinear(_IntLayer):
             if self.rotation_signs is not None:
                 x = rotate(x, self.rotation_signs, self.rotation_block)
             wd = None
-        codes, scale, zero_point = self.act_quantizers[0].codes(x, wd, self.channel_axis)
-        if scale.ndim:  # per token: one row of the flattened product each
-            scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
-        y = self.kernels[0](codes, scale, zero_point, self.bias, x.dtype)
+        y = self._run(self.kernels[0], x, wd, self.act_quantizers[0], self.bias, x.dtype)
         if self.lowrank_down is None:
             return y
         return y + F.linear(F.linear(x.to(self.lowrank_down.dtype), self.lowrank_down), self.lowrank_up).to(y.dtype)
@@ -228,3 +250,8 @@ class IntLinear(_IntLayer):
     def extra_repr(self) -> str:
         rank = "" if self.lowrank_down is None else f", low rank {self.lowrank_down.shape[0]}"
         return f"{self.in_features}, {self.out_features}, w{self.weight_bits}, backend={self.backend}{rank}"
+
+
+def _weight_max(w8: torch.Tensor, shift: torch.Tensor) -> int:
+    """The largest |q_w − z_w| of a layer's weights (W8 + c)."""
+    return int((w8.to(torch.int32) + shift.view(-1, *[1] * (w8.ndim - 1))).abs().max())

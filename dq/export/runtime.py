@@ -21,7 +21,7 @@ from dq.export.artifact import (
     layer_export,
     read_export,
 )
-from dq.export.kernels import resolve_backend
+from dq.export.backends import backend_chain, resolve_backend
 from dq.export.layers import IntActQuantizer, IntConv2d, IntLinear, IntTokenActQuantizer
 from dq.quant.attention import QuantAttnProcessor, QuantJointAttnProcessor
 from dq.quant.convert import CONFIG_ATTR
@@ -39,7 +39,9 @@ def load_int_model(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """The integer model of the export at `path`, in eval mode on `device`, keyed by the export's trained
     timesteps with `tpq_policy` (exact | nearest | interpolate: `dq.quant.timesteps`).
 
-    backend: "auto" (oneDNN on a CPU, torch._int_mm GEMMs on CUDA), "onednn" or "gemm".
+    backend: "auto" (oneDNN on a CPU; on CUDA fp8 for ≤ 4-bit layers, Triton, torch._int_mm GEMMs), or one of
+    `dq.export.backends` (onednn, gemm, triton, fp8); layers a named backend does not take run the next of the
+    device's order.
     ExportError (a ValueError) for a file that is not a valid export or does not fit its own UNet config.
     """
     return int_model_from_export(read_export(path), device, backend, tpq_policy)
@@ -50,6 +52,7 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
     check_policy(tpq_policy)
     device = torch.device(device)
     backend = resolve_backend(backend, device)
+    chain = backend_chain(backend, device)
     meta = export.metadata
     try:
         unet = build_denoiser(meta["unet_class"], meta["unet_config"], meta["attention_heads"])
@@ -58,7 +61,7 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
     step_to_group = export.tensors["step_to_group"].long()
     int_keys: set[str] = set()
     for spec in export.layer_specs():
-        layer = int_layer(spec, _submodule(export, unet, spec.name), step_to_group, backend, export.path)
+        layer = int_layer(spec, _submodule(export, unet, spec.name), step_to_group, chain, export.path)
         parent_name, _, short = spec.name.rpartition(".")
         setattr(unet.get_submodule(parent_name) if parent_name else unet, short, layer)
         int_keys.update(f"{spec.name}.{k}" for k in layer.state_dict())
@@ -104,7 +107,7 @@ def _submodule(export: Export, unet: nn.Module, name: str) -> nn.Module:
         raise ExportError(f"{export.path} names a layer {name!r} that its UNet config does not have") from err
 
 
-def int_layer(spec: IntLayerSpec, module: nn.Module, step_to_group: torch.Tensor, backend: str,
+def int_layer(spec: IntLayerSpec, module: nn.Module, step_to_group: torch.Tensor, backend: str | tuple[str, ...],
               source: object = "the export") -> IntConv2d | IntLinear:
     """The integer layer of `spec`, with the geometry (stride, padding, dilation) of `module`, the float
     Conv2d / Linear (or quantized twin) it replaces."""
@@ -136,4 +139,5 @@ def int_twin(layer: QuantConv2d | QuantLinear, backend: str = "auto", float_dtyp
     for i, part in enumerate(parts):
         tensors.update(act_table(f"layer.act.{i}", part))
     spec = Export(Path("<memory>"), {"layers": {"layer": info}}, tensors).layer_specs()[0]
-    return int_layer(spec, layer, parts[0].step_to_group, resolve_backend(backend, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    return int_layer(spec, layer, parts[0].step_to_group, backend_chain(resolve_backend(backend, cpu), cpu))

@@ -1,0 +1,190 @@
+"""Which kernels run an integer layer: the backends, what each declares, and how `auto` chooses.
+
+A backend declares the device types it runs on, whether it is usable here (and if not, why), which layers it
+computes exactly, and whether its kernels take the layer's *float* input (and quantize it inside the kernel)
+or the uint8 codes. Every backend computes the same integer sums Σ(q_x − z_x)(q_w − z_w); they differ only in
+speed, so one model may mix them layer by layer.
+
+| backend | devices | input | layers | `auto` order |
+|---|---|---|---|---|
+| `onednn` | cpu | codes | per-tensor activations | 1st on a CPU |
+| `fp8` | cuda (compute capability ≥ 8.9); cpu when named | codes | \\|q_x − z_x\\|, \\|W\\| ≤ 16 (≤ 4-bit) | 1st on a GPU |
+| `triton` | cuda; cpu under TRITON_INTERPRET=1 when named | float (quantize fused) | per-tensor activations | 2nd on a GPU |
+| `gemm` | cpu, cuda | codes | all | last |
+
+`fp8` runs centred 4-bit codes, which e4m3 holds exactly, through `torch._scaled_mm` with float32 sums (exact
+for integers below 2^24); it is usable on a device only where a probe product at the largest sums it accepts
+comes out exactly the int64 result (a GPU that accumulates FP8 products in fewer bits fails the probe).
+
+A named backend runs the layers it accepts; each other layer runs the first usable backend of the device's
+`auto` order that accepts it (so `gemm` is the last resort everywhere).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dq.errors import UserError
+from dq.export import kernels
+from dq.export.triton_kernels import interpreting, triton_importable
+
+
+@dataclass(frozen=True)
+class LayerNeeds:
+    """What a layer's product asks of a backend: the largest |q_x − z_x| of its activation codes, the largest
+    |W8| of its weights, its reduction length K, and whether its activation grid is per token."""
+
+    act_span: int
+    weight_max: int
+    reduction: int
+    per_token: bool
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    takes_float: bool
+    why_unusable: Callable[[torch.device], str | None]  # None where usable on that device
+    accepts: Callable[[LayerNeeds], bool]
+    conv: Callable[..., torch.nn.Module]  # (w8, shift, Δw, stride, padding, dilation, act_bits) → kernel
+    linear: Callable[..., torch.nn.Module]  # (w8, shift, Δw, act_bits) → kernel
+
+
+REGISTRY: dict[str, Backend] = {}
+AUTO_ORDER = {"cpu": ("onednn", "gemm"), "cuda": ("fp8", "triton", "gemm")}
+
+
+def register(backend: Backend) -> Backend:
+    REGISTRY[backend.name] = backend
+    return backend
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def why_unusable(name: str, device: torch.device) -> str | None:
+    backend = REGISTRY[name]
+    if device.type not in backend.devices:
+        return f"the {name} integer backend runs on {' or '.join(backend.devices)}, not {device.type}"
+    return backend.why_unusable(device)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """`auto` → the first usable backend of the device's order; a named one checked usable (UserError, one line,
+    otherwise)."""
+    device = torch.device(device)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("gemm",)):
+            if why_unusable(candidate, device) is None:
+                return candidate
+        raise UserError(f"no integer backend runs on {device}")
+    if name not in REGISTRY:
+        raise UserError(f"integer backend must be one of {('auto', *REGISTRY)}, got {name!r}")
+    reason = why_unusable(name, device)
+    if reason is not None:
+        raise UserError(reason)
+    return name
+
+
+def backend_chain(name: str, device: torch.device) -> tuple[str, ...]:
+    """The resolved backend `name` first, then the device's `auto` order: each layer runs the first that is usable
+    and accepts it."""
+    device = torch.device(device)
+    rest = [b for b in AUTO_ORDER.get(device.type, ()) if b != name and why_unusable(b, device) is None]
+    chain = (name, *rest)
+    return chain if "gemm" in chain else (*chain, "gemm")
+
+
+def pick(chain: tuple[str, ...] | str, needs: LayerNeeds) -> Backend:
+    chain = (chain, "gemm") if isinstance(chain, str) else chain
+    for name in chain:
+        if REGISTRY[name].accepts(needs):
+            return REGISTRY[name]
+    return REGISTRY["gemm"]
+
+
+def conv_kernel(chain, needs: LayerNeeds, w8, shift, weight_scale, stride, padding, dilation, act_bits):
+    return pick(chain, needs).conv(w8, shift, weight_scale, stride, padding, dilation, act_bits)
+
+
+def linear_kernel(chain, needs: LayerNeeds, w8, shift, weight_scale, act_bits):
+    return pick(chain, needs).linear(w8, shift, weight_scale, act_bits)
+
+
+# ------------------------------------------------------------------------------------------ the backends
+
+
+def _onednn_unusable(device: torch.device) -> str | None:
+    return None if kernels.onednn_available() else "this torch has no oneDNN integer kernels (backend=gemm runs)"
+
+
+def _triton_unusable(device: torch.device) -> str | None:
+    if not triton_importable():
+        return "the triton integer backend needs the triton package (pip install triton)"
+    if device.type == "cuda" and interpreting():
+        return "TRITON_INTERPRET=1 runs Triton kernels on the CPU only; unset it to run them on a GPU"
+    if device.type == "cpu" and not interpreting():
+        return ("the triton integer backend runs on a GPU; on the CPU only in Triton's interpreter "
+                "(TRITON_INTERPRET=1 before triton is imported: for tests, slow)")
+    return None
+
+
+FP8_LIMIT = 2**24  # float32 sums of integers are exact below it
+
+
+@functools.cache
+def fp8_sums_exact(device: str) -> bool:
+    """Whether `torch._scaled_mm` on `device` gives the exact integer sums of e4m3 integer operands up to the
+    largest that `fp8` accepts: a random product and a worst-case one (K = 65536 of 15 × 15: 14,745,600)
+    against int64 results."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-15, 16, (32, 4096), generator=gen)
+    b = torch.randint(-16, 17, (32, 4096), generator=gen)
+    worst = torch.full((16, 65536), 15)
+    for left, right in ((a, b), (worst, worst)):
+        expected = left @ right.t()
+        got = torch._scaled_mm(left.to(device, torch.float8_e4m3fn), right.to(device, torch.float8_e4m3fn).t(),
+                               torch.ones((), device=device), torch.ones((), device=device), out_dtype=torch.float32)
+        if not torch.equal(got.cpu().to(torch.int64), expected):
+            return False
+    return True
+
+
+def _fp8_unusable(device: torch.device) -> str | None:
+    if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
+        return "this torch has no float8 matrix products"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return "the fp8 integer backend needs a GPU with FP8 tensor cores (compute capability 8.9 or later)"
+    if not fp8_sums_exact(str(device)):
+        return f"torch._scaled_mm on {device} does not sum FP8 integer products exactly (checked at load)"
+    return None
+
+
+def _fp8_accepts(needs: LayerNeeds) -> bool:
+    return needs.act_span <= 16 and needs.weight_max <= 16 and needs.reduction * needs.act_span * needs.weight_max < FP8_LIMIT
+
+
+def _gpu_kernels():
+    from dq.export import gpu_kernels
+
+    return gpu_kernels
+
+
+register(Backend("onednn", ("cpu",), False, _onednn_unusable, lambda needs: not needs.per_token,
+                 lambda *a: kernels.IntConvKernel(*a[:6], "onednn", a[6]),
+                 lambda *a: kernels.IntLinearKernel(*a[:3], "onednn", a[3])))
+register(Backend("gemm", ("cpu", "cuda"), False, lambda device: None, lambda needs: True,
+                 lambda *a: kernels.IntConvKernel(*a[:6], "gemm", a[6]),
+                 lambda *a: kernels.IntLinearKernel(*a[:3], "gemm", a[3])))
+register(Backend("triton", ("cuda", "cpu"), True, _triton_unusable, lambda needs: not needs.per_token,
+                 lambda *a: _gpu_kernels().TritonConvKernel(*a[:6], "triton", a[6]),
+                 lambda *a: _gpu_kernels().TritonLinearKernel(*a[:3], "triton", a[3])))
+register(Backend("fp8", ("cuda", "cpu"), False, _fp8_unusable, _fp8_accepts,
+                 lambda *a: _gpu_kernels().Fp8ConvKernel(*a[:6], "fp8", a[6]),
+                 lambda *a: _gpu_kernels().Fp8LinearKernel(*a[:3], "fp8", a[3])))
