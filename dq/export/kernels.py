@@ -83,11 +83,13 @@ def int8_products_saturate(backend: str) -> bool:
             codes, torch.tensor(1.0), torch.tensor(0), packed, ones, zero, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
             torch.float32, "none", [], "",
         )
-        packed_linear = torch.ops.onednn.qlinear_prepack(torch.full((32, 64), 127, dtype=torch.int8), None)
-        rows = torch.full((16, 64), 255, dtype=torch.uint8)
-        linear = torch.ops.onednn.qlinear_pointwise.tensor(
-            rows, torch.tensor(1.0), torch.tensor(0), packed_linear, ones, zero, None, 1.0, 0, torch.float32,
-            "none", [], "",
+        # linears run as 1×1 convolutions over their rows (IntLinearKernel): probe that shape too
+        packed_rows = torch.ops.onednn.qconv_prepack(torch.full((32, 64, 1, 1), 127, dtype=torch.int8), ones, 1.0, 0,
+                                                     [1, 1], [0, 0], [1, 1], 1, None)
+        rows = torch.full((16, 64, 1, 1), 255, dtype=torch.uint8)
+        linear = torch.ops.onednn.qconv_pointwise.tensor(
+            rows, torch.tensor(1.0), torch.tensor(0), packed_rows, ones, zero, None, [1, 1], [0, 0], [1, 1], 1, 1.0,
+            0, torch.float32, "none", [], "",
         )
         return not (bool((out == 32 * 9 * 255 * 127).all()) and bool((linear == 64 * 255 * 127).all()))
     centred = torch.full((32, 64), 127, dtype=torch.int8)  # the code 255, centred on 128
