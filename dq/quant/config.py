@@ -37,6 +37,9 @@ class QuantConfig:
     act_init, act_percentile, weight_init: how (Δ, z) are initialised from data (MSE activations and
       min-max weights: the choice of bench/defaults_sweep.py).
     lsq_grad_scale: scale the gradients of Δ and z as LSQ does.
+    weight_zero_point: "learned" (per output channel, trained: the paper's) or "centred": 8-bit weights get
+      z_w = 128, fixed, so q_w − z_w fits int8 and the integer model's kernels need no per-row shift correction
+      (weights of fewer bits keep a learned z_w).
     act_granularity: "tensor" (one (Δ, z) per TPQ group, the paper) or "token": every Linear input is
       quantized per token at run time, each token's grid from its own range shrunk by a learned clip ratio,
       one per TPQ group (`dq.quant.TokenActQuantizer`); convolutions and attention matmuls stay per tensor.
@@ -78,6 +81,7 @@ class QuantConfig:
     act_percentile: float = 99.99
     weight_init: str = "minmax"
     lsq_grad_scale: bool = False
+    weight_zero_point: str = "learned"
     act_granularity: str = "tensor"
     attn_granularity: str = "tensor"
     promote_layers: tuple[str, ...] = ()
@@ -125,6 +129,8 @@ class QuantConfig:
             raise UserError(f"QuantConfig.rotation_block must be a power of two >= 2, got {self.rotation_block!r}")
         if isinstance(self.lowrank_rank, bool) or not isinstance(self.lowrank_rank, int) or self.lowrank_rank < 0:
             raise UserError(f"QuantConfig.lowrank_rank must be an int >= 0 (0: no branch), got {self.lowrank_rank!r}")
+        if self.weight_zero_point not in ("learned", "centred"):
+            raise UserError(f"QuantConfig.weight_zero_point must be 'learned' or 'centred', got {self.weight_zero_point!r}")
         if self.lowrank_mode not in LOWRANK_MODES:
             raise UserError(f"QuantConfig.lowrank_mode must be one of {LOWRANK_MODES}, got {self.lowrank_mode!r}")
         if not self.include:

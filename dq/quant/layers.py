@@ -100,7 +100,8 @@ class _QuantLayerMixin:
             self.lowrank_down = self.lowrank_up = self.lowrank_scale = None
         elif config.lowrank_mode == "keep":  # SVDQuant's split: the top-r part leaves the quantized weight
             self._setup_lowrank(lowrank, self.weight, meta)
-        self.weight_quantizer = WeightQuantizer(self.weight.shape[0], weight_bits, config.lsq_grad_scale)
+        centred = config.weight_zero_point == "centred" and weight_bits == 8  # int8 without a shift correction
+        self.weight_quantizer = WeightQuantizer(self.weight.shape[0], weight_bits, config.lsq_grad_scale, centred)
         self.weight_quantizer.to(self.weight.device)
         if not meta:
             self.weight_quantizer.init_from(self.weight, config.weight_init)

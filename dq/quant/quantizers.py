@@ -25,15 +25,23 @@ MIN_STEP_SIZE = ops._EPS
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel asymmetric fake quantizer of a weight [O, ...] with learnable Δ_w, z_w [O]."""
+    """Per-output-channel asymmetric fake quantizer of a weight [O, ...] with learnable Δ_w, z_w [O].
 
-    def __init__(self, out_channels: int, bits: int, lsq_grad_scale: bool = False) -> None:
+    centred: z_w fixed at 2^(b−1) (a buffer, not trained), so q_w − z_w always lies in [−2^(b−1), 2^(b−1) − 1]:
+    8-bit weights then fit int8 as they are, and the integer kernels need no shift correction
+    (QuantConfig.weight_zero_point "centred")."""
+
+    def __init__(self, out_channels: int, bits: int, lsq_grad_scale: bool = False, centred: bool = False) -> None:
         super().__init__()
         ops.qmax(bits)  # validates bits
         self.bits = bits
         self.lsq_grad_scale = lsq_grad_scale
+        self.centred = centred
         self.scale = nn.Parameter(torch.ones(out_channels))
-        self.zero_point = nn.Parameter(torch.zeros(out_channels))
+        if centred:
+            self.register_buffer("zero_point", torch.full((out_channels,), float(2 ** (bits - 1))))
+        else:
+            self.zero_point = nn.Parameter(torch.zeros(out_channels))
         self.enabled = True
 
     @torch.no_grad()
@@ -46,6 +54,11 @@ class WeightQuantizer(nn.Module):
             lo, hi = ops.mse_search_range(weight, self.bits, axis=0)
         else:
             raise UserError(f"weight init method must be 'minmax' or 'mse', got {method!r}")
+        if self.centred:  # the grid [−z·Δ, (qmax − z)·Δ] around 0 must hold the range
+            zero = self.zero_point
+            scale = torch.maximum(-lo.clamp_max(0) / zero, hi.clamp_min(0) / (ops.qmax(self.bits) - zero))
+            self.scale.copy_(scale.clamp_min(MIN_STEP_SIZE))
+            return
         scale, zero_point = ops.qparams_from_range(lo, hi, self.bits)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
@@ -56,11 +69,12 @@ class WeightQuantizer(nn.Module):
         scale, zero_point = self.scale, self.zero_point
         if self.lsq_grad_scale:
             factor = ops.lsq_grad_factor(weight[0].numel(), self.bits)
-            scale, zero_point = ops.scale_grad(scale, factor), ops.scale_grad(zero_point, factor)
+            scale = ops.scale_grad(scale, factor)
+            zero_point = zero_point if self.centred else ops.scale_grad(zero_point, factor)
         return ops.fake_quantize_per_channel(weight, scale, zero_point, self.bits, axis=0)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, channels={self.scale.numel()}"
+        return f"bits={self.bits}, channels={self.scale.numel()}" + (", centred" if self.centred else "")
 
 
 class _RangeObserver:
