@@ -3,7 +3,7 @@
     python bench/bench_int.py                                                  # CPU: embedded + ddpm_cifar10, batch 1/8/64
     python bench/bench_int.py --arch ddpm_cifar10 --batch 8 --bits w8a8,w4a4   # the issue's target row
     python bench/bench_int.py --device cuda                                    # GPU: FP16, BF16, compiled, CUDA graphs;
-                                                                               # integer auto (fp8/triton), gemm, triton
+                                                                               # integer auto (gemm), triton, fp8
     python bench/bench_int.py --arch ddpm_cifar10 --batch 8 --profile          # + where the integer forward's time goes
 
 Every variant of one architecture runs in this one process, alternating, after warm-ups: the ratios are
@@ -53,9 +53,10 @@ def build_fp(arch: str) -> torch.nn.Module:
 
 
 def student_and_int(fp: torch.nn.Module, bits: tuple[int, int], x: torch.Tensor, device: torch.device, folder: Path,
-                    backend: str = "auto"):
-    student = quantize_model(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1], num_steps=1, num_groups=1),
-                             describe(fp))
+                    backend: str = "auto", weight_zero_point: str = "learned"):
+    config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], num_steps=1, num_groups=1,
+                         weight_zero_point=weight_zero_point)
+    student = quantize_model(fp, config, describe(fp))
     t = torch.full((x.shape[0],), 500)
     with calibrate_activations(student), torch.no_grad():
         set_step(student, 0)
@@ -164,14 +165,16 @@ def bench_arch(arch: str, args, device: torch.device, folder: Path) -> list[dict
     baselines = list(variants)
     sizes = {}
     for name in args.bits.split(","):
-        student, integer, size = student_and_int(fp.cpu(), BITS[name], calib, device, folder)
+        student, integer, size = student_and_int(fp.cpu(), BITS[name], calib, device, folder,
+                                                 weight_zero_point=args.weight_zero_point)
         fp.to(device)
         variants[f"fake-quant {name}"] = (student, same)
         variants[f"integer {name}"] = (integer, same)
         sizes[name] = size
         if args.compiled and device.type == "cpu":  # the integer model under Inductor (dq.export.compile_int_model)
             for glue in ("fp32", "bf16"):
-                copy = student_and_int(fp.cpu(), BITS[name], calib, device, folder)[1]
+                copy = student_and_int(fp.cpu(), BITS[name], calib, device, folder,
+                                       weight_zero_point=args.weight_zero_point)[1]
                 suffix = "" if glue == "fp32" else " (bf16 glue)"
                 variants[f"integer {name} compiled{suffix}"] = (compile_int_model(copy, glue), same)
                 sizes[f"{name} compiled{suffix}"] = size
@@ -180,7 +183,7 @@ def bench_arch(arch: str, args, device: torch.device, folder: Path) -> list[dict
                 print(f"bench_int: skipped the {backend} backend: {why_unusable(backend, device)}")
                 continue
             variants[f"integer {name} {backend}"] = (student_and_int(fp.cpu(), BITS[name], calib, device, folder,
-                                                                     backend)[1], same)
+                                                                     backend, args.weight_zero_point)[1], same)
             sizes[f"{name} {backend}"] = size
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
@@ -210,8 +213,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", default="1,8,64", help="comma list of batch sizes")
     parser.add_argument("--bits", default="w8a8,w4a4", help=f"comma list of {sorted(BITS)}")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--weight-zero-point", default="learned", choices=("learned", "centred"),
+                        help="the students' QuantConfig.weight_zero_point (centred: 8-bit weights need no shift)")
     parser.add_argument("--backends", default=None,
-                        help="comma list of integer backends to time beside `auto` (default: gemm,triton on a GPU)")
+                        help="comma list of integer backends to time beside `auto` (default: triton,fp8 on a GPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--no-compile", dest="compiled", action="store_false",
                         help="skip the torch.compile baselines (their compilation takes minutes on a small CPU)")
@@ -220,9 +225,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.backends is None:
-        args.backends = "gemm,triton" if device.type == "cuda" else ""
+        args.backends = "triton,fp8" if device.type == "cuda" else ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"bench_int: device={name} torch={torch.__version__} repeats={args.repeats}")
+    print(f"bench_int: device={name} torch={torch.__version__} repeats={args.repeats} "
+          f"weight_zero_point={args.weight_zero_point}")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for arch in args.arch.split(","):

@@ -4,7 +4,7 @@
 #   2. BKD vs end-to-end QAT cost on the ddpm_cifar10 architecture (fp32 teacher, then bf16 teacher targets),
 #   3. the fake-quant student's forward against FP32 (bench_forward),
 #   4. FP32 / FP16 / BF16 (eager, compiled, CUDA graphs) / fake-quant / integer forward time and peak memory
-#      (bench_int: the integer model on `auto` (fp8 for 4-bit layers where usable, then triton), gemm and triton).
+#      (bench_int: the integer model on gemm (`auto` on a GPU), triton and fp8 (4-bit layers, where usable)).
 # Each step has its own time limit, so one slow step cannot take the others' time; every figure goes to
 # OUT_DIR/gpu_table.log (and the JSON files beside it).
 #

@@ -5,19 +5,22 @@ computes exactly, and whether its kernels take the layer's *float* input (and qu
 or the uint8 codes. Every backend computes the same integer sums Σ(q_x − z_x)(q_w − z_w); they differ only in
 speed, so one model may mix them layer by layer.
 
-| backend | devices | input | layers | `auto` order |
+| backend | devices | input | layers | `auto` |
 |---|---|---|---|---|
-| `onednn` | cpu | codes | per-tensor activations | 1st on a CPU |
-| `fp8` | cuda (compute capability ≥ 8.9); cpu when named | codes | \\|q_x − z_x\\|, \\|W\\| ≤ 16 (≤ 4-bit) | 1st on a GPU |
-| `triton` | cuda; cpu under TRITON_INTERPRET=1 when named | float (quantize fused) | per-tensor activations | 2nd on a GPU |
-| `gemm` | cpu, cuda | codes | all | last |
+| `onednn` | cpu | codes | per-tensor activations | on a CPU |
+| `fp8` | cuda (compute capability ≥ 8.9); cpu when named | codes | \\|q_x − z_x\\|, \\|W\\| ≤ 16 (≤ 4-bit) | when named |
+| `triton` | cuda; cpu under TRITON_INTERPRET=1 when named | float (quantize fused) | per-tensor activations | when named |
+| `gemm` | cpu, cuda | codes | all | on a GPU; everywhere the last resort |
+
+On a GPU `auto` stays `gemm` until `triton` and `fp8` have been timed there (`bench/gpu_table.sh`): they are
+checked bit-exact on the CPU only. The order a model falls back through, per device, is PREFERENCE.
 
 `fp8` runs centred 4-bit codes, which e4m3 holds exactly, through `torch._scaled_mm` with float32 sums (exact
 for integers below 2^24); it is usable on a device only where a probe product at the largest sums it accepts
 comes out exactly the int64 result (a GPU that accumulates FP8 products in fewer bits fails the probe).
 
 A named backend runs the layers it accepts; each other layer runs the first usable backend of the device's
-`auto` order that accepts it (so `gemm` is the last resort everywhere).
+PREFERENCE that accepts it (so `gemm` is the last resort everywhere).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Backend:
 
 
 REGISTRY: dict[str, Backend] = {}
-AUTO_ORDER = {"cpu": ("onednn", "gemm"), "cuda": ("fp8", "triton", "gemm")}
+AUTO_ORDER = {"cpu": ("onednn", "gemm"), "cuda": ("gemm",)}
+PREFERENCE = {"cpu": ("onednn", "gemm"), "cuda": ("fp8", "triton", "gemm")}  # the fallbacks of a named backend
 
 
 def register(backend: Backend) -> Backend:
@@ -93,10 +97,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def backend_chain(name: str, device: torch.device) -> tuple[str, ...]:
-    """The resolved backend `name` first, then the device's `auto` order: each layer runs the first that is usable
+    """The resolved backend `name` first, then the device's PREFERENCE: each layer runs the first that is usable
     and accepts it."""
     device = torch.device(device)
-    rest = [b for b in AUTO_ORDER.get(device.type, ()) if b != name and why_unusable(b, device) is None]
+    rest = [b for b in PREFERENCE.get(device.type, ()) if b != name and why_unusable(b, device) is None]
     chain = (name, *rest)
     return chain if "gemm" in chain else (*chain, "gemm")
 
@@ -170,21 +174,37 @@ def _fp8_accepts(needs: LayerNeeds) -> bool:
     return needs.act_span <= 16 and needs.weight_max <= 16 and needs.reduction * needs.act_span * needs.weight_max < FP8_LIMIT
 
 
-def _gpu_kernels():
+def _kernels(module: Callable[[], object], conv: str, linear: str, name: str):
+    """(conv, linear) factories of one backend: its kernel classes, looked up in `module()` when first built (the
+    GPU backends' module imports only when used)."""
+    def make_conv(w8, shift, weight_scale, stride, padding, dilation, act_bits):
+        return getattr(module(), conv)(w8, shift, weight_scale, stride, padding, dilation, name, act_bits)
+
+    def make_linear(w8, shift, weight_scale, act_bits):
+        return getattr(module(), linear)(w8, shift, weight_scale, name, act_bits)
+
+    return make_conv, make_linear
+
+
+def _cpu_module():
+    return kernels
+
+
+def _gpu_module():
     from dq.export import gpu_kernels
 
     return gpu_kernels
 
 
-register(Backend("onednn", ("cpu",), False, _onednn_unusable, lambda needs: not needs.per_token,
-                 lambda *a: kernels.IntConvKernel(*a[:6], "onednn", a[6]),
-                 lambda *a: kernels.IntLinearKernel(*a[:3], "onednn", a[3])))
+def _per_tensor(needs: LayerNeeds) -> bool:
+    return not needs.per_token
+
+
+register(Backend("onednn", ("cpu",), False, _onednn_unusable, _per_tensor,
+                 *_kernels(_cpu_module, "IntConvKernel", "IntLinearKernel", "onednn")))
 register(Backend("gemm", ("cpu", "cuda"), False, lambda device: None, lambda needs: True,
-                 lambda *a: kernels.IntConvKernel(*a[:6], "gemm", a[6]),
-                 lambda *a: kernels.IntLinearKernel(*a[:3], "gemm", a[3])))
-register(Backend("triton", ("cuda", "cpu"), True, _triton_unusable, lambda needs: not needs.per_token,
-                 lambda *a: _gpu_kernels().TritonConvKernel(*a[:6], "triton", a[6]),
-                 lambda *a: _gpu_kernels().TritonLinearKernel(*a[:3], "triton", a[3])))
+                 *_kernels(_cpu_module, "IntConvKernel", "IntLinearKernel", "gemm")))
+register(Backend("triton", ("cuda", "cpu"), True, _triton_unusable, _per_tensor,
+                 *_kernels(_gpu_module, "TritonConvKernel", "TritonLinearKernel", "triton")))
 register(Backend("fp8", ("cuda", "cpu"), False, _fp8_unusable, _fp8_accepts,
-                 lambda *a: _gpu_kernels().Fp8ConvKernel(*a[:6], "fp8", a[6]),
-                 lambda *a: _gpu_kernels().Fp8LinearKernel(*a[:3], "fp8", a[3])))
+                 *_kernels(_gpu_module, "Fp8ConvKernel", "Fp8LinearKernel", "fp8")))

@@ -74,6 +74,10 @@ class _Fp8Sums(_SinglePlane):
         self.fp8_matrix = padded.to(torch.float32).to(torch.float8_e4m3fn)
         self.unit = torch.ones((), device=device)
 
+    @property
+    def unregistered_bytes(self) -> int:
+        return 2 * self.weight_count  # the int8 matrix and its e4m3 copy
+
     def _int_sums(self, rows: torch.Tensor, x_zero_point: torch.Tensor) -> torch.Tensor:
         m, k = rows.shape
         centred = rows.float() - x_zero_point.float()  # |q − z| ≤ 16 (accepted layers): exact in e4m3

@@ -39,9 +39,8 @@ def load_int_model(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """The integer model of the export at `path`, in eval mode on `device`, keyed by the export's trained
     timesteps with `tpq_policy` (exact | nearest | interpolate: `dq.quant.timesteps`).
 
-    backend: "auto" (oneDNN on a CPU; on CUDA fp8 for ≤ 4-bit layers, Triton, torch._int_mm GEMMs), or one of
-    `dq.export.backends` (onednn, gemm, triton, fp8); layers a named backend does not take run the next of the
-    device's order.
+    backend: "auto" (oneDNN on a CPU, torch._int_mm GEMMs on CUDA), or one of `dq.export.backends` (onednn, gemm,
+    triton, fp8); layers a named backend does not take run the next one that does.
     ExportError (a ValueError) for a file that is not a valid export or does not fit its own UNet config.
     """
     return int_model_from_export(read_export(path), device, backend, tpq_policy)

@@ -177,7 +177,7 @@ def test_a_whole_export_runs_each_backend_like_the_reference(backend, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_backends_on_cuda_are_exact_and_capturable(tmp_path):
     """On a GPU: the compiled Triton kernel's sums against int64, fp8 usable where its probe passes, and a whole
-    export's forward on `auto` captured by a CUDA graph gives its eager output."""
+    export's forward on the triton backend captured by a CUDA graph gives its eager output."""
     from dq.export import export_student
     from dq.sampling import unet_forward
     from tests.export.conftest import TINY_TIMESTEPS, tiny_student
@@ -196,7 +196,7 @@ def test_gpu_backends_on_cuda_are_exact_and_capturable(tmp_path):
 
     _, student = tiny_student()
     path = export_student(student, tmp_path / "tiny.safetensors", TINY_TIMESTEPS)
-    model = load_int_model(path, device=cuda)
+    model = load_int_model(path, device=cuda, backend="triton")
     set_step(model, 1)
     x = torch.randn(2, 3, 8, 8, device=cuda)
     t = torch.full((2,), TINY_TIMESTEPS[1], device=cuda)
