@@ -168,15 +168,19 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_student(directory: str | os.PathLike, *, tpq_policy: str = "exact", integer: bool = False,
-                 device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
+                 device: str | torch.device = "cpu", backend: str = "auto", compile: str = "none") -> nn.Module:
     """The student of a folder written by `save_student` (or a train.py run's `student/`), in eval mode.
 
     tpq_policy: what a timestep off the trained schedule does: "exact" (ValueError), "nearest",
     "interpolate" (`dq.quant.timesteps`). integer: the integer model of the folder's export
-    (`dq.export.load_int_model`, backend "auto" | "onednn" | "gemm") instead of the fake-quant student.
+    (`dq.export.load_int_model`, backend "auto" | "onednn" | "gemm" | "triton" | "fp8") instead of the
+    fake-quant student. compile: "none", or "fp32" / "bf16" for the integer model under torch.compile with that
+    dtype between its layers (`dq.export.compile_int_model`: oneDNN on a CPU; it compiles on its first call).
     StudentFolderError (a ValueError) for a folder that is missing, incomplete or inconsistent.
     """
     check_policy(tpq_policy)
+    if compile != "none" and not integer:
+        raise UserError(f"compile={compile!r} compiles the integer model: load it with integer=True")
     directory = Path(directory).expanduser()
     manifest = read_manifest(directory)
     if integer:
@@ -186,7 +190,18 @@ def load_student(directory: str | os.PathLike, *, tpq_policy: str = "exact", int
         from dq.export import load_int_model
 
         model = load_int_model(directory / EXPORT_FILE, device=device, backend=backend, tpq_policy=tpq_policy)
-        return _key_by_manifest(model, manifest, tpq_policy, directory)
+        model = _key_by_manifest(model, manifest, tpq_policy, directory)
+        if compile == "none":
+            return model
+        from dq.export import compile_int_model
+        from dq.export.compiled import GLUE
+
+        if compile not in GLUE:
+            raise UserError(f"compile must be 'none' or one of {sorted(GLUE)}, got {compile!r}")
+        if model.dq_export["backend"] != "onednn":
+            raise UserError(f"compile={compile!r} runs oneDNN's CPU kernels; this export runs the "
+                            f"{model.dq_export['backend']} backend here (compile='none' on a GPU)")
+        return compile_int_model(model, compile)
     try:
         unet_config = json.loads((directory / "config.json").read_text())
         unet = build_denoiser(manifest["unet_class"], unet_config, manifest["attention_heads"])

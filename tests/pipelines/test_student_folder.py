@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dq
+from dq.errors import UserError
 from dq.export import export_student
 from dq.pretrained import MANIFEST, STATE_FILE, StudentFolderError, add_export, read_manifest
 from dq.quant import quant_config, step_context, timestep_keying
@@ -47,6 +48,19 @@ def test_integer_model_from_the_folder_export(folder, tmp_path):
     assert timestep_keying(model).policy == "interpolate"
     with torch.no_grad():
         assert torch.isfinite(unet_forward(model, torch.randn(1, 3, 8, 8), torch.tensor([700]))).all()
+    # compiled (it compiles on its first call: tests/export/test_compiled.py runs that), and its bad inputs
+    from dq.export import CompiledIntModel
+    from dq.export.kernels import onednn_available
+
+    if onednn_available():
+        compiled = dq.load_student(path, integer=True, compile="fp32")
+        assert isinstance(compiled, CompiledIntModel) and compiled.glue == "fp32"
+    with pytest.raises(UserError, match="load it with integer=True"):
+        dq.load_student(path, compile="fp32")
+    with pytest.raises(UserError, match="compile must be 'none' or one of"):
+        dq.load_student(path, integer=True, compile="fp16")
+    with pytest.raises(UserError, match="runs the gemm backend here"):
+        dq.load_student(path, integer=True, backend="gemm", compile="fp32")
 
 
 def test_loading_imports_no_lightning_or_hydra(folder):
