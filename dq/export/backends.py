@@ -1,8 +1,8 @@
 """Which kernels run an integer layer: the backends, what each declares, and how `auto` chooses.
 
-A backend declares the device types it runs on, whether it is usable here (and if not, why), which layers it
-computes exactly, and whether its kernels take the layer's *float* input (and quantize it inside the kernel)
-or the uint8 codes. Every backend computes the same integer sums Σ(q_x − z_x)(q_w − z_w); they differ only in
+A backend declares the device types it runs on, whether it is usable here (and if not, why) and which layers it
+computes exactly; its kernels say whether they take the layer's *float* input (and quantize it inside the
+kernel) or the uint8 codes (`takes_float`). Every backend computes the same integer sums Σ(q_x − z_x)(q_w − z_w); they differ only in
 speed, so one model may mix them layer by layer.
 
 | backend | devices | input | layers | `auto` |
@@ -51,7 +51,6 @@ class LayerNeeds:
 class Backend:
     name: str
     devices: tuple[str, ...]
-    takes_float: bool
     why_unusable: Callable[[torch.device], str | None]  # None where usable on that device
     accepts: Callable[[LayerNeeds], bool]
     conv: Callable[..., torch.nn.Module]  # (w8, shift, Δw, stride, padding, dilation, act_bits) → kernel
@@ -99,6 +98,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def backend_chain(name: str, device: torch.device) -> tuple[str, ...]:
     """The resolved backend `name` first, then the device's PREFERENCE: each layer runs the first that is usable
     and accepts it."""
+    if name == "gemm":  # it takes every layer: no fallback to look for (nor probes to run)
+        return (name,)
     device = torch.device(device)
     rest = [b for b in PREFERENCE.get(device.type, ()) if b != name and why_unusable(b, device) is None]
     chain = (name, *rest)
@@ -200,11 +201,11 @@ def _per_tensor(needs: LayerNeeds) -> bool:
     return not needs.per_token
 
 
-register(Backend("onednn", ("cpu",), False, _onednn_unusable, _per_tensor,
+register(Backend("onednn", ("cpu",), _onednn_unusable, _per_tensor,
                  *_kernels(_cpu_module, "IntConvKernel", "IntLinearKernel", "onednn")))
-register(Backend("gemm", ("cpu", "cuda"), False, lambda device: None, lambda needs: True,
+register(Backend("gemm", ("cpu", "cuda"), lambda device: None, lambda needs: True,
                  *_kernels(_cpu_module, "IntConvKernel", "IntLinearKernel", "gemm")))
-register(Backend("triton", ("cuda", "cpu"), True, _triton_unusable, _per_tensor,
+register(Backend("triton", ("cuda", "cpu"), _triton_unusable, _per_tensor,
                  *_kernels(_gpu_module, "TritonConvKernel", "TritonLinearKernel", "triton")))
-register(Backend("fp8", ("cuda", "cpu"), False, _fp8_unusable, _fp8_accepts,
+register(Backend("fp8", ("cuda", "cpu"), _fp8_unusable, _fp8_accepts,
                  *_kernels(_gpu_module, "Fp8ConvKernel", "Fp8LinearKernel", "fp8")))

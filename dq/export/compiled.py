@@ -43,6 +43,10 @@ class CompiledIntModel(nn.Module):
         self._quantizers = step_indexed(model)
         if not self._quantizers:
             raise UserError(f"{type(model).__name__} has no TPQ tables: compile_int_model takes an integer model")
+        backend = getattr(model, "dq_export", {}).get("backend", "onednn")
+        if backend != "onednn":
+            raise UserError(f"the compiled integer model runs oneDNN's CPU kernels; this one runs the {backend} backend "
+                            "here (leave it uncompiled on a GPU)")
         if glue == "bf16":
             for param in model.parameters():  # float layers; integer layers keep their tables and biases
                 param.data = param.data.to(torch.bfloat16)

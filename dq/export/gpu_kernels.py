@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dq.export import triton_kernels
-from dq.export.kernels import IntConvKernel, IntLinearKernel, _round_up
+from dq.export.kernels import IntConvKernel, IntLinearKernel, _round_up, conv_output_size
 
 
 class _SinglePlane:
@@ -35,9 +35,8 @@ class TritonConvKernel(_SinglePlane, IntConvKernel):
     def forward(self, x: torch.Tensor, wd: torch.Tensor | None, x_scale: torch.Tensor, x_zero: torch.Tensor,
                 qmax: int, bias: torch.Tensor | None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         rows = self.rows(x, wd, x_scale, x_zero, qmax, bias)
-        batch = x.shape[0]
-        height = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (self.kernel[0] - 1) - 1) // self.stride[0] + 1
-        return rows.view(batch, height, -1, self.out_channels).permute(0, 3, 1, 2).to(out_dtype)
+        height, width = conv_output_size(*x.shape[2:], self.kernel, self.stride, self.padding, self.dilation)
+        return rows.view(x.shape[0], height, width, self.out_channels).permute(0, 3, 1, 2).to(out_dtype)
 
     def rows(self, x, wd, x_scale, x_zero, qmax, bias, int_out: bool = False) -> torch.Tensor:
         """[B·H'·W', O]: float32 outputs, or the exact int32 sums Σ(q − z)(q_w − z_w) with int_out."""

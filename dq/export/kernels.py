@@ -259,10 +259,7 @@ class IntConvKernel(_IntKernel):
     def _gemm(self, codes, x_scale, x_zero_point, bias):
         batch = codes.shape[0]
         padded = _pad_codes(codes, self.padding, x_zero_point)
-        kh, kw = self.kernel
-        dh, dw = self.dilation
-        rows_h = (padded.shape[2] - dh * (kh - 1) - 1) // self.stride[0] + 1
-        rows_w = (padded.shape[3] - dw * (kw - 1) - 1) // self.stride[1] + 1
+        rows_h, rows_w = conv_output_size(*codes.shape[2:], self.kernel, self.stride, self.padding, self.dilation)
         cols = _im2col(padded, self.kernel, self.stride, self.dilation, rows_h, rows_w)  # [B·H'·W', C·kh·kw]
         out = self._int_sums(cols, x_zero_point).float() * (x_scale * self.weight_scale)
         if bias is not None:
@@ -308,6 +305,12 @@ class IntLinearKernel(_IntKernel):
 
 
 # ------------------------------------------------------------------------------------ gemm helpers
+
+
+def conv_output_size(height: int, width: int, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """(H', W') of a zero-padded convolution."""
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip((height, width), kernel, stride, padding, dilation))
 
 
 def _round_up(n: int, multiple: int) -> int:

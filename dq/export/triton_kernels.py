@@ -24,6 +24,8 @@ import functools
 
 import torch
 
+from dq.export.kernels import conv_output_size
+
 try:
     import triton
     import triton.language as tl
@@ -76,7 +78,7 @@ def _implicit_gemm(x_ptr, wd_ptr, scale_ptr, zero_ptr, w_ptr, colsum_ptr, shift_
         w = tl.load(w_ptr + rn[None, :] * W_STRIDE + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
         acc += tl.dot((q - 128.0).to(tl.int8), w)
         if HAS_SHIFT:
-            rowsum += tl.sum(tl.where(valid, q - zero, 0.0), axis=1)  # ≤ BK·255 a block: exact in float32
+            rowsum += tl.sum(tl.where(valid, q - zero, 0.0), axis=1)  # |Σ| ≤ K·255: exact in float32 below 2^24
     colsum = tl.load(colsum_ptr + rn, mask=n_ok, other=0)
     total = acc + (128 - zero.to(tl.int32)) * colsum[None, :]
     if HAS_SHIFT:
@@ -119,8 +121,7 @@ def implicit_gemm(x: torch.Tensor, wd: torch.Tensor | None, x_scale: torch.Tenso
     dilation), each an (h, w) pair."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
     batch, channels, height, width = x.shape
-    oh = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = conv_output_size(height, width, *geometry)
     m, n, k = batch * oh * ow, colsum.shape[0], channels * kh * kw
     out = torch.empty(m, n, dtype=torch.int32 if int_out else torch.float32, device=x.device)
     block_m, block_n, block_k = (32, 32, 32) if x.device.type == "cpu" else (64, 64, 32)
