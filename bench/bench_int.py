@@ -36,6 +36,7 @@ from bench.architectures import build, random_inputs  # noqa: E402
 from dq.arch import describe  # noqa: E402
 from dq.export import compile_int_model, export_student, load_int_model  # noqa: E402
 from dq.export.backends import why_unusable  # noqa: E402
+from dq.export.compiled import native_bf16  # noqa: E402
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step  # noqa: E402
 from dq.sampling import unet_forward  # noqa: E402
 
@@ -172,7 +173,7 @@ def bench_arch(arch: str, args, device: torch.device, folder: Path) -> list[dict
         variants[f"integer {name}"] = (integer, same)
         sizes[name] = size
         if args.compiled and device.type == "cpu":  # the integer model under Inductor (dq.export.compile_int_model)
-            for glue in ("fp32", "bf16"):
+            for glue in ("fp32", "bf16") if native_bf16() else ("fp32",):  # emulated bf16 glue: refused
                 copy = student_and_int(fp.cpu(), BITS[name], calib, device, folder,
                                        weight_zero_point=args.weight_zero_point)[1]
                 suffix = "" if glue == "fp32" else " (bf16 glue)"

@@ -28,6 +28,13 @@ from dq.quant.timesteps import timestep_keying
 GLUE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512_BF16 or AMX). Without it, bfloat16 glue is
+    emulated: on a 2-core AVX2 EPYC the compiled ddpm-cifar10 W4A4 model took 86 s a forward with it, 0.57 s
+    with float32 glue (bench/bench_int.py, batch 8, docs/benchmarks.md)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class CompiledIntModel(nn.Module):
     """An integer model (`load_int_model`) compiled with Inductor (frozen weights); called like the model.
 
@@ -47,6 +54,9 @@ class CompiledIntModel(nn.Module):
         if backend != "onednn":
             raise UserError(f"the compiled integer model runs oneDNN's CPU kernels; this one runs the {backend} backend "
                             "here (leave it uncompiled on a GPU)")
+        if glue == "bf16" and not native_bf16():
+            raise UserError("glue='bf16' needs a CPU with native bfloat16 (AVX512_BF16 or AMX); this one emulates "
+                            "it, about 150x slower than float32 glue: use glue='fp32'")
         if glue == "bf16":
             for param in model.parameters():  # float layers; integer layers keep their tables and biases
                 param.data = param.data.to(torch.bfloat16)

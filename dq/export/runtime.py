@@ -93,7 +93,8 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
     two_planes = sum(any(len(k.factors) > 1 for k in m.kernels) for m in unet.modules() if isinstance(m, (IntConv2d, IntLinear)))
     if two_planes:
         log.warning("%s: this CPU's int8 kernels add product pairs in a saturating int16 (no VNNI); %d integer "
-                    "layer(s) run their 8-bit weights as two planes to stay exact (about twice their time)",
+                    "layer(s) run their 8-bit weights as two planes to stay exact (about twice their time; 4-bit weights "
+                    "need one)",
                     export.path, two_planes)
     key_by_timestep(unet, export.timesteps, tpq_policy)
     return unet

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from dq.errors import UserError
-from dq.export import compile_int_model, export_student, load_int_model
+from dq.export import compile_int_model, compiled, export_student, load_int_model
 from dq.export.kernels import onednn_available
 from dq.export.layers import IntConv2d, IntLinear
 from dq.quant import set_step, step_context
@@ -83,12 +83,13 @@ def test_one_graph_serves_every_step_and_samples_like_the_eager_model(tiny):
         sample(model, SCHEDULER, sampler, 1, progress=False)
 
 
-def test_bf16_glue_stays_within_the_quantization_error(tiny):
+def test_bf16_glue_stays_within_the_quantization_error(tiny, monkeypatch):
     """bf16 between layers rounds each layer's output to 8 bits of mantissa, which flips 4-bit codes of the
     next layer: on this tiny random model it moved the output by up to 0.8x the quantization error itself
     (float32 glue: bitwise eager's here, the test above), why float32 is the default."""
     unet, student, path = tiny
     eager_model = load_int_model(path)
+    monkeypatch.setattr(compiled, "native_bf16", lambda: True)  # emulated where it is not: slow, still correct
     model = compile_int_model(load_int_model(path), glue="bf16")
     x = _inputs()
     for step in range(TINY_STEPS):
@@ -101,12 +102,16 @@ def test_bf16_glue_stays_within_the_quantization_error(tiny):
     assert any(p.dtype == torch.bfloat16 for p in model.model.parameters())
 
 
-def test_bad_inputs_give_one_line_errors(tiny):
+def test_bad_inputs_give_one_line_errors(tiny, monkeypatch):
     unet, _, path = tiny
     with pytest.raises(UserError, match="glue must be one of"):
         compile_int_model(load_int_model(path), glue="fp16")
     with pytest.raises(UserError, match="no TPQ tables"):
         compile_int_model(unet)
+    with monkeypatch.context() as patch:
+        patch.setattr(compiled, "native_bf16", lambda: False)
+        with pytest.raises(UserError, match="native bfloat16"):
+            compile_int_model(load_int_model(path), glue="bf16")
     model = compile_int_model(load_int_model(path))
     set_step(model, torch.tensor([0, 1]))
     with pytest.raises(UserError, match="one sampling step per call"):
