@@ -40,7 +40,7 @@ from dq.export.compiled import native_bf16  # noqa: E402
 from dq.quant import QuantConfig, calibrate_activations, quantize_model, set_step  # noqa: E402
 from dq.sampling import unet_forward  # noqa: E402
 
-BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w6a6": (6, 6), "w4a4": (4, 4)}
+BITS = {"w8a8": (8, 8), "w8a7": (8, 7), "w4a8": (4, 8), "w6a6": (6, 6), "w4a4": (4, 4)}
 
 
 def build_fp(arch: str) -> torch.nn.Module:

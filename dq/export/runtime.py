@@ -94,7 +94,7 @@ def int_model_from_export(export: Export, device: str | torch.device = "cpu", ba
     if two_planes:
         log.warning("%s: this CPU's int8 kernels add product pairs in a saturating int16 (no VNNI); %d integer "
                     "layer(s) run their 8-bit weights as two planes to stay exact (about twice their time; 4-bit weights "
-                    "need one)",
+                    "or 7-bit activations need one: docs/benchmarks.md)",
                     export.path, two_planes)
     key_by_timestep(unet, export.timesteps, tpq_policy)
     return unet
