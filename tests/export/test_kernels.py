@@ -96,6 +96,8 @@ def test_weight_planes_recompose_exactly():
     w8 = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).reshape(4, 64)
     single = weight_planes(w8, 4, "gemm")  # 4-bit codes never overflow an int16 pair: one plane
     assert len(single) == 1 and single[0][0] is w8
+    seven = weight_planes(w8, 7, "gemm")  # nor 7-bit ones: 2 · 127 · 128 = 32,512 fits int16
+    assert len(seven) == 1 and seven[0][0] is w8
     if not int8_products_saturate("gemm"):
         pytest.skip("this CPU's int8 products do not saturate: the two-plane path is run by the capped-ISA test")
     (hi, f_hi), (lo, f_lo) = weight_planes(w8, 8, "gemm")
