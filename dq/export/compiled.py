@@ -8,7 +8,9 @@ scale and zero point as runtime tensors).
 
 The sampling step reaches the TPQ tables as a tensor input of the compiled graph, so one graph serves every
 step of a schedule (an int step would be a constant of the graph: one compilation per step). The timestep
-keying and the checks on the step stay outside the graph, in eager Python. With `glue="bf16"` the float
+keying and the checks on the step stay outside the graph, in eager Python. A call with a smaller batch than
+one already compiled runs padded to it (its last row repeated, the extra rows dropped from the output), so
+the short last batch of a sampling run does not compile a second graph. With `glue="bf16"` the float
 parts (normalisations, attention, the residual stream) run in bfloat16 and the integer layers write
 bfloat16; activation codes are still computed in float32, and the output is returned in float32.
 """
@@ -61,6 +63,7 @@ class CompiledIntModel(nn.Module):
             for param in model.parameters():  # float layers; integer layers keep their tables and biases
                 param.data = param.data.to(torch.bfloat16)
         self._compiled = torch.compile(self._run, dynamic=False)
+        self._batches: set[int] = set()  # the batch sizes compiled so far
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -82,11 +85,18 @@ class CompiledIntModel(nn.Module):
                 raise UserError("set the sampling step (dq.quant.set_step) or key the model by timestep before calling it")
             step = keying.resolve(timestep)
         step = _one_step(step, self._quantizers[0].step_to_group)
+        batch = _batch_size(args, kwargs)
+        compiled_batch = min((b for b in self._batches if batch is not None and b >= batch), default=batch)
+        if compiled_batch != batch:  # rows are independent: pad to a compiled batch rather than compile again
+            args, kwargs = _pad_rows((args, kwargs), batch, compiled_batch)
+        elif batch is not None:
+            self._batches.add(batch)
         try:
             # freezing: weights become constants of the graph (the packing folds into them); the flag is read
             # while tracing, outside the compiler's own options, so it is set around the call
             with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-                return self._compiled(step, args, kwargs)
+                output = self._compiled(step, args, kwargs)
+            return output if compiled_batch == batch else _first_rows(output, compiled_batch, batch)
         finally:
             for quantizer, value in zip(self._quantizers, saved):
                 quantizer.step = value
@@ -103,7 +113,8 @@ class CompiledIntModel(nn.Module):
 
 def compile_int_model(model: nn.Module, glue: str = "fp32") -> CompiledIntModel:
     """`model` (an integer model) compiled with Inductor; glue: "fp32" or "bf16", the dtype between layers.
-    The first calls at a new input shape compile (tens of seconds to minutes on a small CPU)."""
+    The first call at a new input shape compiles (tens of seconds to minutes on a small CPU); a smaller batch
+    than one compiled runs padded to it instead."""
     return CompiledIntModel(model, glue)
 
 
@@ -121,6 +132,35 @@ def _one_step(step: int | torch.Tensor | StepBlend, step_to_group: torch.Tensor)
         raise UserError("the integer model runs one sampling step per call; got per-sample step indices of "
                         f"several TPQ groups {sorted(set(groups.tolist()))}")
     return step[:1]
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch of a call: the first dimension of its first tensor argument (the sample)."""
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.dim() > 0 else None
+
+
+def _pad_rows(value: Any, batch: int, size: int) -> Any:
+    """`value` with every tensor whose first dimension is `batch` grown to `size` rows by repeating its last row
+    (inside tuples, lists and dicts: diffusers' added_cond_kwargs)."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return torch.cat([value, value[-1:].expand(size - batch, *value.shape[1:])])
+    if isinstance(value, (tuple, list)):
+        return type(value)(_pad_rows(v, batch, size) for v in value)
+    if isinstance(value, dict):
+        return {k: _pad_rows(v, batch, size) for k, v in value.items()}
+    return value
+
+
+def _first_rows(output: Any, size: int, batch: int) -> Any:
+    """A padded call's output cut back to the call's `batch` rows."""
+    if isinstance(output, torch.Tensor):
+        return output[:batch] if output.dim() > 0 and output.shape[0] == size else output
+    if isinstance(output, tuple):
+        return tuple(_first_rows(o, size, batch) for o in output)
+    if hasattr(output, "sample") and isinstance(output.sample, torch.Tensor):  # a diffusers output dataclass
+        output.sample = _first_rows(output.sample, size, batch)
+    return output
 
 
 def _is_float(value: Any) -> bool:

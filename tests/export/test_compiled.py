@@ -77,6 +77,12 @@ def test_one_graph_serves_every_step_and_samples_like_the_eager_model(tiny):
         # the integer layers are exact (here the whole model is bitwise eager's); fused float glue (GroupNorm)
         # may round its last bit differently on another CPU and flip a code now and then
         assert (compiled - eager).pow(2).mean() < 1e-2 * (fake - fp).pow(2).mean(), f"step {step}"
+    # a smaller batch (a sampling run's last) runs padded to the compiled one: its rows are the batch's own,
+    # and no second graph is compiled
+    with step_context(model, 0):
+        whole = unet_forward(model, x, torch.full((2,), TINY_TIMESTEPS[0]))
+        short = unet_forward(model, x[:1], torch.full((1,), TINY_TIMESTEPS[0]))
+    assert short.shape == (1, *whole.shape[1:]) and torch.equal(short, whole[:1])
     assert counters["stats"]["unique_graphs"] - before == 1
     sampler = SamplerConfig(num_steps=TINY_STEPS, spacing="uniform")
     with pytest.raises(UserError, match="not in the schedule"):  # the keying still refuses other schedules
