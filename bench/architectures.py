@@ -28,7 +28,12 @@ DDPM_CIFAR10 = {
 # a small model of the same block types, for CPU runs of the benchmarks
 SMALL = {**DDPM_CIFAR10, "block_out_channels": (32, 64, 64, 64), "layers_per_block": 1, "norm_num_groups": 8}
 
-ARCHITECTURES = {"ddpm_cifar10": DDPM_CIFAR10, "small": SMALL}
+# two levels of the same blocks (one with attention): what a compiled run needs to cover, compiled in a
+# fraction of `small`'s time (the tests' compiled bench)
+TINY = {**SMALL, "sample_size": 16, "block_out_channels": (32, 64), "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D")}
+
+ARCHITECTURES = {"ddpm_cifar10": DDPM_CIFAR10, "small": SMALL, "tiny": TINY}
 
 # the LDM UNets (unet_config.params of configs/latent-diffusion/*.yaml), as dq.zoo.convert_compvis builds them
 _LDM_COMMON = {"num_res_blocks": 2, "attention_resolutions": [8, 4, 2], "image_size": 64, "in_channels": 3,
