@@ -18,10 +18,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def fast_overrides(model_dir: Path, out: Path, cache: Path, iters: int | None = 2,
-                   end_to_end: int | None = 2) -> list[str]:
+                   end_to_end: int | None = 2, checkpoint_every: int = 1000) -> list[str]:
     """A run of a few seconds: tiny model, 4 sampling steps, 32 calibration tuples, `iters` iterations a
     block and `end_to_end` in the end-to-end stage (None: the method's own counts, for the methods that do
-    not train or train end to end only)."""
+    not train or train end to end only). The resume point is written after each block, and every
+    `checkpoint_every` iterations inside one (1 for the tests that stop a run mid-block: a checkpoint of the
+    tiny model takes about as long as its training step)."""
     return [
         "model=local",
         f"model.path={model_dir}",
@@ -36,7 +38,7 @@ def fast_overrides(model_dir: Path, out: Path, cache: Path, iters: int | None = 
         "fidelity.num_samples=4",
         "fidelity.batch_size=4",
         "progress_bar=false",
-        "checkpoint_every_n_steps=1",
+        f"checkpoint_every_n_steps={checkpoint_every}",
         *([] if iters is None else [f"method.distill.iters_per_block={iters}"]),
         *([] if iters is None or end_to_end is None else [f"method.distill.end_to_end_iters={end_to_end}"]),
     ]

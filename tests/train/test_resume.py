@@ -14,10 +14,16 @@ import pytest
 from dq.errors import CorruptFileError, MismatchError
 from dq.jobs.train import train
 from dq.resume import differences
-from tests.train.conftest import compose_config, fast_overrides
+from tests.train.conftest import compose_config
+from tests.train.conftest import fast_overrides as _fast
 
 REPO = Path(__file__).resolve().parents[2]
 FIGURES = ("psnr_vs_fp", "mse_vs_fp", "ssim_vs_fp")
+
+
+def fast_overrides(*args, **kwargs) -> list[str]:
+    """The tests' fast run, with a checkpoint after every step (kills and stops land mid-block)."""
+    return _fast(*args, checkpoint_every=1, **kwargs)
 
 
 def test_differences_name_nested_keys():

@@ -191,12 +191,13 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_pa
     """Stop a run in the middle of block 2 (max_steps), resume it with ckpt_path=last in the same run dir:
     it ends like an uninterrupted run."""
     cache = tmp_path / "cache"
-    full = train(compose_config([*fast_overrides(tiny_model_dir, tmp_path / "full", cache, iters=3)]))
+    full = train(compose_config([*fast_overrides(tiny_model_dir, tmp_path / "full", cache, iters=3, checkpoint_every=1)]))
     run = tmp_path / "run"
-    partial = train(compose_config([*fast_overrides(tiny_model_dir, run, cache, iters=3), "+trainer.max_steps=7"]))
+    partial = train(compose_config([*fast_overrides(tiny_model_dir, run, cache, iters=3, checkpoint_every=1),
+                                    "+trainer.max_steps=7"]))
     assert partial == {"complete": False, "block": 2, "num_blocks": full["num_blocks"]}
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "results.json").exists()
-    resumed = train(compose_config([*fast_overrides(tiny_model_dir, run, cache, iters=3),
+    resumed = train(compose_config([*fast_overrides(tiny_model_dir, run, cache, iters=3, checkpoint_every=1),
                                     f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]))
     assert resumed["block_final_losses"].keys() == full["block_final_losses"].keys()
     for name, loss in full["block_final_losses"].items():
