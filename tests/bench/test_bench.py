@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from bench import bench_bkd, bench_forward, bench_int, block_prep
+from bench import bench_bkd, bench_conv, bench_forward, bench_int, block_prep
 from bench.architectures import LDM_UNETS, build, random_inputs
 from dq.export.compiled import native_bf16
+from dq.export.kernels import int8_products_saturate, onednn_available
 from tests.conftest import write_model_folder
 from tests.quant.conftest import tiny_unet2d
 from tests.train.conftest import fast_overrides
@@ -82,6 +83,22 @@ def test_bench_int_prints_every_variant_and_a_profile(tmp_path, capsys):
     assert integer[0]["weight_mb"] < rows[0]["weight_mb"] / 1.5  # int8 weights, plain and packed, against float32
     assert "top_ops" in integer[1] and "top_ops" not in integer[0]  # the largest batch is profiled
     assert "onednn::qconv_pointwise" in printed or "aten::_int_mm" in printed
+
+
+@pytest.mark.skipif(not onednn_available(), reason="the integer convolution runs oneDNN's CPU kernel")
+def test_bench_conv_times_each_variant_against_fp32(capsys):
+    rows = bench_conv.main(["--shapes", "1x16x4,2x8x6", "--repeats", "1"])
+    assert {row["shape"] for row in rows} == {"1x16x4", "2x8x6"} and len(rows) == 2 * 5
+    planes = {row["variant"]: row.get("planes") for row in rows}
+    # 8-bit weights against 8-bit codes run in two planes where int8 products saturate int16, as in an export
+    assert planes == {"fp32": None, "bf16" if native_bf16() else "bf16 (emulated)": None, "int w4a4": 1,
+                      "int w8a7": 1, "int w8a8": 2 if int8_products_saturate("onednn") else 1}
+    fp32 = {row["shape"]: row["ms"] for row in rows if row["variant"] == "fp32"}
+    for row in rows:  # the ratio of the unrounded times
+        assert row["ms"] > 0 and row["x_fp32"] == pytest.approx(fp32[row["shape"]] / row["ms"], rel=0.05, abs=0.01)
+    assert "GMAC/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_conv.main(["--shapes", "8x128"])
 
 
 @pytest.mark.parametrize("name", sorted(LDM_UNETS))
