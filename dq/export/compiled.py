@@ -88,7 +88,8 @@ class CompiledIntModel(nn.Module):
         batch = _batch_size(args, kwargs)
         compiled_batch = min((b for b in self._batches if batch is not None and b >= batch), default=batch)
         if compiled_batch != batch:  # rows are independent: pad to a compiled batch rather than compile again
-            args, kwargs = _pad_rows((args, kwargs), batch, compiled_batch)
+            args = _pad_rows(args, batch, compiled_batch)
+            kwargs = {k: v if k.endswith("_ids") else _pad_rows(v, batch, compiled_batch) for k, v in kwargs.items()}
         elif batch is not None:
             self._batches.add(batch)
         try:
@@ -142,7 +143,8 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
 
 def _pad_rows(value: Any, batch: int, size: int) -> Any:
     """`value` with every tensor whose first dimension is `batch` grown to `size` rows by repeating its last row
-    (inside tuples, lists and dicts: diffusers' added_cond_kwargs)."""
+    (inside tuples, lists and dicts: diffusers' added_cond_kwargs). The caller leaves out the position ids of
+    a call (`img_ids`, `txt_ids`: rows of tokens, not of samples)."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return torch.cat([value, value[-1:].expand(size - batch, *value.shape[1:])])
     if isinstance(value, (tuple, list)):

@@ -136,3 +136,25 @@ def test_interpolated_steps_run_compiled_as_eager(tiny):
     with torch.no_grad():
         expected = unet_forward(eager_model, _inputs(), t)
     torch.testing.assert_close(unet_forward(model, _inputs(), t), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_smaller_batch_is_padded_to_a_compiled_one_but_not_its_position_ids(tiny):
+    """Without compiling: the graph replaced by a recorder of what it is given."""
+    _, _, path = tiny
+    model = compile_int_model(load_int_model(path))
+    seen = []
+
+    def graph(step, args, kwargs):
+        seen.append((args[0].shape[0], args[1].shape[0], {k: v.shape[0] for k, v in kwargs.items()}))
+        return args[0] * 2
+
+    model._compiled = graph
+    set_step(model, 0)
+    x = _inputs(3)
+    assert torch.equal(model(x, torch.full((3,), 900)), x * 2)  # batch 3: compiled as it is
+    ids = torch.zeros(2, 3)  # token positions whose count happens to equal the batch
+    out = model(x[:2], torch.full((2,), 900), cond=torch.ones(2, 4), img_ids=ids)
+    assert torch.equal(out, x[:2] * 2)
+    assert seen[-1] == (3, 3, {"cond": 3, "img_ids": 2})  # padded to 3 rows, the position ids left alone
+    model(x, torch.full((3,), 900), cond=torch.ones(3, 4))
+    assert seen[-1] == (3, 3, {"cond": 3})
