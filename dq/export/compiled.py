@@ -154,15 +154,21 @@ def _pad_rows(value: Any, batch: int, size: int) -> Any:
     return value
 
 
+def _map_output(output: Any, fn) -> Any:
+    """`fn` applied to the output tensor(s) of a model call: a tensor, a tuple of them, or a diffusers output
+    dataclass's `.sample`."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple):
+        return tuple(_map_output(o, fn) for o in output)
+    if hasattr(output, "sample") and isinstance(output.sample, torch.Tensor):  # a diffusers output dataclass
+        output.sample = fn(output.sample)
+    return output
+
+
 def _first_rows(output: Any, size: int, batch: int) -> Any:
     """A padded call's output cut back to the call's `batch` rows."""
-    if isinstance(output, torch.Tensor):
-        return output[:batch] if output.dim() > 0 and output.shape[0] == size else output
-    if isinstance(output, tuple):
-        return tuple(_first_rows(o, size, batch) for o in output)
-    if hasattr(output, "sample") and isinstance(output.sample, torch.Tensor):  # a diffusers output dataclass
-        output.sample = _first_rows(output.sample, size, batch)
-    return output
+    return _map_output(output, lambda t: t[:batch] if t.dim() > 0 and t.shape[0] == size else t)
 
 
 def _is_float(value: Any) -> bool:
@@ -170,10 +176,4 @@ def _is_float(value: Any) -> bool:
 
 
 def _to_float32(output: Any) -> Any:
-    if _is_float(output):
-        return output.float()
-    if isinstance(output, tuple):
-        return tuple(_to_float32(o) for o in output)
-    if hasattr(output, "sample") and _is_float(output.sample):  # a diffusers output dataclass
-        output.sample = output.sample.float()
-    return output
+    return _map_output(output, lambda t: t.float() if t.is_floating_point() else t)
